@@ -1,0 +1,142 @@
+"""Runs the engine loop on its own thread; asyncio callers stream deltas without blocking the event loop."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from engine.errors import AlchemistError, OverloadedError
+from engine.llm_engine import LLMEngine
+from engine.output_processor import SeqDelta
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger("alchemist.engine")
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter_version: int
+    sink: "_Sink"
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class _Sink:
+    """Delivers deltas from the engine thread into one request's asyncio queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class EngineDeadError(AlchemistError):
+    status_code = 500
+    error_type = "server_error"
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_waiting: int | None = None):
+        self.engine = engine
+        self.max_waiting = max_waiting or engine.config.max_waiting
+        self._commands: queue.Queue = queue.Queue()
+        self._sinks: dict[str, _Sink] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="alchemist-engine", daemon=True)
+        self.step_hooks: list = []          # callables run on the engine thread between steps
+        self.dead: BaseException | None = None
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    # -- asyncio side ----------------------------------------------------------
+    def num_pending(self) -> int:
+        return len(self._sinks)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       adapter_version: int = 0) -> AsyncIterator[SeqDelta]:
+        """Yield deltas of every choice of the request until all are finished; abort on cancel."""
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine stopped: {self.dead}")
+        self.engine.validate_request(prompt_token_ids, params)
+        if len(self._sinks) >= self.max_waiting:
+            raise OverloadedError(f"{len(self._sinks)} requests are queued; retry shortly", retry_after=1.0)
+        sink = _Sink(asyncio.get_running_loop())
+        self._sinks[request_id] = sink
+        self._submit(_Add(request_id, prompt_token_ids, params, adapter_version, sink))
+        remaining = params.n
+        try:
+            while remaining:
+                item = await sink.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    remaining -= 1
+                yield item
+        finally:
+            self._sinks.pop(request_id, None)
+            if remaining:
+                self._submit(_Abort(request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._submit(_Abort(request_id))
+
+    def _submit(self, command) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    # -- engine thread ---------------------------------------------------------
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, _Abort):
+                self.engine.abort_request(cmd.request_id)
+                continue
+            try:
+                self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.adapter_version)
+            except AlchemistError as err:
+                cmd.sink.put(err)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._apply_commands()
+                for hook in self.step_hooks:
+                    hook()
+                if not self.engine.has_unfinished():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                for delta in self.engine.step():
+                    sink = self._sinks.get(delta.request_id)
+                    if sink is not None:
+                        sink.put(delta)
+        except BaseException as err:          # a bug or device failure: fail every waiter, loudly
+            log.exception("engine loop died")
+            self.dead = err
+            for sink in list(self._sinks.values()):
+                sink.put(EngineDeadError(f"the engine stopped: {err}"))

@@ -1,0 +1,46 @@
+"""Paged attention over the KV cache. The reference path (any device) is plain torch; CUDA uses Triton."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.context import ForwardContext
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, n_kv, d] into caches [num_blocks, block_size, n_kv, d] at `slot_mapping` [T]."""
+    n_kv, d = k.shape[1], k.shape[2]
+    k_cache.view(-1, n_kv, d).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, n_kv, d).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              ctx: ForwardContext, scale: float) -> torch.Tensor:
+    """q: [T, n_heads, d] -> [T, n_heads, d]; causal within each sequence's context."""
+    meta = ctx.attn
+    out = torch.empty_like(q)
+    n_kv, d = k_cache.shape[2], k_cache.shape[3]
+    qsl, lens = meta.query_start_loc_host, meta.seq_lens_host
+    for i, ctx_len in enumerate(lens):
+        q_start, q_end = qsl[i], qsl[i + 1]
+        n_q = q_end - q_start
+        n_blocks = -(-ctx_len // ctx.block_size)
+        blocks = meta.block_tables[i, :n_blocks].long()
+        k = k_cache[blocks].reshape(-1, n_kv, d)[:ctx_len]            # k: [L, n_kv, d]
+        v = v_cache[blocks].reshape(-1, n_kv, d)[:ctx_len]
+        q_pos = torch.arange(ctx_len - n_q, ctx_len, device=q.device)
+        mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]   # [n_q, L]
+        o = F.scaled_dot_product_attention(
+            q[q_start:q_end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+            attn_mask=mask, scale=scale, enable_gqa=True)               # o: [n_heads, n_q, d]
+        out[q_start:q_end] = o.transpose(0, 1)
+    return out
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    ctx: ForwardContext, scale: float) -> torch.Tensor:
+    if q.is_cuda:
+        from engine.kernels.paged_attention import paged_attention_triton
+        return paged_attention_triton(q, k_cache, v_cache, ctx.attn, scale)
+    return paged_attention_reference(q, k_cache, v_cache, ctx, scale)

@@ -1,0 +1,64 @@
+"""Engine configuration as dataclasses that reject bad combinations with a message saying what to change."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from engine.errors import ConfigError
+
+
+def alchemist_home() -> Path:
+    return Path(os.environ.get("ALCHEMIST_HOME", Path.home() / ".cache" / "alchemist"))
+
+
+@dataclass
+class EngineConfig:
+    model: str = ""                      # folder with config.json, *.safetensors, tokenizer files
+    served_model_name: str | None = None
+    load_format: str = "safetensors"     # safetensors | random (benchmarks: speed does not depend on values)
+    device: str = "auto"                 # auto | cpu | cuda
+    dtype: str = "auto"                  # auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
+    block_size: int = 16                 # tokens per KV block
+    num_kv_blocks: int | None = None     # None: derived from kv_cache_memory_fraction / kv_cache_bytes
+    kv_cache_bytes: int | None = None
+    kv_cache_memory_fraction: float = 0.85   # of free device memory after weights (CUDA)
+    max_num_seqs: int = 256              # running sequences at most
+    max_num_batched_tokens: int = 2048   # per-step token budget (chunked prefill)
+    max_model_len: int | None = None     # None: min(model max positions, 8192)
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False          # no CUDA graphs for decode
+    cuda_graph_max_batch: int = 128
+    max_waiting: int = 1024              # bounded waiting queue; beyond it: OverloadedError (429)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size={self.block_size}: use a power of two such as 16")
+        if self.max_num_seqs < 1:
+            raise ConfigError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError("max_num_batched_tokens must be >= 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device={self.device!r}: use auto, cpu or cuda")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
+        if not 0.0 < self.kv_cache_memory_fraction <= 0.95:
+            raise ConfigError("kv_cache_memory_fraction must be in (0, 0.95]")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ConfigError("num_kv_blocks must be >= 1 (or leave it unset to size from memory)")
+        if self.load_format not in ("safetensors", "random"):
+            raise ConfigError(f"load_format={self.load_format!r}: use safetensors or random")
+        if self.max_waiting < 1:
+            raise ConfigError("max_waiting must be >= 1")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "EngineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)

@@ -1,0 +1,151 @@
+"""The synchronous engine: add requests, step, read deltas. `step()` is schedule → run → process."""
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.errors import InvalidRequestError
+from engine.model_runner import ModelRunner
+from engine.output_processor import SeqDelta, SequenceTextState
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.sequence import Sequence
+from engine.setup import EngineParts, build_engine_parts
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_kv_blocks: int
+    block_size: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, parts: EngineParts | None = None):
+        self.config = config
+        parts = parts or build_engine_parts(config)
+        self.hf_config, self.tokenizer = parts.hf_config, parts.tokenizer
+        self.max_model_len = parts.max_model_len
+        self.device = parts.device
+        self.block_manager = BlockManager(parts.num_blocks, config.block_size, config.enable_prefix_caching)
+        sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
+        self.scheduler = Scheduler(sched_cfg, self.block_manager, parts.eos_token_ids)
+        self.runner = ModelRunner(
+            parts.model, parts.hf_config, parts.num_blocks, config.block_size, parts.device, parts.dtype,
+            use_cuda_graphs=parts.device.type == "cuda" and not config.enforce_eager,
+            cuda_graph_max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs),
+            max_blocks_per_seq=-(-self.max_model_len // config.block_size))
+        self._seq_ids = itertools.count()
+        self._rng = random.Random(config.seed)
+        self._text_states: dict[int, SequenceTextState] = {}
+        self.request_seqs: dict[str, list[Sequence]] = {}
+
+    # -- requests --------------------------------------------------------------
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError for a request that can never be served."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty", param="messages")
+        vocab = self.hf_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens; this model's context is {self.max_model_len} tokens "
+                f"including the answer", param="messages", code="context_length_exceeded")
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context of "
+                f"{self.max_model_len} tokens", param="max_tokens", code="context_length_exceeded")
+        bm = self.block_manager
+        if bm.blocks_needed(self.max_model_len) > bm.num_blocks:
+            total = min(self.max_model_len, n + (params.max_tokens or self.max_model_len))
+            if bm.blocks_needed(total) > bm.num_blocks:
+                raise InvalidRequestError(
+                    f"this request needs {total} tokens of KV cache; the cache holds "
+                    f"{bm.num_blocks * bm.block_size}", param="max_tokens")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    adapter_version: int = 0) -> list[Sequence]:
+        self.validate_request(prompt_token_ids, params)
+        if request_id in self.request_seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already running")
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
+        seqs: list[Sequence] = []
+        for i in range(params.n):
+            seed = base_seed if i == 0 else hash((base_seed, i)) & 0xFFFFFFFF
+            seq = Sequence(next(self._seq_ids), request_id, i, prompt_token_ids, params, seed,
+                           adapter_version, prefix_parent=seqs[0] if seqs else None)
+            self.scheduler.add(seq)
+            self._text_states[seq.seq_id] = SequenceTextState(seq, self.tokenizer)
+            seqs.append(seq)
+        self.request_seqs[request_id] = seqs
+        return seqs
+
+    def abort_request(self, request_id: str) -> list[Sequence]:
+        aborted = self.scheduler.abort(request_id)
+        for seq in aborted:
+            self._text_states.pop(seq.seq_id, None)
+        self.request_seqs.pop(request_id, None)
+        return aborted
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- stepping --------------------------------------------------------------
+    def step(self) -> list[SeqDelta]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        results = self.runner.execute(batch)
+        self.scheduler.postprocess(batch, results)
+        return self._process_outputs(batch.seqs, results)
+
+    def _process_outputs(self, seqs: list[Sequence], results) -> list[SeqDelta]:
+        deltas = []
+        for seq, result in zip(seqs, results):
+            if result is None:
+                continue
+            state = self._text_states[seq.seq_id]
+            new_ids = seq.output_token_ids[state.num_tokens_seen:]
+            text, stop = state.advance(seq.is_finished)
+            if stop is not None and not seq.is_finished:
+                seq.stop_reason = stop
+                self.scheduler.finish(seq, "stop")
+            new_logprobs = seq.top_logprobs[-len(new_ids):] if seq.params.logprobs is not None else []
+            deltas.append(SeqDelta(seq.request_id, seq.index, new_ids, text, new_logprobs,
+                                   seq.finish_reason, seq.stop_reason, seq))
+            if seq.is_finished:
+                self._finish_bookkeeping(seq)
+        return deltas
+
+    def _finish_bookkeeping(self, seq: Sequence) -> None:
+        self._text_states.pop(seq.seq_id, None)
+        seqs = self.request_seqs.get(seq.request_id, [])
+        if all(s.is_finished for s in seqs):
+            self.request_seqs.pop(seq.request_id, None)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[Sequence]]:
+        """Offline: run every prompt to completion; returns the sequences of each prompt."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        requests = [self.add_request(f"offline-{next(self._seq_ids)}", p, sp)
+                    for p, sp in zip(prompts, params_list)]
+        while self.has_unfinished():
+            self.step()
+        return requests
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.usage(),
+                           self.scheduler.num_preemptions, bm.prefix_queries, bm.prefix_hits,
+                           bm.num_blocks, bm.block_size)

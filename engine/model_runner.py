@@ -1,0 +1,139 @@
+"""The only device code of the engine: KV cache, batch metadata, forward, sampling, CUDA graphs."""
+from __future__ import annotations
+
+import torch
+
+from engine.context import AttentionMetadata, ForwardContext
+from engine.cuda_graph import DecodeGraphs
+from engine.sampler import SamplingMetadata, sample
+from engine.scheduler import SampleResult, ScheduledBatch
+from engine.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model, hf_config, num_blocks: int, block_size: int, device: torch.device,
+                 dtype: torch.dtype, use_cuda_graphs: bool, cuda_graph_max_batch: int, max_blocks_per_seq: int):
+        self.model = model
+        self.device, self.dtype = device, dtype
+        self.block_size = block_size
+        self.vocab_size = hf_config.vocab_size
+        self.max_blocks_per_seq = max_blocks_per_seq
+        n_kv = hf_config.num_key_value_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        # one extra block at the end: a scratch target for padded rows of CUDA-graph batches
+        shape = (num_blocks + 1, block_size, n_kv, head_dim)
+        self.scratch_slot = num_blocks * block_size
+        self.kv_caches = [(torch.zeros(shape, device=device, dtype=dtype),
+                           torch.zeros(shape, device=device, dtype=dtype))
+                          for _ in range(hf_config.num_hidden_layers)]
+        self.graphs = DecodeGraphs(self, cuda_graph_max_batch) if use_cuda_graphs else None
+
+    @staticmethod
+    def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        per_token = 2 * hf_config.num_key_value_heads * head_dim * hf_config.num_hidden_layers
+        return per_token * block_size * torch.tensor([], dtype=dtype).element_size()
+
+    # -- inputs ----------------------------------------------------------------
+    def _to_device(self, data, dtype) -> torch.Tensor:
+        t = torch.tensor(data, dtype=dtype)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, ForwardContext, list[int]]:
+        bs = self.block_size
+        input_ids, positions, slots, qsl, lens, logits_idx = [], [], [], [0], [], []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start = seq.num_computed_tokens
+            input_ids.extend(seq.token_ids[start:start + n])
+            pos = range(start, start + n)
+            positions.extend(pos)
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            qsl.append(qsl[-1] + n)
+            lens.append(start + n)
+            if batch.samples(i):
+                logits_idx.append(qsl[-1] - 1)
+        width = max(len(s.block_table) for s in batch.seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
+        meta = AttentionMetadata(
+            slot_mapping=self._to_device(slots, torch.int64),
+            query_start_loc=self._to_device(qsl, torch.int32),
+            seq_lens=self._to_device(lens, torch.int32),
+            block_tables=self._to_device(tables, torch.int32),
+            max_query_len=max(batch.num_new_tokens), max_seq_len=max(lens),
+            is_decode=all(n == 1 for n in batch.num_new_tokens),
+            query_start_loc_host=qsl, seq_lens_host=lens)
+        ctx = ForwardContext(attn=meta, kv_caches=self.kv_caches, block_size=bs)
+        return (self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64),
+                ctx, logits_idx)
+
+    def sampling_metadata(self, seqs: list[Sequence]) -> SamplingMetadata:
+        ps = [s.params for s in seqs]
+        vocab = self.vocab_size
+        meta = SamplingMetadata(
+            temperature=self._to_device([p.temperature for p in ps], torch.float32),
+            top_p=self._to_device([p.top_p for p in ps], torch.float32),
+            top_k=self._to_device([p.top_k or vocab for p in ps], torch.int64),
+            min_p=self._to_device([p.min_p for p in ps], torch.float32),
+            seeds=self._to_device([s.seed & 0xFFFFFFFF for s in seqs], torch.int64),
+            steps=self._to_device([s.num_output_tokens for s in seqs], torch.int64),
+            all_greedy=all(p.greedy for p in ps),
+            use_top_k=any(0 < p.top_k < vocab for p in ps),
+            use_top_p=any(p.top_p < 1.0 for p in ps),
+            use_min_p=any(p.min_p > 0.0 for p in ps),
+            num_top_logprobs=max((p.logprobs or 0) for p in ps))
+        if any(p.needs_penalties for p in ps):
+            self._add_penalties(meta, seqs)
+        return meta
+
+    def _add_penalties(self, meta: SamplingMetadata, seqs: list[Sequence]) -> None:
+        ps = [s.params for s in seqs]
+        vocab = self.vocab_size
+        meta.presence_penalty = self._to_device([p.presence_penalty for p in ps], torch.float32)
+        meta.frequency_penalty = self._to_device([p.frequency_penalty for p in ps], torch.float32)
+        meta.repetition_penalty = self._to_device([p.repetition_penalty for p in ps], torch.float32)
+        counts = torch.zeros(len(seqs), vocab + 1, dtype=torch.float32)
+        seen = torch.zeros(len(seqs), vocab + 1, dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            out = torch.tensor(s.output_token_ids, dtype=torch.int64)
+            counts[i].index_add_(0, out, torch.ones(len(out)))
+            seen[i, torch.tensor(s.token_ids, dtype=torch.int64)] = True
+        meta.output_counts = counts[:, :vocab].to(self.device)
+        meta.seen_mask = seen[:, :vocab].to(self.device)
+
+    # -- run -------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
+        input_ids, positions, ctx, logits_idx = self.prepare(batch)
+        sampling_seqs = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
+        if self.graphs is not None and self.graphs.can_run(ctx):
+            logits = self.graphs.run(input_ids, positions, ctx)
+        else:
+            hidden = self.model(input_ids, positions, ctx)                       # [T, h]
+            idx = torch.tensor(logits_idx, dtype=torch.int64).to(self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, idx))      # [S, V]
+        if not sampling_seqs:
+            return [None] * len(batch.seqs)
+        ids, logprobs, top = sample(logits, self.sampling_metadata(sampling_seqs))
+        return self._results(batch, ids, logprobs, top)
+
+    def _results(self, batch: ScheduledBatch, ids, logprobs, top) -> list[SampleResult | None]:
+        packed = [ids.double(), logprobs.double()]
+        if top is not None:
+            packed += [top.indices.double().T, top.values.double().T]
+        host = torch.cat([p.reshape(-1, ids.shape[0]) for p in packed]).cpu().tolist()  # the step's one sync
+        results: list[SampleResult | None] = []
+        j = 0
+        for i, seq in enumerate(batch.seqs):
+            if not batch.samples(i):
+                results.append(None)
+                continue
+            top_list = None
+            if top is not None and seq.params.logprobs:
+                k, kmax = seq.params.logprobs, top.indices.shape[1]
+                top_list = [(int(host[2 + r][j]), host[2 + kmax + r][j]) for r in range(k)]
+            results.append(SampleResult(int(host[0][j]), host[1][j], top_list))
+            j += 1
+        return results

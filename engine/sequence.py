@@ -1,0 +1,93 @@
+"""A sequence: one choice of one request, its tokens, its KV blocks and its progress."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+from engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)   # (token_id, logprob), best first
+
+
+class Sequence:
+    """Token ids are prompt + output. `num_computed_tokens` counts tokens whose KV is in the cache."""
+
+    def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
+                 params: SamplingParams, seed: int, adapter_version: int = 0,
+                 prefix_parent: "Sequence | None" = None):
+        self.seq_id = seq_id
+        self.request_id = request_id
+        self.index = index                      # choice index within the request (n > 1)
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.seed = seed                        # resolved per-sequence sampling seed
+        self.adapter_version = adapter_version
+        self.prefix_parent = prefix_parent      # sibling whose prefill this one waits for (shared blocks)
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0              # prompt tokens found in the prefix cache at admission
+        self.logprobs: list[float] = []         # serving-time logprob of each output token
+        self.top_logprobs: list[TokenLogprob] = []
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.num_preemptions = 0
+        self.arrival_time = time.monotonic()
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+
+    # -- sizes ---------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def in_prefill(self) -> bool:
+        """True while more than the newest token still needs computing (prompt or recompute after preemption)."""
+        return self.num_uncomputed_tokens > 1 or self.num_output_tokens == 0
+
+    def block_tokens(self, block_index: int, block_size: int) -> list[int]:
+        return self.token_ids[block_index * block_size:(block_index + 1) * block_size]
+
+    def append_token(self, token_id: int, logprob: float, top: list[tuple[int, float]] | None) -> None:
+        self.token_ids.append(token_id)
+        self.logprobs.append(logprob)
+        if self.params.logprobs is not None:
+            self.top_logprobs.append(TokenLogprob(token_id, logprob, top or []))
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, req={self.request_id!r}, idx={self.index}, "
+                f"tokens={self.num_tokens}, computed={self.num_computed_tokens}, {self.status.name})")

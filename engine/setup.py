@@ -1,0 +1,105 @@
+"""Resolve device/dtype, load config, tokenizer and weights, and size the KV cache."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import EngineConfig
+from engine.errors import ConfigError
+from engine.loader import build_empty, init_random, load_safetensors
+from engine.model_runner import ModelRunner
+
+log = logging.getLogger("alchemist.engine")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+@dataclass
+class EngineParts:
+    hf_config: object
+    tokenizer: object
+    model: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    num_blocks: int
+    max_model_len: int
+    eos_token_ids: set[int]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible: use device=cpu or auto")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def eos_ids(hf_config, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(hf_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return ids
+
+
+def max_model_len_for(config: EngineConfig, hf_config) -> int:
+    limit = getattr(hf_config, "max_position_embeddings", 8192)
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True) and hf_config.model_type == "mistral":
+        limit = min(limit, window)      # within the window, full attention is exact
+    if config.max_model_len is None:
+        return min(limit, 8192)
+    if config.max_model_len > limit:
+        raise ConfigError(f"max_model_len={config.max_model_len} exceeds the model's {limit}: lower it")
+    return config.max_model_len
+
+
+def num_kv_blocks(config: EngineConfig, hf_config, device: torch.device, dtype: torch.dtype) -> int:
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    per_block = ModelRunner.kv_bytes_per_block(hf_config, config.block_size, dtype)
+    budget = config.kv_cache_bytes
+    if budget is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(free * config.kv_cache_memory_fraction)
+        else:
+            budget = DEFAULT_CPU_KV_BYTES
+    blocks = budget // per_block
+    if blocks < 2:
+        raise ConfigError(f"the KV cache budget of {budget} bytes holds {blocks} blocks: raise kv_cache_bytes")
+    return int(blocks)
+
+
+def build_engine_parts(config: EngineConfig, hf_config=None, tokenizer=None) -> EngineParts:
+    from transformers import AutoConfig, AutoTokenizer
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    if hf_config is None:
+        if not config.model:
+            raise ConfigError("no model given: set model to a folder with config.json and safetensors")
+        hf_config = AutoConfig.from_pretrained(config.model)
+    if tokenizer is None and config.model:
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+    max_len = max_model_len_for(config, hf_config)
+    model = build_empty(hf_config, max_len, device, dtype)
+    if config.load_format == "random":
+        init_random(model, config.seed)
+    else:
+        load_safetensors(model, config.model)
+    model.eval()
+    blocks = num_kv_blocks(config, hf_config, device, dtype)
+    log.info("engine: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
+             hf_config.model_type, device, dtype, blocks, config.block_size, max_len)
+    return EngineParts(hf_config, tokenizer, model, device, dtype, blocks, max_len, eos_ids(hf_config, tokenizer))

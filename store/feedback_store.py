@@ -1,0 +1,338 @@
+"""Durable log of served completions and the user feedback on them.
+
+One SQLite database in WAL mode with synchronous=FULL: every public write
+commits before it returns, so a returned call survives kill -9 and power loss.
+One connection, guarded by a lock, is shared by all threads.
+
+`Feedback.seq` is the training watermark: a strictly increasing integer drawn
+from a counter in the `meta` table (never reused, even after purges). Replacing
+a feedback gives it a new seq and sets it back to "pending".
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import sys
+import threading
+import time
+import uuid
+from array import array
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from engine.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
+
+SCHEMA_VERSION = 1
+MAX_TEXT_BYTES = 16 * 1024
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS completions (
+    response_id TEXT NOT NULL, choice_index INTEGER NOT NULL,
+    prompt_token_ids BLOB NOT NULL, response_token_ids BLOB NOT NULL, logprobs BLOB NOT NULL,
+    adapter_version INTEGER NOT NULL, api_key_id TEXT, created REAL NOT NULL,
+    finish_reason TEXT, model TEXT,
+    PRIMARY KEY (response_id, choice_index));
+CREATE INDEX IF NOT EXISTS completions_created ON completions (created);
+CREATE TABLE IF NOT EXISTS feedback (
+    feedback_id TEXT PRIMARY KEY, seq INTEGER NOT NULL UNIQUE,
+    response_id TEXT NOT NULL, choice_index INTEGER NOT NULL,
+    rating INTEGER, stars INTEGER, comment TEXT, better_response TEXT, api_key_id TEXT,
+    created REAL NOT NULL, updated REAL NOT NULL, status TEXT NOT NULL,
+    UNIQUE (response_id, choice_index),
+    FOREIGN KEY (response_id, choice_index) REFERENCES completions (response_id, choice_index));
+CREATE INDEX IF NOT EXISTS feedback_status_seq ON feedback (status, seq);
+"""
+
+_COMPLETION_COLS = ("response_id, choice_index, prompt_token_ids, response_token_ids, logprobs, "
+                    "adapter_version, api_key_id, created, finish_reason, model")
+_FEEDBACK_COLS = ("feedback_id, seq, response_id, choice_index, rating, stars, comment, "
+                  "better_response, api_key_id, created, updated, status")
+
+
+@dataclass(frozen=True)
+class CompletionRecord:
+    response_id: str
+    choice_index: int
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+    logprobs: list[float]
+    adapter_version: int
+    api_key_id: str | None
+    created: float
+    finish_reason: str | None = None
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class Feedback:
+    feedback_id: str
+    seq: int
+    response_id: str
+    choice_index: int
+    rating: int | None
+    stars: int | None
+    comment: str | None
+    better_response: str | None
+    api_key_id: str | None
+    created: float
+    updated: float
+    status: str
+
+    def reward(self) -> float:
+        """Thumbs map to their rating; stars >= 4 -> +1, <= 2 -> -1, 3 -> 0."""
+        if self.rating is not None:
+            return float(self.rating)
+        stars = self.stars or 3
+        return 1.0 if stars >= 4 else (-1.0 if stars <= 2 else 0.0)
+
+    def to_public_dict(self) -> dict:
+        return {"feedback_id": self.feedback_id, "id": self.response_id,
+                "choice_index": self.choice_index, "rating": self.rating, "stars": self.stars,
+                "comment": self.comment, "better_response": self.better_response,
+                "status": self.status, "created": self.created}
+
+
+def _pack(values: list, typecode: str) -> bytes:
+    """Little-endian array blob ('i' int32 token ids, 'd' float64 logprobs)."""
+    try:
+        arr = array(typecode, values)
+    except (OverflowError, TypeError) as exc:
+        raise ValueError(f"cannot store values as array({typecode!r}): {exc}") from exc
+    if sys.byteorder == "big":
+        arr.byteswap()
+    return arr.tobytes()
+
+
+def _unpack(blob: bytes, typecode: str) -> list:
+    arr = array(typecode)
+    arr.frombytes(blob)
+    if sys.byteorder == "big":
+        arr.byteswap()
+    return arr.tolist()
+
+
+def _row_to_completion(row: tuple) -> CompletionRecord:
+    return CompletionRecord(
+        response_id=row[0], choice_index=row[1], prompt_token_ids=_unpack(row[2], "i"),
+        response_token_ids=_unpack(row[3], "i"), logprobs=_unpack(row[4], "d"),
+        adapter_version=row[5], api_key_id=row[6], created=row[7],
+        finish_reason=row[8], model=row[9])
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate_score(rating: object, stars: object) -> None:
+    if (rating is None) == (stars is None):
+        raise InvalidRequestError("Provide exactly one of 'rating' (-1 or 1) or 'stars' (1..5).",
+                                  param="rating")
+    if rating is not None and (not _is_int(rating) or rating not in (-1, 1)):
+        raise InvalidRequestError("'rating' must be the integer -1 or 1.", param="rating")
+    if stars is not None and (not _is_int(stars) or not 1 <= stars <= 5):
+        raise InvalidRequestError("'stars' must be an integer from 1 to 5.", param="stars")
+
+
+def _validate_text(value: object, param: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"'{param}' must be a string.", param=param)
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_TEXT_BYTES:
+        raise InvalidRequestError(f"'{param}' is longer than {MAX_TEXT_BYTES} bytes.", param=param)
+
+
+class FeedbackStore:
+    """Thread-safe SQLite store of completions and feedback."""
+
+    def __init__(self, path: str | os.PathLike, retention_seconds: float | None = None):
+        self.path = Path(path)
+        self.retention_seconds = retention_seconds
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            self._conn.close()
+            raise ConfigError(f"Cannot enable WAL mode on {self.path} (got {mode!r}); "
+                              f"put the feedback database on a local filesystem.")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.execute("PRAGMA busy_timeout=10000")
+        try:
+            self._init_schema()
+        except BaseException:
+            self.close()
+            raise
+
+    def _init_schema(self) -> None:
+        with self._lock:
+            self._live_conn().executescript(_SCHEMA)  # idempotent; commits itself
+        with self._transaction() as cur:
+            row = cur.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                cur.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+                cur.execute("INSERT INTO meta VALUES ('last_seq', 0)")
+            elif row[0] != SCHEMA_VERSION:
+                raise ConfigError(f"Feedback database {self.path} has schema version {row[0]}, "
+                                  f"this build expects {SCHEMA_VERSION}; use a matching build "
+                                  f"or a new database path.")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Cursor]:
+        """Hold the lock and run one write transaction, committed before the lock is released."""
+        with self._lock:
+            cur = self._live_conn().cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+
+    def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._live_conn().execute(sql, params).fetchall()
+
+    def _live_conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError(f"FeedbackStore({self.path}) is closed")
+        return self._conn
+
+    def record_completions(self, records: list[CompletionRecord]) -> None:
+        """Insert all records in one transaction. Duplicate (id, choice) -> ConflictError."""
+        rows = []
+        for rec in records:
+            if len(rec.logprobs) != len(rec.response_token_ids):
+                raise ValueError(f"{rec.response_id}[{rec.choice_index}]: {len(rec.logprobs)} "
+                                 f"logprobs for {len(rec.response_token_ids)} response tokens")
+            rows.append((rec.response_id, rec.choice_index, _pack(rec.prompt_token_ids, "i"),
+                         _pack(rec.response_token_ids, "i"), _pack(rec.logprobs, "d"),
+                         rec.adapter_version, rec.api_key_id, rec.created,
+                         rec.finish_reason, rec.model))
+        try:
+            with self._transaction() as cur:
+                cur.executemany(f"INSERT INTO completions ({_COMPLETION_COLS}) "
+                                f"VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+        except sqlite3.IntegrityError as exc:
+            raise ConflictError(f"Completion already recorded: {exc}") from exc
+
+    def get_completion(self, response_id: str, choice_index: int) -> CompletionRecord | None:
+        rows = self._query(f"SELECT {_COMPLETION_COLS} FROM completions "
+                           f"WHERE response_id=? AND choice_index=?", (response_id, choice_index))
+        return _row_to_completion(rows[0]) if rows else None
+
+    def num_choices(self, response_id: str) -> int:
+        return self._query("SELECT COUNT(*) FROM completions WHERE response_id=?",
+                           (response_id,))[0][0]
+
+    def add_feedback(self, *, response_id: str, choice_index: int, rating: int | None = None,
+                     stars: int | None = None, comment: str | None = None,
+                     better_response: str | None = None, replace: bool = False,
+                     api_key_id: str | None = None) -> tuple[Feedback, bool]:
+        """Record (or with replace=True, overwrite) feedback; returns (row, created_new)."""
+        _validate_score(rating, stars)
+        _validate_text(comment, "comment")
+        _validate_text(better_response, "better_response")
+        with self._transaction() as cur:
+            self._check_choice(cur, response_id, choice_index, api_key_id)
+            existing = cur.execute("SELECT feedback_id FROM feedback WHERE response_id=? "
+                                   "AND choice_index=?", (response_id, choice_index)).fetchone()
+            if existing is not None and not replace:
+                raise ConflictError(
+                    f"Feedback for '{response_id}' choice {choice_index} already exists; "
+                    f'pass "replace": true to overwrite it.', param="replace")
+            seq, now = self._next_seq(cur), time.time()
+            if existing is None:
+                feedback_id = "fb-" + uuid.uuid4().hex
+                cur.execute(f"INSERT INTO feedback ({_FEEDBACK_COLS}) VALUES "
+                            f"(?,?,?,?,?,?,?,?,?,?,?,'pending')",
+                            (feedback_id, seq, response_id, choice_index, rating, stars,
+                             comment, better_response, api_key_id, now, now))
+            else:
+                feedback_id = existing[0]
+                cur.execute("UPDATE feedback SET seq=?, rating=?, stars=?, comment=?, "
+                            "better_response=?, updated=?, status='pending' WHERE feedback_id=?",
+                            (seq, rating, stars, comment, better_response, now, feedback_id))
+            row = cur.execute(f"SELECT {_FEEDBACK_COLS} FROM feedback WHERE feedback_id=?",
+                              (feedback_id,)).fetchone()
+        return Feedback(*row), existing is None
+
+    @staticmethod
+    def _check_choice(cur: sqlite3.Cursor, response_id: str, choice_index: object,
+                      api_key_id: str | None) -> None:
+        rows = cur.execute("SELECT choice_index, api_key_id FROM completions WHERE response_id=?",
+                           (response_id,)).fetchall()
+        if not rows or any(owner != api_key_id for _, owner in rows):
+            raise NotFoundError(f"No completion with id '{response_id}'.", param="id")
+        indices = {index for index, _ in rows}
+        if not _is_int(choice_index) or choice_index not in indices:
+            raise InvalidRequestError(
+                f"'choice_index' must be an integer from 0 to {len(rows) - 1} "
+                f"for completion '{response_id}'.", param="choice_index")
+
+    @staticmethod
+    def _next_seq(cur: sqlite3.Cursor) -> int:
+        seq = cur.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()[0] + 1
+        cur.execute("UPDATE meta SET value=? WHERE key='last_seq'", (seq,))
+        return seq
+
+    def get_feedback(self, feedback_id: str, api_key_id: str | None = None) -> Feedback:
+        rows = self._query(f"SELECT {_FEEDBACK_COLS} FROM feedback WHERE feedback_id=?",
+                           (feedback_id,))
+        if not rows or rows[0][8] != api_key_id:
+            raise NotFoundError(f"No feedback with id '{feedback_id}'.", param="feedback_id")
+        return Feedback(*rows[0])
+
+    def pending_feedback(self, after_seq: int = 0,
+                         limit: int = 100) -> list[tuple[Feedback, CompletionRecord]]:
+        """Pending feedback with seq > after_seq, oldest first, joined with its completion."""
+        if limit <= 0:
+            return []
+        fb_cols = ", ".join("f." + c.strip() for c in _FEEDBACK_COLS.split(","))
+        c_cols = ", ".join("c." + c.strip() for c in _COMPLETION_COLS.split(","))
+        rows = self._query(
+            f"SELECT {fb_cols}, {c_cols} FROM feedback f JOIN completions c "
+            f"ON c.response_id=f.response_id AND c.choice_index=f.choice_index "
+            f"WHERE f.status='pending' AND f.seq>? ORDER BY f.seq LIMIT ?", (after_seq, limit))
+        return [(Feedback(*r[:12]), _row_to_completion(r[12:])) for r in rows]
+
+    def mark_trained(self, seqs: list[int]) -> None:
+        """Mark pending rows trained. A seq replaced since it was read matches nothing, so the
+        replacement stays pending."""
+        with self._transaction() as cur:
+            cur.executemany("UPDATE feedback SET status='trained' WHERE seq=? AND status='pending'",
+                            [(int(s),) for s in seqs])
+
+    def count_feedback(self, status: str | None = None) -> int:
+        if status is None:
+            return self._query("SELECT COUNT(*) FROM feedback")[0][0]
+        return self._query("SELECT COUNT(*) FROM feedback WHERE status=?", (status,))[0][0]
+
+    def purge_expired(self, now: float | None = None) -> int:
+        """Delete responses whose newest choice is older than the retention, with their
+        non-pending feedback. A response with any pending feedback is kept whole (so
+        choice counts stay right). Returns completion + feedback rows deleted."""
+        if self.retention_seconds is None:
+            return 0
+        cutoff = (time.time() if now is None else now) - self.retention_seconds
+        expired = ("SELECT response_id FROM completions GROUP BY response_id "
+                   "HAVING MAX(created) < ? AND response_id NOT IN "
+                   "(SELECT response_id FROM feedback WHERE status='pending')")
+        with self._transaction() as cur:
+            cur.execute(f"DELETE FROM feedback WHERE response_id IN ({expired})", (cutoff,))
+            deleted = cur.rowcount
+            cur.execute(f"DELETE FROM completions WHERE response_id IN ({expired})", (cutoff,))
+            deleted += cur.rowcount
+        return deleted
+
+    def close(self) -> None:
+        """Close the connection (idempotent); SQLite checkpoints the WAL on last close."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
