@@ -26,7 +26,8 @@ def llama_config(shape: dict):
 
 def git_commit() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+        return os.environ.get("ALCHEMIST_COMMIT") or subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
     except Exception:
         return os.environ.get("ALCHEMIST_COMMIT", "unknown")
 

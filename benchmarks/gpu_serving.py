@@ -24,16 +24,20 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def make_engine(shape: dict, kv_gib: float, **overrides) -> LLMEngine:
-    cfg = EngineConfig(load_format="random", device=DEVICE, kv_cache_bytes=int(kv_gib * (1 << 30)),
-                       max_num_seqs=256, max_num_batched_tokens=8192, cuda_graph_max_batch=128, **overrides)
+    options = dict(load_format="random", device=DEVICE, kv_cache_bytes=int(kv_gib * (1 << 30)),
+                   max_num_seqs=256, max_num_batched_tokens=8192, cuda_graph_max_batch=128)
+    cfg = EngineConfig(**{**options, **overrides})
     return LLMEngine(cfg, build_engine_parts(cfg, hf_config=llama_config(shape)))
 
 
 def hf_twin(engine: LLMEngine):
     """An HF LlamaForCausalLM with the engine's weights (same names), bf16 on the GPU."""
     from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
     with torch.device(DEVICE):
-        hf = LlamaForCausalLM(engine.hf_config).to(torch.bfloat16)
+        hf = LlamaForCausalLM(engine.hf_config).to(engine.runner.dtype)
+        # .to() rounded the fp32 RoPE inverse frequencies; from_pretrained(dtype=...) keeps them fp32
+        hf.model.rotary_emb = LlamaRotaryEmbedding(engine.hf_config)
     missing, unexpected = hf.load_state_dict(engine.runner.model.state_dict(), strict=False)
     if [m for m in missing if "rotary" not in m] or unexpected:
         raise RuntimeError(f"weight names differ: {missing[:3]} {unexpected[:3]}")

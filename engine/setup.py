@@ -1,8 +1,10 @@
 """Resolve device/dtype, load config, tokenizer and weights, and size the KV cache."""
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -10,6 +12,7 @@ from engine.config import EngineConfig
 from engine.errors import ConfigError
 from engine.loader import build_empty, init_random, load_safetensors
 from engine.model_runner import ModelRunner
+from engine.packing import pack_model
 
 log = logging.getLogger("alchemist.engine")
 
@@ -43,9 +46,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def eos_ids(hf_config, tokenizer) -> set[int]:
+def generation_eos_id(model_dir: str):
+    """eos_token_id of the folder's generation_config.json (what HF generate stops on), if any."""
+    path = Path(model_dir) / "generation_config.json"
+    if not model_dir or not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("eos_token_id")
+
+
+def eos_ids(hf_config, tokenizer, generation_eos=None) -> set[int]:
     ids: set[int] = set()
-    for source in (getattr(hf_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+    for source in (getattr(hf_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None),
+                   generation_eos):
         if isinstance(source, int):
             ids.add(source)
         elif source:
@@ -99,7 +111,10 @@ def build_engine_parts(config: EngineConfig, hf_config=None, tokenizer=None) -> 
     else:
         load_safetensors(model, config.model)
     model.eval()
+    if device.type == "cuda":
+        pack_model(model)          # q|k|v and gate|up as one GEMM each (same memory, same names)
     blocks = num_kv_blocks(config, hf_config, device, dtype)
     log.info("engine: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
              hf_config.model_type, device, dtype, blocks, config.block_size, max_len)
-    return EngineParts(hf_config, tokenizer, model, device, dtype, blocks, max_len, eos_ids(hf_config, tokenizer))
+    eos = eos_ids(hf_config, tokenizer, generation_eos_id(config.model))
+    return EngineParts(hf_config, tokenizer, model, device, dtype, blocks, max_len, eos)

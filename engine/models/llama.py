@@ -6,12 +6,13 @@ grad mode or device placement — the runner does.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import paged_attention, store_kv
 from engine.context import ForwardContext
 from engine.errors import ConfigError
+from engine.layers import add_rms_norm, rms_norm, rope, silu_mul
+from engine.packing import project
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -23,10 +24,7 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        input_dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x32.to(input_dtype)
+        return rms_norm(x, self.weight, self.variance_epsilon)
 
 
 def rope_parameters(config) -> dict:
@@ -53,7 +51,9 @@ class RotaryEmbedding(nn.Module):
             from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
             if rope_type not in ("linear", "llama3"):
                 raise ConfigError(f"rope_type {rope_type!r} is not supported: use default, linear or llama3")
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+            # device None: the ambient default device (meta inside build_empty; an explicit cpu
+            # there would copy out of a meta tensor and fail)
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
         positions = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq.float())                  # [P, d/2]
         emb = torch.cat((freqs, freqs), dim=-1)                            # [P, d]
@@ -62,14 +62,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, n_heads, d], k: [T, n_kv, d] rotated at `positions` [T]."""
-        cos = self.cos_cache[positions].to(q.dtype)[:, None, :]          # [T, 1, d]
-        sin = self.sin_cache[positions].to(q.dtype)[:, None, :]
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return rope(q, k, positions, self.cos_cache, self.sin_cache)
 
 
 class LlamaAttention(nn.Module):
@@ -91,9 +84,10 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]                                                     # x: [T, h]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)          # q: [T, n_heads, d]
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)       # k: [T, n_kv, d]
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(t, self.num_heads, self.head_dim)                       # q: [T, n_heads, d]
+        k = k.view(t, self.num_kv_heads, self.head_dim)                    # k: [T, n_kv, d]
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         store_kv(k, v, k_cache, v_cache, ctx.attn.slot_mapping)
@@ -111,7 +105,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(silu_mul(gate, up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -123,8 +118,10 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, positions, rotary, ctx):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn_out = self.self_attn(self.input_layernorm(x), positions, rotary, ctx)
+        norm = self.post_attention_layernorm
+        x, h = add_rms_norm(x, attn_out, norm.weight, norm.variance_epsilon)
+        return x + self.mlp(h)
 
 
 class LlamaModel(nn.Module):

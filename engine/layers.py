@@ -1,0 +1,64 @@
+"""The cheap ops of a Llama layer (RMSNorm, residual add + norm, RoPE, SiLU·mul) as pure functions.
+
+On CUDA each is compiled by torch.compile into one fused kernel (a decode step would otherwise spend
+more time launching ~30 tiny kernels per layer than reading weights); on CPU the plain torch code runs,
+which is the reference the equivalence tests check. `ALCHEMIST_FUSE=0` turns fusion off.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+FUSE = os.environ.get("ALCHEMIST_FUSE", "1") != "0"
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def _add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    x = x + delta
+    return x, _rms_norm(x, weight, eps)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
+          sin_cache: torch.Tensor):
+    """q: [T, n_heads, d], k: [T, n_kv, d]; caches [P, d] fp32, cast to q's dtype as HF does."""
+    cos = cos_cache[positions].to(q.dtype)[:, None, :]
+    sin = sin_cache[positions].to(q.dtype)[:, None, :]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def _fusable(fn):
+    compiled = None
+
+    def run(*args):
+        nonlocal compiled
+        if not (FUSE and args[0].is_cuda):
+            return fn(*args)
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        return compiled(*args)
+
+    run.__name__ = fn.__name__.lstrip("_")
+    run.reference = fn
+    return run
+
+
+rms_norm = _fusable(_rms_norm)
+add_rms_norm = _fusable(_add_rms_norm)
+rope = _fusable(_rope)
+silu_mul = _fusable(_silu_mul)
