@@ -29,7 +29,7 @@ test: model
 	$(BIN)/python -m pytest -q -ra tests
 
 bench-cpu: model
-	$(BIN)/python benchmarks/cpu_decode.py
+	$(BIN)/python -m benchmarks.cpu_decode
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -75,7 +75,7 @@ class ModelRunner:
         meta = SamplingMetadata(
             temperature=self._to_device([p.temperature for p in ps], torch.float32),
             top_p=self._to_device([p.top_p for p in ps], torch.float32),
-            top_k=self._to_device([p.top_k or vocab for p in ps], torch.int64),
+            top_k=self._to_device([min(p.top_k or vocab, vocab) for p in ps], torch.int64),
             min_p=self._to_device([p.min_p for p in ps], torch.float32),
             seeds=self._to_device([s.seed & 0xFFFFFFFF for s in seqs], torch.int64),
             steps=self._to_device([s.num_output_tokens for s in seqs], torch.int64),

@@ -54,12 +54,14 @@ class SamplingMetadata:
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Repetition penalty first, on the model's own logits (HF/vLLM: their sign decides divide or
+    multiply), then OpenAI's frequency and presence penalties over generated tokens (vLLM order)."""
     counts = meta.output_counts
-    logits = logits - meta.frequency_penalty[:, None] * counts
-    logits = logits - meta.presence_penalty[:, None] * (counts > 0).float()
     rp = meta.repetition_penalty[:, None].expand_as(logits)
     penalized = torch.where(logits > 0, logits / rp, logits * rp)
-    return torch.where(meta.seen_mask, penalized, logits)
+    logits = torch.where(meta.seen_mask, penalized, logits)
+    logits = logits - meta.frequency_penalty[:, None] * counts
+    return logits - meta.presence_penalty[:, None] * (counts > 0).float()
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

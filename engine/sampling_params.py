@@ -45,8 +45,8 @@ class SamplingParams:
             raise bad("temperature", f"temperature must be in [0, 2], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise bad("top_k", f"top_k must be >= 0 (or -1 for off), got {self.top_k}")
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k < 2 ** 31:
+            raise bad("top_k", f"top_k must be an integer in [0, 2^31) (0 or -1 for off), got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", f"min_p must be in [0, 1], got {self.min_p}")
         for name in ("presence_penalty", "frequency_penalty"):

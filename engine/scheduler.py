@@ -111,16 +111,16 @@ class Scheduler:
             if self._reserve_running(seq, num_new, batch):
                 batch.add(seq, num_new)
                 budget -= num_new
-        self._admit_waiting(batch, budget)
+        if not batch.preempted:               # freed blocks are for running sequences, not admissions
+            self._admit_waiting(batch, budget)
         return batch
 
     def _reserve_running(self, seq: Sequence, num_new: int, batch: ScheduledBatch) -> bool:
         """Find blocks for `seq`, preempting the newest running sequences; False if `seq` itself went."""
         bm = self.block_manager
         while not bm.can_allocate(seq, seq.num_computed_tokens + num_new):
-            victim = self.running[-1]
-            if victim in batch.seqs:          # never preempt work already in this step
-                victim = seq
+            # the newest running sequence not already in this step (never preempt scheduled work)
+            victim = next(s for s in reversed(self.running) if s is seq or s not in batch.seqs)
             self._preempt(victim, batch)
             if victim is seq:
                 return False
@@ -139,6 +139,9 @@ class Scheduler:
                 bm.match_prefix(seq)
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not bm.can_allocate(seq, seq.num_computed_tokens + num_new):
+                if bm.enable_prefix_caching:      # not admitted: the lookup is retried, count it once
+                    bm.prefix_queries -= seq.num_tokens
+                    bm.prefix_hits -= seq.num_computed_tokens
                 bm.free(seq)
                 seq.num_computed_tokens = 0
                 self.waiting.appendleft(seq)

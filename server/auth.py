@@ -1,0 +1,70 @@
+"""Bearer API keys. A key's identity (stored with completions and feedback) is a sha256 prefix,
+never the key itself; None when authentication is off."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from fastapi.responses import JSONResponse
+
+from engine.errors import AuthenticationError
+
+
+def key_identity(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+class ApiKeys:
+    def __init__(self, keys: list[str]):
+        self._keys = [(k.encode("utf-8"), key_identity(k)) for k in keys]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def identify(self, authorization: str | None) -> str | None:
+        """The identity of the presented key; raises AuthenticationError when it is missing or wrong."""
+        if not self.enabled:
+            return None
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthenticationError("Missing API key: send 'Authorization: Bearer <key>'.",
+                                      code="invalid_api_key")
+        presented = token.strip().encode("utf-8")
+        found = None
+        for key, identity in self._keys:             # compare with every key: no early exit
+            if hmac.compare_digest(presented, key):
+                found = identity
+        if found is None:
+            raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
+        return found
+
+
+API_PREFIXES = ("/v1/", "/feedback", "/tokenize", "/detokenize")
+OPS_PATHS = ("/health", "/metrics")
+
+
+class AuthMiddleware:
+    """Pure ASGI: checks the key before the body is read (so a bad key is 401 whatever the body),
+    and puts the caller's identity in request.state.api_key_id."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            state = scope["app"].state.alchemist
+            path = scope["path"]
+            guarded = path.startswith(API_PREFIXES) or (state.config.metrics_auth and path in OPS_PATHS)
+            if guarded and state.api_keys.enabled:
+                headers = dict(scope.get("headers") or [])
+                raw = headers.get(b"authorization", b"").decode("latin-1")
+                try:
+                    identity = state.api_keys.identify(raw)
+                except AuthenticationError as err:
+                    response = JSONResponse(err.to_dict(), status_code=err.status_code,
+                                            headers={"WWW-Authenticate": "Bearer"})
+                    await response(scope, receive, send)
+                    return
+                scope.setdefault("state", {})["api_key_id"] = identity
+        await self.app(scope, receive, send)

@@ -1,0 +1,101 @@
+"""Server configuration: defaults < JSON config file < ALCHEMIST_API_KEYS < command-line flags."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from engine.config import EngineConfig, alchemist_home
+from engine.errors import ConfigError
+
+API_KEYS_ENV = "ALCHEMIST_API_KEYS"
+DEFAULT_RETENTION_DAYS = 30.0
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)   # empty: no authentication
+    served_model_name: str | None = None                 # None: derived from the model folder
+    db_path: str | None = None                           # None: $ALCHEMIST_HOME/alchemist.db
+    retention_days: float | None = DEFAULT_RETENTION_DAYS  # None: keep completions forever
+    max_waiting: int | None = None                       # pending requests before 429; None: engine's
+    max_prompt_tokens: int | None = None                 # None: the model context decides
+    metrics_auth: bool = False                           # True: /metrics and /health need a key too
+    log_level: str = "info"
+    graceful_shutdown_s: float = 5.0                     # in-flight requests get this long on SIGTERM
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"port={self.port!r}: use an integer in [0, 65535]")
+        if any(not isinstance(k, str) or not k.strip() for k in self.api_keys):
+            raise ConfigError("api_keys must be non-empty strings")
+        if self.retention_days is not None and self.retention_days <= 0:
+            raise ConfigError("retention_days must be > 0 (or null to keep everything)")
+        if self.max_waiting is not None and self.max_waiting < 1:
+            raise ConfigError("max_waiting must be >= 1")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ConfigError("max_prompt_tokens must be >= 1")
+
+    @property
+    def retention_seconds(self) -> float | None:
+        return None if self.retention_days is None else self.retention_days * 86400.0
+
+    def resolved_db_path(self) -> Path:
+        return Path(self.db_path) if self.db_path else alchemist_home() / "alchemist.db"
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ServerConfig":
+        if not isinstance(values, dict):
+            raise ConfigError("the config file must hold a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown server option(s) {unknown}; known: {sorted(known)}")
+        values = dict(values)
+        engine = values.pop("engine", None) or {}
+        if not isinstance(engine, dict):
+            raise ConfigError("'engine' must be a JSON object of engine options")
+        return cls(**values, engine=EngineConfig.from_dict(engine))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ServerConfig":
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+        return cls.from_dict(values)
+
+
+def env_api_keys() -> list[str]:
+    return [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+
+
+def build_config(config_file: str | None = None, *, host: str | None = None, port: int | None = None,
+                 api_keys: list[str] | None = None, model: str | None = None,
+                 overrides: dict | None = None) -> ServerConfig:
+    """Merge the layers; keys from the file, the environment and the flags are all accepted."""
+    cfg = ServerConfig.load(config_file) if config_file else ServerConfig()
+    if host is not None:
+        cfg.host = host
+    if port is not None:
+        cfg.port = port
+    keys = cfg.api_keys + env_api_keys() + list(api_keys or [])
+    cfg.api_keys = list(dict.fromkeys(keys))            # de-duplicated, order kept
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            setattr(cfg, name, value)
+    if model:
+        cfg.engine.model = model
+    cfg.validate()
+    return cfg

@@ -1,0 +1,36 @@
+"""POST /feedback and GET /feedback/{id} (also under /v1). A 2xx means the row is committed."""
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from server.protocol import FeedbackRequest
+
+router = APIRouter()
+
+
+@router.post("/feedback")
+@router.post("/v1/feedback")
+async def post_feedback(body: FeedbackRequest, request: Request):
+    state = request.app.state.alchemist
+    feedback, created = await asyncio.to_thread(
+        state.store.add_feedback, response_id=body.id, choice_index=body.choice_index,
+        rating=body.rating, stars=body.stars, comment=body.comment,
+        better_response=body.better_response, replace=body.replace,
+        api_key_id=getattr(request.state, "api_key_id", None))
+    state.metrics.rated(feedback.rating, feedback.stars)
+    content = {"feedback_id": feedback.feedback_id, "id": feedback.response_id,
+               "choice_index": feedback.choice_index, "status": feedback.status,
+               "replaced": not created}
+    return JSONResponse(content, status_code=201 if created else 200)
+
+
+@router.get("/feedback/{feedback_id}")
+@router.get("/v1/feedback/{feedback_id}")
+async def get_feedback(feedback_id: str, request: Request):
+    state = request.app.state.alchemist
+    feedback = await asyncio.to_thread(state.store.get_feedback, feedback_id,
+                                       getattr(request.state, "api_key_id", None))
+    return feedback.to_public_dict()
