@@ -102,13 +102,13 @@ def gemv_floor(shape: dict) -> dict:
 def attention_precision() -> dict:
     """Triton kernel vs float64 reference on bf16 inputs, one causal prefill per length."""
     from engine.attention import paged_attention_reference
-    from engine.context import ForwardContext
+    from engine.context import ServingContext
     from engine.kernels.paged_attention import paged_attention_triton
     from tests.test_gpu import _random_batch
     out = {}
     for n in (17, 100, 333, 1000):
         q, kc, vc, meta = _random_batch(4, 8, 64, 16, [n], [n], torch.bfloat16, seed=n)
-        ctx = ForwardContext(attn=meta, kv_caches=[], block_size=16)
+        ctx = ServingContext(attn=meta, kv_caches=[], block_size=16)
         ref = paged_attention_reference(q.double(), kc.double(), vc.double(), ctx, 0.125)
         ref16 = paged_attention_reference(q, kc, vc, ctx, 0.125)
         tri = paged_attention_triton(q, kc, vc, meta, 0.125)

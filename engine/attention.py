@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.context import ForwardContext
+from engine.context import ServingContext
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -16,7 +16,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              ctx: ForwardContext, scale: float) -> torch.Tensor:
+                              ctx: ServingContext, scale: float) -> torch.Tensor:
     """q: [T, n_heads, d] -> [T, n_heads, d]; causal within each sequence's context."""
     meta = ctx.attn
     out = torch.empty_like(q)
@@ -39,7 +39,7 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    ctx: ForwardContext, scale: float) -> torch.Tensor:
+                    ctx: ServingContext, scale: float) -> torch.Tensor:
     if q.is_cuda:
         from engine.kernels.paged_attention import paged_attention_triton
         return paged_attention_triton(q, k_cache, v_cache, ctx.attn, scale)

@@ -30,6 +30,10 @@ class EngineConfig:
     enforce_eager: bool = False          # no CUDA graphs for decode
     cuda_graph_max_batch: int = 128
     max_waiting: int = 1024              # bounded waiting queue; beyond it: OverloadedError (429)
+    capture: str = "prefill"             # none | prefill | prefill+decode: activations kept for training
+    activation_pool_bytes: int | None = None        # None: 1 GiB on CPU, a fraction of free memory on CUDA
+    activation_pool_memory_fraction: float = 0.1    # of free device memory (CUDA), taken before the KV cache
+    activation_pool_cpu_bytes: int = 0              # pinned-CPU tier for evicted records (0 = drop)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -44,12 +48,16 @@ class EngineConfig:
             raise ConfigError("max_num_batched_tokens must be >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device={self.device!r}: use auto, cpu or cuda")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
+        if self.dtype not in ("auto", "float64", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype={self.dtype!r}: use auto, float32, bfloat16, float16 (or float64 for checks)")
         if not 0.0 < self.kv_cache_memory_fraction <= 0.95:
             raise ConfigError("kv_cache_memory_fraction must be in (0, 0.95]")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError("num_kv_blocks must be >= 1 (or leave it unset to size from memory)")
+        if self.capture not in ("none", "prefill", "prefill+decode"):
+            raise ConfigError(f"capture={self.capture!r}: use none, prefill or prefill+decode")
+        if not 0.0 < self.activation_pool_memory_fraction < 0.9:
+            raise ConfigError("activation_pool_memory_fraction must be in (0, 0.9)")
         if self.load_format not in ("safetensors", "random"):
             raise ConfigError(f"load_format={self.load_format!r}: use safetensors or random")
         if self.max_waiting < 1:

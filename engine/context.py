@@ -1,9 +1,17 @@
-"""Explicit per-step metadata passed down the model (never global state)."""
+"""Explicit per-forward context passed down the model (never global state).
+
+The model calls three things on it: `project` (the linear projections, where serving captures
+activations and training injects them), `attention`, and `call_layer`. Serving and training provide
+their own implementations; the model code is the same for both.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
+
+from engine.packing import project as project_bases
 
 
 @dataclass
@@ -20,8 +28,54 @@ class AttentionMetadata:
     seq_lens_host: list[int] = field(default_factory=list)
 
 
-@dataclass
+def base_module(module: nn.Module) -> nn.Module:
+    """The frozen base projection of a (possibly adapter-wrapped) projection module."""
+    return getattr(module, "base", module)
+
+
+def add_adapter(module: nn.Module, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    delta = getattr(module, "delta", None)
+    return base_out if delta is None else base_out + delta(x)
+
+
 class ForwardContext:
+    """Interface the model calls; see ServingContext and trainer.reuse.TrainingContext."""
+
+    def project(self, layer: int, kinds: tuple[str, ...], modules: tuple[nn.Module, ...],
+                x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def call_layer(self, layer: nn.Module, *args) -> torch.Tensor:
+        return layer(*args)
+
+
+@dataclass
+class CaptureMetadata:
+    """Rows of this forward to record into the activation pool ([T] slots; scratch = not recorded)."""
+    pool: object                      # store.activation_pool.ActivationPool
+    slot_mapping: torch.Tensor        # [T] int64
+
+
+@dataclass
+class ServingContext(ForwardContext):
     attn: AttentionMetadata
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]   # per layer: k, v [num_blocks, block_size, n_kv, d]
     block_size: int
+    capture: CaptureMetadata | None = None
+
+    def project(self, layer, kinds, modules, x):
+        outs = project_bases(x, tuple(base_module(m) for m in modules))
+        if self.capture is not None:
+            for kind, out in zip(kinds, outs):          # base outputs: [T, dim] -> pool rows
+                self.capture.pool.buffer(layer, kind).index_copy_(0, self.capture.slot_mapping, out)
+        return tuple(add_adapter(m, x, out) for m, out in zip(modules, outs))
+
+    def attention(self, layer, q, k, v, scale):
+        from engine.attention import paged_attention, store_kv
+        k_cache, v_cache = self.kv_caches[layer]
+        store_kv(k, v, k_cache, v_cache, self.attn.slot_mapping)
+        return paged_attention(q, k_cache, v_cache, self, scale)

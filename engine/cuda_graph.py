@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.context import AttentionMetadata, ForwardContext
+from engine.context import AttentionMetadata, CaptureMetadata, ServingContext
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
@@ -29,17 +29,26 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(n, runner.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        capture = runner.capture
+        # decode rows are recorded only in prefill+decode mode; then the graphs write the pool too
+        self.capture_pool = capture.pool if capture is not None and capture.captures_decode else None
+        if self.capture_pool is not None:
+            self.capture_slots = torch.full((n,), self.capture_pool.scratch_slot, dtype=torch.int64, device=dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self._capture_all()
 
-    def _context(self, b: int) -> ForwardContext:
+    def _context(self, b: int) -> ServingContext:
         meta = AttentionMetadata(
             slot_mapping=self.slot_mapping[:b], query_start_loc=self.query_start_loc[:b + 1],
             seq_lens=self.seq_lens[:b], block_tables=self.block_tables[:b],
             max_query_len=1, max_seq_len=self.runner.max_blocks_per_seq * self.runner.block_size,
             is_decode=True)
-        return ForwardContext(attn=meta, kv_caches=self.runner.kv_caches, block_size=self.runner.block_size)
+        capture = None
+        if self.capture_pool is not None:
+            capture = CaptureMetadata(self.capture_pool, self.capture_slots[:b])
+        return ServingContext(attn=meta, kv_caches=self.runner.kv_caches, block_size=self.runner.block_size,
+                              capture=capture)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -57,11 +66,13 @@ class DecodeGraphs:
             self.graphs[b] = (graph, logits)
         torch.cuda.synchronize()
 
-    def can_run(self, ctx: ForwardContext) -> bool:
+    def can_run(self, ctx: ServingContext) -> bool:
         meta = ctx.attn
+        if ctx.capture is not None and self.capture_pool is None:
+            return False                  # a recorded row the graphs would not write: run eagerly
         return meta.is_decode and len(meta.seq_lens_host) <= self.max_batch
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ServingContext) -> torch.Tensor:
         b = input_ids.shape[0]
         padded = next(s for s in self.batch_sizes if s >= b)
         meta = ctx.attn
@@ -73,6 +84,12 @@ class DecodeGraphs:
         self.seq_lens[:b].copy_(meta.seq_lens)
         self.seq_lens[b:padded].fill_(1)
         self.block_tables[:b, :width].copy_(meta.block_tables)
+        if self.capture_pool is not None:
+            if ctx.capture is not None:
+                self.capture_slots[:b].copy_(ctx.capture.slot_mapping)
+            else:
+                self.capture_slots[:b].fill_(self.capture_pool.scratch_slot)
+            self.capture_slots[b:padded].fill_(self.capture_pool.scratch_slot)
         graph, logits = self.graphs[padded]
         graph.replay()
         return logits[:b]

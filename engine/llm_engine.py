@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.block_manager import BlockManager
+from engine.capture import CaptureManager
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
 from engine.model_runner import ModelRunner
@@ -40,11 +41,16 @@ class LLMEngine:
         self.block_manager = BlockManager(parts.num_blocks, config.block_size, config.enable_prefix_caching)
         sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
         self.scheduler = Scheduler(sched_cfg, self.block_manager, parts.eos_token_ids)
+        self.activation_pool = parts.activation_pool
+        self.capture = None
+        if parts.activation_pool is not None:
+            self.capture = CaptureManager(parts.activation_pool, config.capture)
+        self.adapter_version = 0              # version of the adapter the serving weights hold now
         self.runner = ModelRunner(
             parts.model, parts.hf_config, parts.num_blocks, config.block_size, parts.device, parts.dtype,
             use_cuda_graphs=parts.device.type == "cuda" and not config.enforce_eager,
             cuda_graph_max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs),
-            max_blocks_per_seq=-(-self.max_model_len // config.block_size))
+            max_blocks_per_seq=-(-self.max_model_len // config.block_size), capture=self.capture)
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
         self._text_states: dict[int, SequenceTextState] = {}
@@ -96,6 +102,8 @@ class LLMEngine:
         aborted = self.scheduler.abort(request_id)
         for seq in aborted:
             self._text_states.pop(seq.seq_id, None)
+            if self.capture is not None:
+                self.capture.release(seq)
         self.request_seqs.pop(request_id, None)
         return aborted
 
@@ -109,6 +117,8 @@ class LLMEngine:
             return []
         results = self.runner.execute(batch)
         self.scheduler.postprocess(batch, results)
+        if self.capture is not None:
+            self.capture.commit(self.adapter_version)
         return self._process_outputs(batch.seqs, results)
 
     def _process_outputs(self, seqs: list[Sequence], results) -> list[SeqDelta]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.context import AttentionMetadata, ForwardContext
+from engine.context import AttentionMetadata, CaptureMetadata, ServingContext
 from engine.cuda_graph import DecodeGraphs
 from engine.sampler import SamplingMetadata, sample
 from engine.scheduler import SampleResult, ScheduledBatch
@@ -12,8 +12,10 @@ from engine.sequence import Sequence
 
 class ModelRunner:
     def __init__(self, model, hf_config, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype, use_cuda_graphs: bool, cuda_graph_max_batch: int, max_blocks_per_seq: int):
+                 dtype: torch.dtype, use_cuda_graphs: bool, cuda_graph_max_batch: int, max_blocks_per_seq: int,
+                 capture=None):
         self.model = model
+        self.capture = capture              # engine.capture.CaptureManager or None
         self.device, self.dtype = device, dtype
         self.block_size = block_size
         self.vocab_size = hf_config.vocab_size
@@ -41,7 +43,7 @@ class ModelRunner:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, ForwardContext, list[int]]:
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, ServingContext, list[int]]:
         bs = self.block_size
         input_ids, positions, slots, qsl, lens, logits_idx = [], [], [], [0], [], []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
@@ -65,7 +67,10 @@ class ModelRunner:
             max_query_len=max(batch.num_new_tokens), max_seq_len=max(lens),
             is_decode=all(n == 1 for n in batch.num_new_tokens),
             query_start_loc_host=qsl, seq_lens_host=lens)
-        ctx = ForwardContext(attn=meta, kv_caches=self.kv_caches, block_size=bs)
+        ctx = ServingContext(attn=meta, kv_caches=self.kv_caches, block_size=bs)
+        capture_slots = self.capture.slot_mapping(batch) if self.capture is not None else None
+        if capture_slots is not None:
+            ctx.capture = CaptureMetadata(self.capture.pool, self._to_device(capture_slots, torch.int64))
         return (self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64),
                 ctx, logits_idx)
 

@@ -58,7 +58,7 @@ class SequenceTextState:
 
     def __init__(self, seq: Sequence, tokenizer):
         self.seq = seq
-        self.detok = IncrementalDetokenizer(tokenizer) if seq.params.detokenize else None
+        self.detok = IncrementalDetokenizer(tokenizer) if seq.params.detokenize and tokenizer is not None else None
         self.stops = seq.params.stop
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.text = ""

@@ -16,8 +16,9 @@ from engine.packing import pack_model
 
 log = logging.getLogger("alchemist.engine")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CPU_KV_BYTES = 1 << 30
+DEFAULT_CPU_POOL_BYTES = 1 << 30
 
 
 @dataclass
@@ -30,6 +31,7 @@ class EngineParts:
     num_blocks: int
     max_model_len: int
     eos_token_ids: set[int]
+    activation_pool: object = None       # store.activation_pool.ActivationPool, None when capture is off
 
 
 def resolve_device(name: str) -> torch.device:
@@ -110,11 +112,28 @@ def build_engine_parts(config: EngineConfig, hf_config=None, tokenizer=None) -> 
         init_random(model, config.seed)
     else:
         load_safetensors(model, config.model)
-    model.eval()
+    model.eval().requires_grad_(False)     # base weights are frozen; adapters train on their own masters
     if device.type == "cuda":
         pack_model(model)          # q|k|v and gate|up as one GEMM each (same memory, same names)
+    pool = build_activation_pool(config, hf_config, device, dtype)
     blocks = num_kv_blocks(config, hf_config, device, dtype)
     log.info("engine: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
              hf_config.model_type, device, dtype, blocks, config.block_size, max_len)
     eos = eos_ids(hf_config, tokenizer, generation_eos_id(config.model))
-    return EngineParts(hf_config, tokenizer, model, device, dtype, blocks, max_len, eos)
+    return EngineParts(hf_config, tokenizer, model, device, dtype, blocks, max_len, eos, pool)
+
+
+def build_activation_pool(config: EngineConfig, hf_config, device: torch.device, dtype: torch.dtype):
+    if config.capture == "none":
+        return None
+    from engine.capture import projection_dims
+    from store.activation_pool import ActivationPool, PoolLayout
+    budget = config.activation_pool_bytes
+    if budget is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(free * config.activation_pool_memory_fraction)
+        else:
+            budget = DEFAULT_CPU_POOL_BYTES
+    layout = PoolLayout(hf_config.num_hidden_layers, projection_dims(hf_config), dtype, device)
+    return ActivationPool(layout, budget, config.block_size, config.activation_pool_cpu_bytes)

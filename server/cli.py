@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="model folder (default: the embedded SmolLM2-135M-Instruct)")
     g.add_argument("--config", help="JSON config file (its 'engine' object is used)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    from trainer import check_grad
+    check_grad.add_parser(sub)
     return p
 
 
@@ -89,6 +91,9 @@ def generate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "check-grad":
+            from trainer import check_grad
+            return check_grad.main(args)
         return serve(args) if args.command == "serve" else generate(args)
     except AlchemistError as err:            # configuration problems: one clear line, no traceback
         print(f"alchemist: {err.message}", file=sys.stderr)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.attention import paged_attention_reference
-from engine.context import AttentionMetadata, ForwardContext
+from engine.context import AttentionMetadata, ServingContext
 
 pytestmark = pytest.mark.gpu
 
@@ -44,7 +44,7 @@ def test_triton_paged_attention_matches_reference(dtype, tol, group, n_kv, head_
     from engine.kernels.paged_attention import paged_attention_triton
     q, k_cache, v_cache, meta = _random_batch(group, n_kv, head_dim, page, q_lens, ctx_lens, dtype, seed=len(q_lens))
     scale = head_dim ** -0.5
-    ctx = ForwardContext(attn=meta, kv_caches=[], block_size=page)
+    ctx = ServingContext(attn=meta, kv_caches=[], block_size=page)
     ref = paged_attention_reference(q.double(), k_cache.double(), v_cache.double(), ctx, scale)
     out = paged_attention_triton(q, k_cache, v_cache, meta, scale)
     assert torch.isfinite(out).all()
@@ -76,3 +76,31 @@ def test_cuda_graph_decode_matches_eager():
         assert eager_seqs[0].output_token_ids == graph_seqs[0].output_token_ids
         diffs = [abs(a - b) for a, b in zip(eager_seqs[0].logprobs, graph_seqs[0].logprobs)]
         assert max(diffs) < 1e-3
+
+
+def test_decode_capture_has_no_host_sync():
+    """Issue 4: capturing decode rows (prefill+decode) adds no host sync inside the decode forward."""
+    from benchmarks.common import llama_config
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+    from engine.setup import build_engine_parts
+
+    shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=1000, max_position_embeddings=1024, rms_norm_eps=1e-5)
+    cfg = EngineConfig(load_format="random", device="cuda", num_kv_blocks=64, capture="prefill+decode",
+                       activation_pool_bytes=64 << 20, cuda_graph_max_batch=8, enforce_eager=True)
+    engine = LLMEngine(cfg, build_engine_parts(cfg, hf_config=llama_config(shape)))
+    engine.add_request("r", list(range(3, 40)), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    engine.step()                                            # prefill
+    runner = engine.runner
+    batch = engine.scheduler.schedule()
+    input_ids, positions, ctx, _ = runner.prepare(batch)
+    assert ctx.capture is not None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.inference_mode():
+            runner.model.compute_logits(runner.model(input_ids, positions, ctx))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

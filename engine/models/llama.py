@@ -8,11 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.attention import paged_attention, store_kv
 from engine.context import ForwardContext
 from engine.errors import ConfigError
 from engine.layers import add_rms_norm, rms_norm, rope, silu_mul
-from engine.packing import project
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -84,36 +82,35 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]                                                     # x: [T, h]
-        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = ctx.project(self.layer_idx, ("q", "k", "v"), (self.q_proj, self.k_proj, self.v_proj), x)
         q = q.view(t, self.num_heads, self.head_dim)                       # q: [T, n_heads, d]
         k = k.view(t, self.num_kv_heads, self.head_dim)                    # k: [T, n_kv, d]
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k)
-        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        store_kv(k, v, k_cache, v_cache, ctx.attn.slot_mapping)
-        o = paged_attention(q, k_cache, v_cache, ctx, self.scale)          # o: [T, n_heads, d]
-        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+        o = ctx.attention(self.layer_idx, q, k, v, self.scale)             # o: [T, n_heads, d]
+        return ctx.project(self.layer_idx, ("o",), (self.o_proj,), o.reshape(t, self.num_heads * self.head_dim))[0]
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         bias = bool(getattr(config, "mlp_bias", False))
         h, i = config.hidden_size, config.intermediate_size
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(x, (self.gate_proj, self.up_proj))
-        return self.down_proj(silu_mul(gate, up))
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        gate, up = ctx.project(self.layer_idx, ("gate", "up"), (self.gate_proj, self.up_proj), x)
+        return ctx.project(self.layer_idx, ("down",), (self.down_proj,), silu_mul(gate, up))[0]
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_idx)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -121,7 +118,7 @@ class LlamaDecoderLayer(nn.Module):
         attn_out = self.self_attn(self.input_layernorm(x), positions, rotary, ctx)
         norm = self.post_attention_layernorm
         x, h = add_rms_norm(x, attn_out, norm.weight, norm.variance_epsilon)
-        return x + self.mlp(h)
+        return x + self.mlp(h, ctx)
 
 
 class LlamaModel(nn.Module):
@@ -136,7 +133,7 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids, positions, ctx):
         x = self.embed_tokens(input_ids)                                   # x: [T, h]
         for layer in self.layers:
-            x = layer(x, positions, self.rotary_emb, ctx)
+            x = ctx.call_layer(layer, x, positions, self.rotary_emb, ctx)
         return self.norm(x)
 
 

@@ -1,0 +1,92 @@
+"""Which rows of a serving step are recorded into the activation pool (DESIGN §3), host side.
+
+Modes: `none`, `prefill` (prompt rows), `prefill+decode` (prompt rows and every decoded row that a
+training forward over [prompt | response] needs). Policy: every request while the pool has room
+(unpinned records are evicted LRU by the pool). A record is keyed by (request id, choice index)
+and its rows carry the adapter version that produced them.
+"""
+from __future__ import annotations
+
+from engine.errors import ConfigError
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
+
+CAPTURE_MODES = ("none", "prefill", "prefill+decode")
+KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def record_key(seq: Sequence) -> tuple[str, int]:
+    return (seq.request_id, seq.index)
+
+
+def projection_dims(hf_config) -> dict[str, int]:
+    heads, kv = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    h, i = hf_config.hidden_size, hf_config.intermediate_size
+    return {"q": heads * head_dim, "k": kv * head_dim, "v": kv * head_dim, "o": h,
+            "gate": i, "up": i, "down": h}
+
+
+class CaptureManager:
+    def __init__(self, pool, mode: str):
+        if mode not in CAPTURE_MODES:
+            raise ConfigError(f"capture={mode!r}: use one of {CAPTURE_MODES}")
+        self.pool = pool
+        self.mode = mode
+        self.captures_decode = mode == "prefill+decode"
+        self._pending: dict[tuple[str, int], tuple[int, int]] = {}   # key -> rows written this step
+
+    def limit(self, seq: Sequence) -> int:
+        """Positions [0, limit) are recorded: the prompt, or every position a training forward uses."""
+        if self.captures_decode:
+            return seq.num_prompt_tokens + (seq.params.max_tokens or 1 << 30)
+        return seq.num_prompt_tokens
+
+    def _reserve(self, seq: Sequence, start: int, upto: int) -> bool:
+        key = record_key(seq)
+        record = self.pool.get(key)
+        if record is None:
+            # rows are recorded contiguously from position 0: a sequence whose first rows came from
+            # the prefix cache (never computed for it) is not recorded; training recomputes it
+            return start == 0 and self.pool.reserve(key, upto) is not None
+        if start > record.captured:
+            return False
+        if record.num_tokens >= upto:
+            return True
+        return self.pool.extend(key, upto)
+
+    def slot_mapping(self, batch: ScheduledBatch) -> list[int] | None:
+        """Pool slot of every token of the batch (scratch where not recorded); None if none is.
+
+        Two passes: every reservation first (a reservation may evict another record), then slots
+        only for records still on the device tier, so no two rows of a step share a slot.
+        """
+        ranges = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            end = min(start + n, self.limit(seq))
+            ranges.append((start, end) if end > start and self._reserve(seq, start, end) else None)
+        scratch = self.pool.scratch_slot
+        slots: list[int] = []
+        self._pending.clear()
+        for seq, n, rows in zip(batch.seqs, batch.num_new_tokens, ranges):
+            record = self.pool.get(record_key(seq)) if rows is not None else None
+            if record is None or record.tier != "device":
+                slots += [scratch] * n
+                continue
+            start, end = rows
+            slots += self.pool.slot_mapping(record_key(seq), start, end - start)
+            slots += [scratch] * (start + n - end)
+            self._pending[record_key(seq)] = rows
+        return slots if self._pending else None
+
+    def commit(self, adapter_version: int) -> None:
+        """After the step: the rows written this step extend each record's contiguous capture."""
+        for key, (start, end) in self._pending.items():
+            record = self.pool.get(key)
+            if record is not None and start <= record.captured < end:
+                self.pool.mark_captured(key, end, adapter_version)
+        self._pending.clear()
+
+    def release(self, seq: Sequence) -> None:
+        self.pool.release(record_key(seq))

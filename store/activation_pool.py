@@ -1,0 +1,386 @@
+"""Paged activation pool: base-projection outputs written during serving, read back by the trainer.
+
+Device tier: per layer and kind one tensor `[num_slots + 1, dim]`. The last row (`scratch_slot`)
+takes every row that must not be recorded, so a capture is one unconditional `index_copy_` with no
+host sync. Slots are handed out in blocks of `block_size` from a free list, like a KV cache; the
+slot of position p is `blocks[p // bs] * bs + p % bs`. The scratch row counts against the budget.
+
+Eviction is LRU over unpinned device records: their captured rows move to the CPU tier when its
+budget allows (dropping older unpinned CPU records to make room), else the record is dropped. A
+dropped record stays (tier "dropped") so the trainer knows to recompute; `release` forgets it.
+Bookkeeping is plain Python under one lock; torch only holds the bytes.
+
+Engine contract: within a step call `reserve`/`extend` for every sequence *before* building any
+slot mapping of that step (an eviction hands the victim's blocks to the next reservation at once),
+and `mark_captured` after the forward that wrote the rows. Gather only records you have pinned.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Hashable
+
+import torch
+
+from engine.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
+
+TIERS = ("device", "cpu", "dropped")
+
+
+class ActivationMissingError(NotFoundError):
+    """The rows asked for are not in the pool (unknown, released, dropped or never captured)."""
+    error_type = "activation_missing"
+
+
+@dataclass(frozen=True)
+class PoolLayout:
+    num_layers: int
+    dims: dict[str, int]                     # kind -> output width, e.g. {"q": 2048, "k": 512, ...}
+    dtype: torch.dtype = torch.bfloat16
+    device: torch.device = torch.device("cpu")
+
+    def __post_init__(self):
+        if self.num_layers < 1 or not self.dims or any(d < 1 for d in self.dims.values()):
+            raise ConfigError(f"activation pool layout needs num_layers >= 1 and positive dims, "
+                              f"got num_layers={self.num_layers} dims={self.dims}")
+        object.__setattr__(self, "dims", dict(self.dims))
+        object.__setattr__(self, "device", torch.device(self.device))
+
+    @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def bytes_per_layer_row(self) -> int:
+        """Bytes of one token's outputs, all kinds, one layer."""
+        return sum(self.dims.values()) * self.element_size
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.num_layers * self.bytes_per_layer_row
+
+
+@dataclass
+class ActivationRecord:
+    key: Hashable
+    num_tokens: int                          # rows reserved: positions [0, num_tokens)
+    blocks: list[int] = field(default_factory=list)
+    captured: int = 0                        # rows written, contiguous from position 0
+    versions: list[int] = field(default_factory=list)   # adapter version per captured row
+    tier: str = "device"
+    pinned: bool = False
+    last_used: float = 0.0
+    cpu_rows: dict[tuple[int, str], torch.Tensor] | None = None   # (layer, kind) -> [captured, dim]
+    capture_stopped: bool = False            # an extend failed: later rows are never reserved
+
+
+def fetch_beats_recompute(num_rows: int, bytes_per_row: int, h2d_bytes_per_s: float,
+                          flops_per_s: float, flops_per_row: float) -> bool:
+    """True when copying the rows in lands no later than recomputing them."""
+    if min(h2d_bytes_per_s, flops_per_s) <= 0 or min(num_rows, bytes_per_row, flops_per_row) < 0:
+        raise InvalidRequestError("hedging needs positive rates and non-negative sizes")
+    return num_rows * bytes_per_row / h2d_bytes_per_s <= num_rows * flops_per_row / flops_per_s
+
+
+class ActivationPool:
+    def __init__(self, layout: PoolLayout, budget_bytes: int, block_size: int = 16,
+                 cpu_budget_bytes: int = 0):
+        if block_size < 1 or budget_bytes < 0 or cpu_budget_bytes < 0:
+            raise ConfigError(f"activation pool needs block_size >= 1 and budgets >= 0, got "
+                              f"block_size={block_size} budget_bytes={budget_bytes} "
+                              f"cpu_budget_bytes={cpu_budget_bytes}")
+        self.layout, self.block_size = layout, block_size
+        self.budget_bytes, self.cpu_budget_bytes = budget_bytes, cpu_budget_bytes
+        self.num_slots = _num_slots(layout, budget_bytes, block_size)
+        self.num_blocks = self.num_slots // block_size
+        self.scratch_slot = self.num_slots
+        self._buffers = {(layer, kind): torch.empty(self.num_slots + 1, dim, dtype=layout.dtype,
+                                                    device=layout.device)  # [num_slots + 1, dim]
+                         for layer in range(layout.num_layers) for kind, dim in layout.dims.items()}
+        self._free_blocks: deque[int] = deque(range(self.num_blocks))
+        self._records: OrderedDict[Hashable, ActivationRecord] = OrderedDict()  # LRU first
+        self._cpu_bytes = 0
+        self._index_cache: dict[Hashable, tuple[int, int, torch.Tensor]] = {}
+        self._cuda = layout.device.type == "cuda"
+        self._side_stream = torch.cuda.Stream(layout.device) if self._cuda else None
+        self._block_ready: dict[int, torch.cuda.Event] = {}   # block -> its D2H copy is done
+        self._lock = threading.RLock()
+        self.evictions_to_cpu = 0
+        self.drops = 0
+
+    # -- reservation -----------------------------------------------------------
+    def buffer(self, layer: int, kind: str) -> torch.Tensor:
+        try:
+            return self._buffers[(layer, kind)]        # [num_slots + 1, dim]
+        except KeyError:
+            raise InvalidRequestError(f"activation pool has no layer {layer} kind {kind!r}") from None
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free_blocks)
+
+    def reserve(self, key: Hashable, num_tokens: int) -> ActivationRecord | None:
+        with self._lock:
+            if key in self._records:
+                raise ConflictError(f"activation record {key!r} already exists")
+            if num_tokens < 0:
+                raise InvalidRequestError(f"cannot reserve {num_tokens} activation rows")
+            needed = self._blocks_for(num_tokens)
+            if not self._make_room(needed, exclude=None):
+                return None
+            record = ActivationRecord(key, num_tokens, self._take_blocks(needed),
+                                      last_used=time.monotonic())
+            self._records[key] = record
+            return record
+
+    def extend(self, key: Hashable, num_tokens: int) -> bool:
+        """Grow the reservation to positions [0, num_tokens); False stops capture for good."""
+        with self._lock:
+            record = self._require(key)
+            if record.tier != "device" or record.capture_stopped:
+                return False
+            self._touch(record)
+            if num_tokens <= record.num_tokens:
+                return True
+            needed = self._blocks_for(num_tokens) - len(record.blocks)
+            if not self._make_room(needed, exclude=key):
+                record.capture_stopped = True
+                return False
+            record.blocks.extend(self._take_blocks(needed))
+            record.num_tokens = num_tokens
+            return True
+
+    def slot_mapping(self, key: Hashable, start: int, count: int) -> list[int]:
+        with self._lock:
+            record = self._require(key)
+            if start < 0 or count < 0:
+                raise InvalidRequestError(f"bad slot range start={start} count={count}")
+            end = record.num_tokens if record.tier == "device" else 0
+            bs = self.block_size
+            return [record.blocks[p // bs] * bs + p % bs if p < end else self.scratch_slot
+                    for p in range(start, start + count)]
+
+    def mark_captured(self, key: Hashable, upto: int, version: int) -> int:
+        """Rows [captured, upto) were written under adapter `version`; returns the new `captured`.
+
+        Clamped to the reservation (rows past it went to scratch); a no-op off the device tier.
+        """
+        with self._lock:
+            record = self._require(key)
+            upto = min(upto, record.num_tokens)
+            if record.tier == "device" and upto > record.captured:
+                record.versions.extend([version] * (upto - record.captured))
+                record.captured = upto
+                self._touch(record)
+            return record.captured
+
+    # -- lifetime ----------------------------------------------------------------
+    def pin(self, key: Hashable) -> None:
+        with self._lock:
+            self._require(key).pinned = True
+
+    def unpin(self, key: Hashable) -> None:
+        with self._lock:
+            self._require(key).pinned = False
+
+    def touch(self, key: Hashable) -> None:
+        with self._lock:
+            self._touch(self._require(key))
+
+    def get(self, key: Hashable) -> ActivationRecord | None:
+        with self._lock:
+            return self._records.get(key)
+
+    def release(self, key: Hashable) -> bool:
+        with self._lock:
+            record = self._records.pop(key, None)
+            if record is None:
+                return False
+            self._free_storage(record, copy_done=None)
+            return True
+
+    # -- reading -------------------------------------------------------------------
+    def gather(self, key: Hashable, layer: int, kind: str,
+               positions: slice | None = None) -> torch.Tensor:
+        """Captured rows of one layer and kind, `[n, dim]` on `layout.device` (a copy)."""
+        with self._lock:
+            buffer = self.buffer(layer, kind)
+            record = self._require(key)
+            if record.tier == "dropped":
+                raise ActivationMissingError(f"activations of {key!r} were dropped: recompute")
+            start, stop = _resolve_positions(record, positions)
+            self._touch(record)
+            if record.tier == "device":
+                return buffer.index_select(0, self._slot_index(record, start, stop))  # [n, dim]
+            rows = record.cpu_rows[(layer, kind)][start:stop]                          # [n, dim]
+            if not self._cuda:
+                return rows.to(self.layout.device, copy=True)
+            with torch.cuda.stream(self._side_stream):
+                out = rows.to(self.layout.device, non_blocking=True)
+            torch.cuda.current_stream(self.layout.device).wait_stream(self._side_stream)
+            out.record_stream(torch.cuda.current_stream(self.layout.device))
+            return out
+
+    def would_fetch_beat_recompute(self, num_rows: int, h2d_bytes_per_s: float,
+                                   flops_per_s: float, flops_per_row: float) -> bool:
+        """Hedge for one layer: rows of `bytes_per_layer_row` vs `flops_per_row` per row."""
+        return fetch_beats_recompute(num_rows, self.layout.bytes_per_layer_row, h2d_bytes_per_s,
+                                     flops_per_s, flops_per_row)
+
+    def stats(self) -> dict:
+        with self._lock:
+            records = {tier: 0 for tier in TIERS}
+            for record in self._records.values():
+                records[record.tier] += 1
+            used_blocks = self.num_blocks - len(self._free_blocks)
+            bpt = self.layout.bytes_per_token
+            return {"bytes": {"device": used_blocks * self.block_size * bpt, "cpu": self._cpu_bytes},
+                    "records": records,
+                    "pinned_records": sum(r.pinned for r in self._records.values()),
+                    "evictions_to_cpu": self.evictions_to_cpu, "drops": self.drops,
+                    "capacity_bytes": {"device": self.num_slots * bpt, "cpu": self.cpu_budget_bytes}}
+
+    # -- internals ---------------------------------------------------------------------
+    def _require(self, key: Hashable) -> ActivationRecord:
+        record = self._records.get(key)
+        if record is None:
+            raise ActivationMissingError(f"no activation record {key!r}")
+        return record
+
+    def _touch(self, record: ActivationRecord) -> None:
+        record.last_used = time.monotonic()
+        self._records.move_to_end(record.key)
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _take_blocks(self, count: int) -> list[int]:
+        blocks = [self._free_blocks.popleft() for _ in range(count)]
+        for block in blocks:
+            event = self._block_ready.pop(block, None)
+            if event is not None:   # later writes to this block wait for its D2H copy (GPU-side)
+                torch.cuda.current_stream(self.layout.device).wait_event(event)
+        return blocks
+
+    def _make_room(self, needed: int, exclude: Hashable | None) -> bool:
+        """Evict LRU unpinned device records until `needed` blocks are free; False changes nothing."""
+        shortfall = needed - len(self._free_blocks)
+        if shortfall <= 0:
+            return True
+        victims, freed = [], 0
+        for record in self._records.values():
+            if freed >= shortfall:
+                break
+            if record.tier == "device" and not record.pinned and record.blocks and record.key != exclude:
+                victims.append(record)
+                freed += len(record.blocks)
+        if freed < shortfall:
+            return False
+        for record in victims:
+            self._evict(record)
+        return True
+
+    def _evict(self, record: ActivationRecord) -> None:
+        need = record.captured * self.layout.bytes_per_token
+        if record.captured == 0 or not self._make_cpu_room(record, need):
+            self._drop(record)
+            return
+        rows, copy_done = self._copy_to_cpu(record)
+        self._free_storage(record, copy_done)
+        record.tier, record.cpu_rows = "cpu", rows
+        self._cpu_bytes += need
+        self.evictions_to_cpu += 1
+
+    def _make_cpu_room(self, record: ActivationRecord, need: int) -> bool:
+        """Drop unpinned CPU records used less recently than `record` until `need` bytes fit."""
+        shortfall = self._cpu_bytes + need - self.cpu_budget_bytes
+        chosen, freed = [], 0
+        for other in self._records.values():
+            if other is record or freed >= shortfall:
+                break
+            if other.tier == "cpu" and not other.pinned:
+                chosen.append(other)
+                freed += other.captured * self.layout.bytes_per_token
+        if freed < shortfall:
+            return False
+        for other in chosen:
+            self._drop(other)
+        return True
+
+    def _copy_to_cpu(self, record: ActivationRecord):
+        """Captured rows of every layer and kind into one host allocation (pinned on CUDA)."""
+        n, layout = record.captured, self.layout
+        flat = torch.empty(n * layout.bytes_per_token // layout.element_size, dtype=layout.dtype,
+                           pin_memory=self._cuda)                      # [n * sum(dims) * layers]
+        index = self._slot_index(record, 0, n)                           # [n]
+        if self._cuda:
+            self._side_stream.wait_stream(torch.cuda.current_stream(layout.device))
+        rows, offset = {}, 0
+        with torch.cuda.stream(self._side_stream) if self._cuda else nullcontext():
+            for (layer, kind), buffer in self._buffers.items():
+                dst = flat[offset:offset + n * buffer.shape[1]].view(n, buffer.shape[1])  # [n, dim]
+                dst.copy_(buffer.index_select(0, index), non_blocking=self._cuda)
+                rows[(layer, kind)], offset = dst, offset + dst.numel()
+        copy_done = None
+        if self._cuda:
+            copy_done = torch.cuda.Event()
+            copy_done.record(self._side_stream)
+        return rows, copy_done
+
+    def _drop(self, record: ActivationRecord) -> None:
+        self._free_storage(record, copy_done=None)
+        record.tier = "dropped"
+        self.drops += 1
+
+    def _free_storage(self, record: ActivationRecord, copy_done) -> None:
+        """Return the record's blocks to the free list and its CPU bytes to the CPU budget."""
+        for block in record.blocks:
+            if copy_done is not None:
+                self._block_ready[block] = copy_done
+            self._free_blocks.append(block)
+        if record.tier == "cpu":
+            self._cpu_bytes -= record.captured * self.layout.bytes_per_token
+        record.blocks, record.cpu_rows = [], None
+        self._index_cache.pop(record.key, None)
+
+    def _slot_index(self, record: ActivationRecord, start: int, stop: int) -> torch.Tensor:
+        cached = self._index_cache.get(record.key)
+        if cached is not None and cached[:2] == (start, stop):
+            return cached[2]
+        bs = self.block_size
+        slots = [record.blocks[p // bs] * bs + p % bs for p in range(start, stop)]
+        index = torch.tensor(slots, dtype=torch.long, device=self.layout.device)  # [n]
+        self._index_cache[record.key] = (start, stop, index)
+        return index
+
+
+def _num_slots(layout: PoolLayout, budget_bytes: int, block_size: int) -> int:
+    """Usable rows: the budget's rows less one scratch row, rounded down to whole blocks."""
+    rows = budget_bytes // layout.bytes_per_token
+    num_slots = max(rows - 1, 0) // block_size * block_size
+    if num_slots < block_size:
+        need = (block_size + 1) * layout.bytes_per_token
+        raise ConfigError(
+            f"activation pool budget of {budget_bytes} bytes holds {rows} token rows of "
+            f"{layout.bytes_per_token} bytes ({layout.num_layers} layers); one block of "
+            f"{block_size} rows plus the scratch row needs {need} bytes: raise the activation "
+            f"pool budget to at least {need} bytes (or lower block_size)")
+    return num_slots
+
+
+def _resolve_positions(record: ActivationRecord, positions: slice | None) -> tuple[int, int]:
+    if positions is None:
+        return 0, record.captured
+    if not isinstance(positions, slice) or positions.step not in (None, 1):
+        raise InvalidRequestError(f"positions must be a contiguous slice, got {positions!r}")
+    start = 0 if positions.start is None else positions.start
+    stop = record.captured if positions.stop is None else positions.stop
+    if start < 0 or stop < start:
+        raise InvalidRequestError(f"bad positions {positions!r} (negative or reversed)")
+    if stop > record.captured:
+        raise ActivationMissingError(f"rows [{record.captured}, {stop}) of {record.key!r} "
+                                     f"were not captured")
+    return start, stop

@@ -1,0 +1,114 @@
+"""Training forward/backward through the serving model code, reusing captured activations (DESIGN §2).
+
+The training forward runs the same `LlamaForCausalLM` with a `TrainingContext`: rows whose base
+projection outputs are in the activation pool are injected (no matmul in the forward), the other
+rows are multiplied; every cheap op and attention is recomputed over all rows; backward runs over all
+rows into fp32 LoRA masters. `InjectedLinear`'s backward is the plain linear's (dX = dY·W; the base
+is frozen), so when the stored rows equal what the base would compute, reuse and recompute compute
+the same function and the same gradients.
+"""
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from engine.capture import KINDS
+from engine.context import ForwardContext, base_module
+from engine.packing import project as project_bases
+
+
+@dataclass
+class TrainRecord:
+    """One served choice: prompt + response tokens and the serving-time logprob of each response token."""
+    key: Hashable
+    prompt_ids: list[int]
+    response_ids: list[int]
+    serving_logprobs: list[float] = field(default_factory=list)
+    weight: float = 1.0
+
+    @property
+    def input_ids(self) -> list[int]:          # the last response token is never an input
+        return self.prompt_ids + self.response_ids[:-1]
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids) - 1
+
+
+class InjectedLinear(torch.autograd.Function):
+    """y = W·x + b, with the rows `stored_idx` taken from `stored` instead of multiplied."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stored, stored_idx, fresh_idx):
+        # x: [T, in], stored: [S, out] -> y: [T, out]
+        y = x.new_empty(x.shape[0], weight.shape[0])
+        y[stored_idx] = stored.to(y.dtype)
+        if fresh_idx.numel():
+            y[fresh_idx] = F.linear(x[fresh_idx], weight, bias)
+        ctx.save_for_backward(weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (weight,) = ctx.saved_tensors
+        return grad_y @ weight, None, None, None, None, None          # dX: [T, in]; the base is frozen
+
+
+@dataclass
+class Injection:
+    stored_idx: torch.Tensor                      # [S] batch rows taken from the pool
+    fresh_idx: torch.Tensor                       # [F] batch rows multiplied
+    rows: dict[tuple[int, str], torch.Tensor]     # (layer, kind) -> [S, dim]
+
+
+class TrainingContext(ForwardContext):
+    def __init__(self, cu_seqlens: list[int], adapters: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, float]],
+                 injection: Injection | None = None, checkpoint_layers: bool = False):
+        self.cu_seqlens = cu_seqlens
+        self.adapters = adapters
+        self.injection = injection
+        self.checkpoint_layers = checkpoint_layers
+
+    def project(self, layer, kinds, modules, x):
+        bases = tuple(base_module(m) for m in modules)
+        if self.injection is None or not self.injection.stored_idx.numel():
+            outs = project_bases(x, bases)
+        else:
+            outs = self._injected(layer, kinds, bases, x)
+        return tuple(self._add_lora(m, x, out) for m, out in zip(modules, outs))
+
+    def _injected(self, layer, kinds, bases, x):
+        inj = self.injection
+        stored = [inj.rows[(layer, kind)] for kind in kinds]
+        packed = getattr(bases[0], "packed", None)
+        if packed is not None and len(bases) > 1:
+            y = InjectedLinear.apply(x, packed[0], packed[1], torch.cat(stored, dim=-1), inj.stored_idx, inj.fresh_idx)
+            return y.split([b.out_features for b in bases], dim=-1)
+        return tuple(InjectedLinear.apply(x, b.weight, b.bias, s, inj.stored_idx, inj.fresh_idx)
+                     for b, s in zip(bases, stored))
+
+    def _add_lora(self, module, x, out):
+        adapter = self.adapters.get(module)
+        if adapter is None:
+            return out
+        a, b, scaling = adapter                                   # fp32 masters, used in x's dtype
+        return out + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * scaling
+
+    def attention(self, layer, q, k, v, scale):
+        out = []
+        for start, end in zip(self.cu_seqlens[:-1], self.cu_seqlens[1:]):   # causal within each record
+            o = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), k[start:end].transpose(0, 1),
+                                               v[start:end].transpose(0, 1), is_causal=True, scale=scale,
+                                               enable_gqa=True)               # o: [n_heads, n, d]
+            out.append(o.transpose(0, 1))
+        return torch.cat(out)                                                  # [T, n_heads, d]
+
+    def call_layer(self, layer, *args):
+        if self.checkpoint_layers:
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)

@@ -1,0 +1,95 @@
+"""One training step over a batch of served records: plan reuse vs recompute per record, inject
+captured rows, run the shared model forward with a TrainingContext, take the loss, backward."""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.capture import KINDS
+from trainer.reuse import Injection, TrainingContext, TrainRecord
+
+# outcome of a record's activations: reused exactly, reused though the adapter moved (within
+# max_staleness), or recomputed because they were evicted / never captured / too stale
+HIT, STALE, EVICTED, TOO_STALE = "hit", "stale", "evicted", "too_stale"
+
+
+@dataclass
+class RecordPlan:
+    outcome: str
+    rows: int              # rows [0, rows) of the record's inputs come from the pool
+    staleness: int = 0
+
+
+@dataclass
+class StepResult:
+    loss: float
+    outcomes: Counter = field(default_factory=Counter)
+    reused_rows: int = 0
+    computed_rows: int = 0
+    response_tokens: int = 0
+
+
+def plan_record(record: TrainRecord, pool, trainer_version: int, max_staleness: int) -> RecordPlan:
+    entry = pool.get(record.key) if pool is not None else None
+    if entry is None or entry.tier != "device" or entry.captured == 0:
+        return RecordPlan(EVICTED, 0)
+    rows = min(entry.captured, record.num_inputs)
+    staleness = max(trainer_version - min(entry.versions[:rows]), max(entry.versions[:rows]) - trainer_version)
+    if staleness == 0:
+        return RecordPlan(HIT, rows)
+    if staleness <= max_staleness:
+        return RecordPlan(STALE, rows, staleness)
+    return RecordPlan(TOO_STALE, 0, staleness)
+
+
+def build_injection(records: list[TrainRecord], plans: list[RecordPlan], pool, num_layers: int,
+                    device: torch.device) -> Injection | None:
+    stored, fresh, offset = [], [], 0
+    for record, plan in zip(records, plans):
+        stored.extend(range(offset, offset + plan.rows))
+        fresh.extend(range(offset + plan.rows, offset + record.num_inputs))
+        offset += record.num_inputs
+    if not stored:
+        return None
+    rows = {}
+    for layer in range(num_layers):
+        for kind in KINDS:
+            parts = [pool.gather(r.key, layer, kind, slice(0, p.rows)) for r, p in zip(records, plans) if p.rows]
+            rows[(layer, kind)] = torch.cat(parts).clone()          # [S, dim], a normal (non-inference) tensor
+    as_index = lambda idx: torch.tensor(idx, dtype=torch.int64, device=device)
+    return Injection(as_index(stored), as_index(fresh), rows)
+
+
+def nll_loss(logprobs: list[torch.Tensor], records: list[TrainRecord]) -> torch.Tensor:
+    """Mean negative log-likelihood over all response tokens (the check-grad objective)."""
+    return -torch.cat(logprobs).mean()
+
+
+def forward_backward(model, records: list[TrainRecord], adapters: dict, *, pool=None, reuse: bool = True,
+                     trainer_version: int = 0, max_staleness: int = 0, checkpoint_layers: bool = False,
+                     loss_fn: Callable = nll_loss) -> StepResult:
+    """adapters: {module: (A, B, scaling)} with A, B fp32 leaf tensors that receive .grad."""
+    device = next(model.parameters()).device
+    plans = [plan_record(r, pool if reuse else None, trainer_version, max_staleness) for r in records]
+    injection = build_injection(records, plans, pool, len(model.model.layers), device) if reuse else None
+    cu, ids, positions, logit_rows, targets = [0], [], [], [], []
+    for r in records:
+        ids += r.input_ids
+        positions += range(r.num_inputs)
+        logit_rows += range(cu[-1] + len(r.prompt_ids) - 1, cu[-1] + r.num_inputs)   # rows predicting the response
+        targets.append(torch.tensor(r.response_ids, device=device))
+        cu.append(cu[-1] + r.num_inputs)
+    ctx = TrainingContext(cu, adapters, injection, checkpoint_layers)
+    with torch.enable_grad():
+        hidden = model(torch.tensor(ids, device=device), torch.tensor(positions, device=device), ctx)   # [T, h]
+        logits = model.compute_logits(hidden[torch.tensor(logit_rows, device=device)]).float()        # [N, V]
+        logp_all = logits.log_softmax(-1).gather(1, torch.cat(targets)[:, None]).squeeze(1)           # [N]
+        logprobs = list(logp_all.split([len(r.response_ids) for r in records]))
+        loss = loss_fn(logprobs, records)
+        loss.backward()
+    reused = sum(p.rows for p in plans)
+    return StepResult(float(loss.detach()), Counter(p.outcome for p in plans), reused,
+                      cu[-1] - reused, len(logit_rows))
