@@ -28,7 +28,13 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, device=device, dtype=dtype),
                            torch.zeros(shape, device=device, dtype=dtype))
                           for _ in range(hf_config.num_hidden_layers)]
-        self.graphs = DecodeGraphs(self, cuda_graph_max_batch) if use_cuda_graphs else None
+        self.use_cuda_graphs = use_cuda_graphs
+        self.cuda_graph_max_batch = cuda_graph_max_batch
+        self.graphs: DecodeGraphs | None = None   # captured at the first decode step (after adapters are applied)
+
+    def invalidate_graphs(self) -> None:
+        """Drop captured decode graphs (after modules were replaced); they are captured again on use."""
+        self.graphs = None
 
     @staticmethod
     def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
@@ -113,6 +119,8 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
         input_ids, positions, ctx, logits_idx = self.prepare(batch)
         sampling_seqs = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
+        if self.use_cuda_graphs and ctx.attn.is_decode and self.graphs is None:
+            self.graphs = DecodeGraphs(self, self.cuda_graph_max_batch)
         if self.graphs is not None and self.graphs.can_run(ctx):
             logits = self.graphs.run(input_ids, positions, ctx)
         else:

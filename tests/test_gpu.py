@@ -70,8 +70,8 @@ def test_cuda_graph_decode_matches_eager():
         cfg = EngineConfig(load_format="random", device="cuda", dtype="float32", num_kv_blocks=256,
                            enforce_eager=eager, cuda_graph_max_batch=8, seed=0)
         engine = LLMEngine(cfg, build_engine_parts(cfg, hf_config=llama_config(shape)))
-        assert (engine.runner.graphs is None) == eager
         outs.append(engine.generate(prompts, params))
+        assert (engine.runner.graphs is None) == eager
     for eager_seqs, graph_seqs in zip(*outs):
         assert eager_seqs[0].output_token_ids == graph_seqs[0].output_token_ids
         diffs = [abs(a - b) for a, b in zip(eager_seqs[0].logprobs, graph_seqs[0].logprobs)]

@@ -30,6 +30,7 @@ class StepResult:
     reused_rows: int = 0
     computed_rows: int = 0
     response_tokens: int = 0
+    tokens_by_path: Counter = field(default_factory=Counter)   # reuse | recompute: tokens trained each way
 
 
 def plan_record(record: TrainRecord, pool, trainer_version: int, max_staleness: int) -> RecordPlan:
@@ -91,5 +92,8 @@ def forward_backward(model, records: list[TrainRecord], adapters: dict, *, pool=
         loss = loss_fn(logprobs, records)
         loss.backward()
     reused = sum(p.rows for p in plans)
+    paths = Counter()
+    for r, p in zip(records, plans):
+        paths["reuse" if p.rows else "recompute"] += len(r.prompt_ids) + len(r.response_ids)
     return StepResult(float(loss.detach()), Counter(p.outcome for p in plans), reused,
-                      cu[-1] - reused, len(logit_rows))
+                      cu[-1] - reused, len(logit_rows), paths)

@@ -1,0 +1,55 @@
+"""Online-training configuration (the server config's "training" object)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from engine.errors import ConfigError
+
+OBJECTIVES = ("sft", "kto", "pg")
+
+
+@dataclass
+class TrainerConfig:
+    enabled: bool = True
+    objective: str = "sft"              # sft | kto | pg (DESIGN §4)
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "gate_proj", "up_proj", "down_proj"])
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_update_norm: float | None = None   # cap on ||adapter_after - adapter_before|| per step
+    step_tokens: int = 2048             # token budget of one training step
+    max_records_per_step: int = 16
+    max_staleness: int = 4              # adapter versions a record's activations may lag and still be reused
+    duty_cycle: float = 0.5             # most of the engine thread's time training may take while serving
+    checkpoint_every: int = 10          # steps; also on shutdown
+    run_name: str = "default"
+    kto_beta: float = 0.1
+    pg_clip: float = 0.2
+    baseline_momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"training.objective={self.objective!r}: use one of {OBJECTIVES}")
+        if self.lr <= 0 or self.max_grad_norm <= 0:
+            raise ConfigError("training.lr and training.max_grad_norm must be positive")
+        if self.max_update_norm is not None and self.max_update_norm <= 0:
+            raise ConfigError("training.max_update_norm must be positive (or null for no cap)")
+        if self.step_tokens < 16 or self.max_records_per_step < 1:
+            raise ConfigError("training.step_tokens must be >= 16 and max_records_per_step >= 1")
+        if not 0.0 < self.duty_cycle <= 1.0:
+            raise ConfigError("training.duty_cycle must be in (0, 1]")
+        if self.checkpoint_every < 1 or self.max_staleness < 0:
+            raise ConfigError("training.checkpoint_every must be >= 1 and max_staleness >= 0")
+        if not self.run_name or "/" in self.run_name or self.run_name.startswith("."):
+            raise ConfigError(f"training.run_name={self.run_name!r}: use a plain folder name")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
