@@ -1,0 +1,130 @@
+"""Training throughput and memory on one GPU, side by side in one run (DESIGN §6, issue 4):
+reuse (prefill captured), reuse (prefill+decode captured), own recompute, own recompute with
+activation checkpointing, reuse with checkpointing, and HF transformers + PEFT, on the same ShareGPT
+records (~8k tokens per step), LoRA r16 on all projections, 8B shape in bf16.
+
+    python -m benchmarks.gpu_training --out DIR [--sharegpt .bench/sharegpt.json] [--shape 8b|1b|tiny]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from benchmarks.common import LLAMA_1B, LLAMA_8B, emit, git_commit, timed
+from benchmarks.gpu_serving import DEVICE, hf_twin, make_engine
+from engine.sampling_params import SamplingParams
+from trainer.adapters import AdapterManager
+from trainer.lora import LoRAConfig
+from trainer.reuse import TrainRecord
+from trainer.step import forward_backward
+
+SHAPES = {"8b": LLAMA_8B, "1b": LLAMA_1B,
+          "tiny": dict(LLAMA_1B, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=49152)}
+
+
+def pick_records(path: str, budget_tokens: int) -> list[dict]:
+    out, total = [], 0
+    for r in json.load(open(path)):
+        n = len(r["prompt"]) + len(r["response"])
+        if n > budget_tokens // 2 or len(r["response"]) < 2:
+            continue
+        if total + n > budget_tokens:
+            break
+        out.append(r)
+        total += n
+    return out
+
+
+def capture(engine, raw: list[dict], full: bool, tag: str) -> list[TrainRecord]:
+    """Serve each record once so the pool holds its rows: the prompt (prefill capture), or every
+    training input row (prompt + response[:-1] teacher-forced through prefill: prefill+decode)."""
+    records = []
+    for i, r in enumerate(raw):
+        served = r["prompt"] + r["response"][:-1] if full else r["prompt"]
+        rid = f"{tag}-{i}"
+        engine.add_request(rid, served, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True,
+                                                       detokenize=False))
+        records.append(TrainRecord((rid, 0), r["prompt"], r["response"], [0.0] * len(r["response"])))
+    while engine.has_unfinished():
+        engine.step()
+    for rec in records:
+        engine.activation_pool.pin(rec.key)
+    return records
+
+
+def measure(fn, tokens: int, repeat: int) -> dict:
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    base = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    secs, _ = timed(fn, warmup=1, repeat=repeat)
+    peak = (torch.cuda.max_memory_allocated() - base) if torch.cuda.is_available() else 0
+    return {"step_s": secs, "tok_s": tokens / secs, "peak_extra_GiB": peak / 2 ** 30}
+
+
+def ours(engine, manager, records, reuse: bool, checkpoint_layers: bool):
+    masters = manager.masters()
+    adapters = {m: (*masters[n], m.scaling) for n, m in manager.modules.items()}
+    return lambda: forward_backward(engine.runner.model, records, adapters, pool=engine.activation_pool,
+                                    reuse=reuse, checkpoint_layers=checkpoint_layers)
+
+
+def hf_peft_step(engine, raw, checkpointing: bool):
+    from peft import LoraConfig, get_peft_model
+    hf = hf_twin(engine)
+    if checkpointing:
+        hf.gradient_checkpointing_enable()
+        hf.enable_input_require_grads()
+    model = get_peft_model(hf, LoraConfig(r=16, lora_alpha=32, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    batch = [(torch.tensor([r["prompt"] + r["response"]], device=DEVICE), len(r["prompt"])) for r in raw]
+
+    def step():
+        for ids, p in batch:                    # one record at a time: no padding waste
+            labels = ids.clone()
+            labels[:, :p] = -100
+            model(input_ids=ids, labels=labels).loss.backward()
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--sharegpt", default=".bench/sharegpt.json")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="8b")
+    ap.add_argument("--step-tokens", type=int, default=8192)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    engine = make_engine(SHAPES[args.shape], kv_gib=8, capture="prefill+decode", activation_pool_bytes=40 << 30,
+                         enable_prefix_caching=False)   # each record is captured from position 0
+    manager = AdapterManager(engine.runner.model, LoRAConfig(rank=16, alpha=32))
+    raw = pick_records(args.sharegpt, args.step_tokens)
+    p = sum(len(r["prompt"]) for r in raw)
+    r = sum(len(x["response"]) for x in raw)
+    res = {"commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "shape": args.shape, "records": len(raw),
+           "prompt_tokens": p, "response_tokens": r, "ideal_reuse_prefill": 2 * (p + r) / (p + 2 * r)}
+    tokens = p + r
+    prefill_only = capture(engine, raw, full=False, tag="p")
+    full = capture(engine, raw, full=True, tag="f")
+    runs = {"reuse_prefill": ours(engine, manager, prefill_only, True, False),
+            "reuse_prefill_decode": ours(engine, manager, full, True, False),
+            "reuse_prefill_decode_ckpt": ours(engine, manager, full, True, True),
+            "recompute": ours(engine, manager, full, False, False),
+            "recompute_ckpt": ours(engine, manager, full, False, True)}
+    for name, fn in runs.items():
+        res[name] = measure(fn, tokens, args.repeat)
+        print(name, json.dumps(res[name]), flush=True)
+    if DEVICE == "cuda":
+        res["hf_peft"] = measure(hf_peft_step(engine, raw, False), tokens, args.repeat)
+        print("hf_peft", json.dumps(res["hf_peft"]), flush=True)
+    base = res["recompute"]["tok_s"]
+    res["ratios_vs_recompute"] = {k: res[k]["tok_s"] / base for k in runs}
+    emit(res, args.out, "gpu_training")
+
+
+if __name__ == "__main__":
+    main()

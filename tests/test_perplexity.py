@@ -1,0 +1,44 @@
+"""The held-out perplexity tool computes HF's perplexity, with and without an adapter."""
+import math
+
+import pytest
+import torch
+
+from trainer.heldout import HELDOUT_TEXTS
+from trainer.perplexity import perplexity
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from engine.config import EngineConfig
+    from engine.embedded_model import ensure_default_model
+    from engine.setup import build_engine_parts
+    path = str(ensure_default_model())
+    return path, build_engine_parts(EngineConfig(model=path, capture="none"))
+
+
+def test_matches_hf_perplexity(smollm2):
+    from transformers import AutoModelForCausalLM
+    path, parts = smollm2
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    texts = HELDOUT_TEXTS[:4]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = parts.tokenizer(text, add_special_tokens=False).input_ids
+            loss = hf(torch.tensor([ids]), labels=torch.tensor([ids])).loss
+            nll += float(loss) * (len(ids) - 1)
+            count += len(ids) - 1
+    ours = perplexity(parts.model, parts.tokenizer, texts)
+    assert abs(ours - math.exp(nll / count)) / ours < 1e-4
+
+
+def test_adapter_changes_perplexity_only_when_nonzero(smollm2):
+    _, parts = smollm2
+    layer = parts.model.model.layers[0].self_attn.q_proj
+    a = torch.randn(4, layer.in_features) * 0.1
+    zero = {layer: (a, torch.zeros(layer.out_features, 4), 2.0)}
+    big = {layer: (a, torch.randn(layer.out_features, 4), 2.0)}
+    base = perplexity(parts.model, parts.tokenizer, HELDOUT_TEXTS[:2])
+    assert perplexity(parts.model, parts.tokenizer, HELDOUT_TEXTS[:2], zero) == pytest.approx(base, rel=1e-6)
+    assert abs(perplexity(parts.model, parts.tokenizer, HELDOUT_TEXTS[:2], big) - base) / base > 1e-3
