@@ -65,8 +65,13 @@ class EngineConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "EngineConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return from_known_dict(cls, values, "engine")
+
+
+def from_known_dict(cls, values: dict, section: str):
+    """Build a config dataclass from a dict; unknown keys are an error that lists the known ones."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown {section} option(s) {unknown}; known: {sorted(known)}")
+    return cls(**values)

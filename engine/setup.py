@@ -79,17 +79,21 @@ def max_model_len_for(config: EngineConfig, hf_config) -> int:
     return config.max_model_len
 
 
+def memory_budget(configured: int | None, fraction: float, device: torch.device, cpu_default: int) -> int:
+    """Bytes for a cache: as configured, else a fraction of free device memory (CUDA) or a CPU default."""
+    if configured is not None:
+        return configured
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * fraction)
+    return cpu_default
+
+
 def num_kv_blocks(config: EngineConfig, hf_config, device: torch.device, dtype: torch.dtype) -> int:
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     per_block = ModelRunner.kv_bytes_per_block(hf_config, config.block_size, dtype)
-    budget = config.kv_cache_bytes
-    if budget is None:
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            budget = int(free * config.kv_cache_memory_fraction)
-        else:
-            budget = DEFAULT_CPU_KV_BYTES
+    budget = memory_budget(config.kv_cache_bytes, config.kv_cache_memory_fraction, device, DEFAULT_CPU_KV_BYTES)
     blocks = budget // per_block
     if blocks < 2:
         raise ConfigError(f"the KV cache budget of {budget} bytes holds {blocks} blocks: raise kv_cache_bytes")
@@ -128,12 +132,7 @@ def build_activation_pool(config: EngineConfig, hf_config, device: torch.device,
         return None
     from engine.capture import projection_dims
     from store.activation_pool import ActivationPool, PoolLayout
-    budget = config.activation_pool_bytes
-    if budget is None:
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            budget = int(free * config.activation_pool_memory_fraction)
-        else:
-            budget = DEFAULT_CPU_POOL_BYTES
+    budget = memory_budget(config.activation_pool_bytes, config.activation_pool_memory_fraction, device,
+                           DEFAULT_CPU_POOL_BYTES)
     layout = PoolLayout(hf_config.num_hidden_layers, projection_dims(hf_config), dtype, device)
     return ActivationPool(layout, budget, config.block_size, config.activation_pool_cpu_bytes)

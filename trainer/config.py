@@ -1,8 +1,9 @@
 """Online-training configuration (the server config's "training" object)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
+from engine.config import from_known_dict
 from engine.errors import ConfigError
 
 OBJECTIVES = ("sft", "kto", "pg")
@@ -48,8 +49,4 @@ class TrainerConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return from_known_dict(cls, values, "training")
