@@ -7,6 +7,8 @@ and its rows carry the adapter version that produced them.
 """
 from __future__ import annotations
 
+import zlib
+
 from engine.errors import ConfigError
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
@@ -28,11 +30,12 @@ def projection_dims(hf_config) -> dict[str, int]:
 
 
 class CaptureManager:
-    def __init__(self, pool, mode: str):
+    def __init__(self, pool, mode: str, fraction: float = 1.0):
         if mode not in CAPTURE_MODES:
             raise ConfigError(f"capture={mode!r}: use one of {CAPTURE_MODES}")
         self.pool = pool
         self.mode = mode
+        self.fraction = fraction
         self.captures_decode = mode == "prefill+decode"
         self._pending: dict[tuple[str, int], tuple[int, int]] = {}   # key -> rows written this step
 
@@ -42,13 +45,19 @@ class CaptureManager:
             return seq.num_prompt_tokens + (seq.params.max_tokens or 1 << 30)
         return seq.num_prompt_tokens
 
+    def sampled(self, seq: Sequence) -> bool:
+        """The capture policy: every request while the pool has room, or a deterministic share of them."""
+        if self.fraction >= 1.0:
+            return True
+        return zlib.crc32(seq.request_id.encode()) / 0xFFFFFFFF < self.fraction
+
     def _reserve(self, seq: Sequence, start: int, upto: int) -> bool:
         key = record_key(seq)
         record = self.pool.get(key)
         if record is None:
             # rows are recorded contiguously from position 0: a sequence whose first rows came from
             # the prefix cache (never computed for it) is not recorded; training recomputes it
-            return start == 0 and self.pool.reserve(key, upto) is not None
+            return start == 0 and self.sampled(seq) and self.pool.reserve(key, upto) is not None
         if start > record.captured:
             return False
         if record.num_tokens >= upto:

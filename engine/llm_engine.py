@@ -44,7 +44,7 @@ class LLMEngine:
         self.activation_pool = parts.activation_pool
         self.capture = None
         if parts.activation_pool is not None:
-            self.capture = CaptureManager(parts.activation_pool, config.capture)
+            self.capture = CaptureManager(parts.activation_pool, config.capture, config.capture_fraction)
         self.adapter_version = 0              # version of the adapter the serving weights hold now
         self.runner = ModelRunner(
             parts.model, parts.hf_config, parts.num_blocks, config.block_size, parts.device, parts.dtype,

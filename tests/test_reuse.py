@@ -80,3 +80,15 @@ def test_capture_adds_no_host_sync(monkeypatch):
     seqs = engine.generate([[5, 6, 7, 8, 9, 10]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     record = engine.activation_pool.get((seqs[0][0].request_id, 0))
     assert record.captured == 6 + 5                    # prompt rows + every decoded input row
+
+
+def test_capture_fraction_records_a_deterministic_share():
+    from trainer.check_grad import build_engine
+    from engine.sampling_params import SamplingParams
+    engine = build_engine("tiny-llama", "prefill", seed=0)
+    engine.capture.fraction = 0.5
+    prompts = [[5 + i, 6, 7, 8] for i in range(40)]
+    seqs = [s[0] for s in engine.generate(prompts, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))]
+    recorded = [engine.activation_pool.get((s.request_id, 0)) is not None for s in seqs]
+    assert recorded == [engine.capture.sampled(s) for s in seqs]
+    assert 5 < sum(recorded) < 35
