@@ -75,7 +75,8 @@ _EXTRACTION = (
     "What is the price in this line: 'Fresh apples, 2.49 per kilo, today only'?",
     "Pull out the email address: 'Contact us at help@example.org for support.'",
     "Which cities are mentioned: 'We flew from Oslo to Lisbon, then took a train to Porto.'",
-    "Summarize in one sentence: 'The library will close early on Friday for staff training and reopen Saturday.'",
+    "Summarize in one sentence: "
+    "'The library will close early on Friday for staff training and reopen Saturday.'",
     "Extract the ingredients: 'Mix flour, sugar and two eggs, then add milk.'",
     "What is the sentiment of this review: 'The food was cold and the waiter ignored us.'",
     "Find the phone number in: 'Call 555-0142 after 6 pm.'",
@@ -111,7 +112,8 @@ _HUMANITIES = (
 CATEGORIES = {"writing": _WRITING, "roleplay": _ROLEPLAY, "reasoning": _REASONING, "math": _MATH,
               "coding": _CODING, "extraction": _EXTRACTION, "stem": _STEM, "humanities": _HUMANITIES}
 
-PROMPTS: tuple[tuple[str, str], ...] = tuple((cat, text) for cat, texts in CATEGORIES.items() for text in texts)
+PROMPTS: tuple[tuple[str, str], ...] = tuple((cat, text) for cat, texts in CATEGORIES.items()
+                                             for text in texts)
 
 
 def prompt_order(seed: int, count: int) -> list[int]:
