@@ -52,17 +52,17 @@ class CaptureManager:
         return zlib.crc32(seq.request_id.encode()) / 0xFFFFFFFF < self.fraction
 
     def _reserve(self, seq: Sequence, start: int, upto: int) -> bool:
+        """Make the record of `seq` hold positions up to `upto`. A record starts where the sequence
+        first computes (after its prefix-cache hit, whose rows another sequence computed) and
+        grows contiguously; rows that would leave a gap are not recorded."""
         key = record_key(seq)
         record = self.pool.get(key)
         if record is None:
-            # rows are recorded contiguously from position 0: a sequence whose first rows came from
-            # the prefix cache (never computed for it) is not recorded; training recomputes it
-            return start == 0 and self.sampled(seq) and self.pool.reserve(key, upto) is not None
-        if start > record.captured:
+            return self.sampled(seq) and self.pool.reserve(key, upto - start, offset=start) is not None
+        if start > record.offset + record.captured or upto <= record.offset:
             return False
-        if record.num_tokens >= upto:
-            return True
-        return self.pool.extend(key, upto)
+        rows = upto - record.offset
+        return record.num_tokens >= rows or self.pool.extend(key, rows)
 
     def slot_mapping(self, batch: ScheduledBatch) -> list[int] | None:
         """Pool slot of every token of the batch (scratch where not recorded); None if none is.
@@ -78,23 +78,26 @@ class CaptureManager:
         scratch = self.pool.scratch_slot
         slots: list[int] = []
         self._pending.clear()
-        for seq, n, rows in zip(batch.seqs, batch.num_new_tokens, ranges):
-            record = self.pool.get(record_key(seq)) if rows is not None else None
+        for seq, n, span in zip(batch.seqs, batch.num_new_tokens, ranges):
+            key = record_key(seq)
+            record = self.pool.get(key) if span is not None else None
             if record is None or record.tier != "device":
                 slots += [scratch] * n
                 continue
-            start, end = rows
-            slots += self.pool.slot_mapping(record_key(seq), start, end - start)
+            start, end = span
+            first = max(start, record.offset)                   # positions below the record's start
+            slots += [scratch] * (first - start)
+            slots += self.pool.slot_mapping(key, first - record.offset, end - first)
             slots += [scratch] * (start + n - end)
-            self._pending[record_key(seq)] = rows
+            self._pending[key] = (first - record.offset, end - record.offset)
         return slots if self._pending else None
 
     def commit(self, adapter_version: int) -> None:
         """After the step: the rows written this step extend each record's contiguous capture."""
-        for key, (start, end) in self._pending.items():
+        for key, (first_row, end_row) in self._pending.items():
             record = self.pool.get(key)
-            if record is not None and start <= record.captured < end:
-                self.pool.mark_captured(key, end, adapter_version)
+            if record is not None and first_row <= record.captured < end_row:
+                self.pool.mark_captured(key, end_row, adapter_version)
         self._pending.clear()
 
     def release(self, seq: Sequence) -> None:

@@ -66,7 +66,7 @@ class PoolLayout:
 @dataclass
 class ActivationRecord:
     key: Hashable
-    num_tokens: int                          # rows reserved: positions [0, num_tokens)
+    num_tokens: int                          # rows reserved: rows [0, num_tokens)
     blocks: list[int] = field(default_factory=list)
     captured: int = 0                        # rows written, contiguous from position 0
     versions: list[int] = field(default_factory=list)   # adapter version per captured row
@@ -75,6 +75,7 @@ class ActivationRecord:
     last_used: float = 0.0
     cpu_rows: dict[tuple[int, str], torch.Tensor] | None = None   # (layer, kind) -> [captured, dim]
     capture_stopped: bool = False            # an extend failed: later rows are never reserved
+    offset: int = 0                          # sequence position of row 0 (earlier rows came from a prefix cache)
 
 
 def fetch_beats_recompute(num_rows: int, bytes_per_row: int, h2d_bytes_per_s: float,
@@ -122,7 +123,7 @@ class ActivationPool:
     def num_free_blocks(self) -> int:
         return len(self._free_blocks)
 
-    def reserve(self, key: Hashable, num_tokens: int) -> ActivationRecord | None:
+    def reserve(self, key: Hashable, num_tokens: int, offset: int = 0) -> ActivationRecord | None:
         with self._lock:
             if key in self._records:
                 raise ConflictError(f"activation record {key!r} already exists")
@@ -132,7 +133,7 @@ class ActivationPool:
             if not self._make_room(needed, exclude=None):
                 return None
             record = ActivationRecord(key, num_tokens, self._take_blocks(needed),
-                                      last_used=time.monotonic())
+                                      last_used=time.monotonic(), offset=offset)
             self._records[key] = record
             return record
 

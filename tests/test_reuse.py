@@ -92,3 +92,11 @@ def test_capture_fraction_records_a_deterministic_share():
     recorded = [engine.activation_pool.get((s.request_id, 0)) is not None for s in seqs]
     assert recorded == [engine.capture.sampled(s) for s in seqs]
     assert 5 < sum(recorded) < 35
+
+
+def test_prefix_cache_hits_still_reuse_the_rows_they_computed():
+    """Requests sharing a system prompt hit the prefix cache; their records start after the hit and
+    training recomputes only those first rows."""
+    res = run_check("tiny-llama", "prefill", shared_prefix=20)
+    _assert_exact_reuse(res)
+    assert res["computed_rows"] > 5 * 16          # the cached prefix blocks of the later requests

@@ -49,11 +49,14 @@ def perturb(manager: AdapterManager, gen: torch.Generator, version: int) -> None
     manager.publish(masters, version)
 
 
-def serve_records(engine: LLMEngine, seed: int, num: int = 6) -> list[TrainRecord]:
-    """Prompts of different lengths, half admitted while the first half decodes."""
+def serve_records(engine: LLMEngine, seed: int, num: int = 6, shared_prefix: int = 0) -> list[TrainRecord]:
+    """Prompts of different lengths, half admitted while the first half decodes; with
+    `shared_prefix` tokens in common (a system prompt), later requests hit the prefix cache."""
     rng = random.Random(seed)
     vocab = engine.hf_config.vocab_size
-    prompts = [[rng.randrange(3, min(vocab, 20000)) for _ in range(rng.randrange(5, 40))] for _ in range(num)]
+    prefix = [rng.randrange(3, min(vocab, 20000)) for _ in range(shared_prefix)]
+    prompts = [prefix + [rng.randrange(3, min(vocab, 20000)) for _ in range(rng.randrange(5, 40))]
+               for _ in range(num)]
     seqs = []
     for i, prompt in enumerate(prompts):
         params = SamplingParams(temperature=1.0, seed=seed + i, max_tokens=rng.randrange(3, 12), ignore_eos=True)
@@ -84,14 +87,15 @@ def train_once(engine, manager, records, reuse: bool, max_staleness: int):
 
 
 def run_check(model: str = "tiny-llama", capture: str = "prefill", staleness: int = 0, seed: int = 0,
-              max_staleness: int | None = None, dtype: str = "float32", pool_bytes: int = 256 << 20) -> dict:
+              max_staleness: int | None = None, dtype: str = "float32", pool_bytes: int = 256 << 20,
+              shared_prefix: int = 0) -> dict:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     engine = build_engine(model, capture, seed, dtype, pool_bytes)
     manager = AdapterManager(engine.runner.model, LoRAConfig(rank=4, alpha=8), generator=gen)
     perturb(manager, gen, 1)
     engine.adapter_version = manager.version
-    records = serve_records(engine, seed)
+    records = serve_records(engine, seed, shared_prefix=shared_prefix)
     for k in range(staleness):                     # the adapter moves on after serving
         perturb(manager, gen, manager.version + 1)
     engine.adapter_version = manager.version

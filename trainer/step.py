@@ -19,8 +19,9 @@ HIT, STALE, EVICTED, TOO_STALE = "hit", "stale", "evicted", "too_stale"
 @dataclass
 class RecordPlan:
     outcome: str
-    rows: int              # rows [0, rows) of the record's inputs come from the pool
+    rows: int              # input positions [first, first + rows) come from the pool
     staleness: int = 0
+    first: int = 0         # the pool record's offset (positions before it came from a prefix cache)
 
 
 @dataclass
@@ -37,12 +38,14 @@ def plan_record(record: TrainRecord, pool, trainer_version: int, max_staleness: 
     entry = pool.get(record.key) if pool is not None else None
     if entry is None or entry.tier != "device" or entry.captured == 0:
         return RecordPlan(EVICTED, 0)
-    rows = min(entry.captured, record.num_inputs)
+    rows = min(entry.captured, record.num_inputs - entry.offset)
+    if rows <= 0:
+        return RecordPlan(EVICTED, 0)
     staleness = max(trainer_version - min(entry.versions[:rows]), max(entry.versions[:rows]) - trainer_version)
     if staleness == 0:
-        return RecordPlan(HIT, rows)
+        return RecordPlan(HIT, rows, 0, entry.offset)
     if staleness <= max_staleness:
-        return RecordPlan(STALE, rows, staleness)
+        return RecordPlan(STALE, rows, staleness, entry.offset)
     return RecordPlan(TOO_STALE, 0, staleness)
 
 
@@ -50,8 +53,9 @@ def build_injection(records: list[TrainRecord], plans: list[RecordPlan], pool, n
                     device: torch.device) -> Injection | None:
     stored, fresh, offset = [], [], 0
     for record, plan in zip(records, plans):
-        stored.extend(range(offset, offset + plan.rows))
-        fresh.extend(range(offset + plan.rows, offset + record.num_inputs))
+        lo, hi = offset + plan.first, offset + plan.first + plan.rows
+        stored.extend(range(lo, hi))
+        fresh.extend(list(range(offset, lo)) + list(range(hi, offset + record.num_inputs)))
         offset += record.num_inputs
     if not stored:
         return None
