@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import AlchemistError, OverloadedError
-from server import feedback_routes, openai_routes
+from server import admin_routes, feedback_routes, openai_routes
 from server.auth import AuthMiddleware
 from server.streaming import ClientDisconnected
 
@@ -36,6 +36,7 @@ def create_app(state) -> FastAPI:
     app.add_middleware(AuthMiddleware)            # added last = runs first
     app.include_router(openai_routes.router)
     app.include_router(feedback_routes.router)
+    app.include_router(admin_routes.router)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
     install_error_handlers(app)

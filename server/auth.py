@@ -1,5 +1,6 @@
 """Bearer API keys. A key's identity (stored with completions and feedback) is a sha256 prefix,
-never the key itself; None when authentication is off."""
+never the key itself; None when authentication is off. Admin keys are accepted everywhere and are
+the only ones that may call the admin endpoints (/v1/adapters*, /v1/training/*)."""
 from __future__ import annotations
 
 import hashlib
@@ -7,7 +8,7 @@ import hmac
 
 from fastapi.responses import JSONResponse
 
-from engine.errors import AuthenticationError
+from engine.errors import AuthenticationError, PermissionDeniedError
 
 
 def key_identity(key: str) -> str:
@@ -15,8 +16,10 @@ def key_identity(key: str) -> str:
 
 
 class ApiKeys:
-    def __init__(self, keys: list[str]):
-        self._keys = [(k.encode("utf-8"), key_identity(k)) for k in keys]
+    def __init__(self, keys: list[str], admin_keys: list[str] = ()):
+        every = list(dict.fromkeys([*keys, *admin_keys]))
+        self._keys = [(k.encode("utf-8"), key_identity(k)) for k in every]
+        self._admins = frozenset(key_identity(k) for k in admin_keys)
 
     @property
     def enabled(self) -> bool:
@@ -38,6 +41,12 @@ class ApiKeys:
         if found is None:
             raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
         return found
+
+    def require_admin(self, identity: str | None) -> None:
+        """PermissionDeniedError unless auth is off or `identity` is an admin key's."""
+        if self.enabled and identity not in self._admins:
+            raise PermissionDeniedError("This endpoint needs an admin API key (admin_api_keys, "
+                                        "--admin-api-key or ALCHEMIST_ADMIN_KEYS).", code="admin_key_required")
 
 
 API_PREFIXES = ("/v1/", "/feedback", "/tokenize", "/detokenize")

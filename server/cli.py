@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--db-path", help="feedback database (default $ALCHEMIST_HOME/alchemist.db)")
     s.add_argument("--device", choices=("auto", "cpu", "cuda"), help="engine device")
     s.add_argument("--log-level", help="debug, info, warning, error")
+    s.add_argument("--admin-api-key", action="append", dest="admin_api_keys", default=[],
+                   help="key that may also call the admin API (repeatable; also ALCHEMIST_ADMIN_KEYS=k1,k2)")
+    s.add_argument("--no-training", action="store_true", help="serve only: no online training")
     g = sub.add_parser("generate", help="generate one answer offline and print it")
     g.add_argument("prompt")
     g.add_argument("--max-tokens", type=int, default=64)
@@ -33,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=("auto", "cpu", "cuda"))
     from trainer import check_grad
     check_grad.add_parser(sub)
+    from server import export
+    export.add_parser(sub)
+    from trainer import simulate
+    simulate.add_parser(sub)
     return p
 
 
@@ -41,7 +48,9 @@ def _config(args):
     overrides = {"served_model_name": getattr(args, "served_model_name", None),
                  "db_path": getattr(args, "db_path", None), "log_level": getattr(args, "log_level", None)}
     cfg = build_config(args.config, host=getattr(args, "host", None), port=getattr(args, "port", None),
-                       api_keys=getattr(args, "api_keys", None), model=args.model, overrides=overrides)
+                       api_keys=getattr(args, "api_keys", None), model=args.model, overrides=overrides,
+                       admin_api_keys=getattr(args, "admin_api_keys", None),
+                       training=False if getattr(args, "no_training", False) else None)
     if args.device:
         cfg.engine.device = args.device
     return cfg
@@ -57,7 +66,8 @@ def serve(args) -> int:
     state = ServerState.build(cfg)
     log = logging.getLogger("alchemist.server")
     log.info("serving %s on http://%s:%d (auth %s, db %s)", state.model_name, cfg.host, cfg.port,
-             "on" if cfg.api_keys else "off", cfg.resolved_db_path())
+             "on" if cfg.api_keys or cfg.admin_api_keys else "off", cfg.resolved_db_path())
+    log.info("online training %s (checkpoints in %s)", "on" if state.trainer else "off", state.run_dir)
     try:
         server = uvicorn.Server(uvicorn.Config(
             create_app(state), host=cfg.host, port=cfg.port, log_level=cfg.log_level.lower(),
@@ -91,9 +101,15 @@ def generate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "export-adapter":
+            from server import export
+            return export.main(args)
         if args.command == "check-grad":
             from trainer import check_grad
             return check_grad.main(args)
+        if args.command == "simulate":
+            from trainer import simulate
+            return simulate.main(args)
         return serve(args) if args.command == "serve" else generate(args)
     except AlchemistError as err:            # configuration problems: one clear line, no traceback
         print(f"alchemist: {err.message}", file=sys.stderr)

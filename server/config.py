@@ -1,4 +1,5 @@
-"""Server configuration: defaults < JSON config file < ALCHEMIST_API_KEYS < command-line flags."""
+"""Server configuration: defaults < JSON config file < ALCHEMIST_API_KEYS / ALCHEMIST_ADMIN_KEYS <
+command-line flags. The "engine" and "training" objects are EngineConfig and TrainerConfig."""
 from __future__ import annotations
 
 import json
@@ -8,8 +9,10 @@ from pathlib import Path
 
 from engine.config import EngineConfig, alchemist_home
 from engine.errors import ConfigError
+from trainer.config import TrainerConfig
 
 API_KEYS_ENV = "ALCHEMIST_API_KEYS"
+ADMIN_KEYS_ENV = "ALCHEMIST_ADMIN_KEYS"
 DEFAULT_RETENTION_DAYS = 30.0
 
 
@@ -17,7 +20,8 @@ DEFAULT_RETENTION_DAYS = 30.0
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    api_keys: list[str] = field(default_factory=list)   # empty: no authentication
+    api_keys: list[str] = field(default_factory=list)   # empty (and no admin keys): no authentication
+    admin_api_keys: list[str] = field(default_factory=list)   # may also call /v1/adapters, /v1/training
     served_model_name: str | None = None                 # None: derived from the model folder
     db_path: str | None = None                           # None: $ALCHEMIST_HOME/alchemist.db
     retention_days: float | None = DEFAULT_RETENTION_DAYS  # None: keep completions forever
@@ -27,6 +31,7 @@ class ServerConfig:
     log_level: str = "info"
     graceful_shutdown_s: float = 5.0                     # in-flight requests get this long on SIGTERM
     engine: EngineConfig = field(default_factory=EngineConfig)
+    training: TrainerConfig = field(default_factory=TrainerConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -34,8 +39,8 @@ class ServerConfig:
     def validate(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError(f"port={self.port!r}: use an integer in [0, 65535]")
-        if any(not isinstance(k, str) or not k.strip() for k in self.api_keys):
-            raise ConfigError("api_keys must be non-empty strings")
+        if any(not isinstance(k, str) or not k.strip() for k in self.api_keys + self.admin_api_keys):
+            raise ConfigError("api_keys and admin_api_keys must be non-empty strings")
         if self.retention_days is not None and self.retention_days <= 0:
             raise ConfigError("retention_days must be > 0 (or null to keep everything)")
         if self.max_waiting is not None and self.max_waiting < 1:
@@ -50,6 +55,10 @@ class ServerConfig:
     def resolved_db_path(self) -> Path:
         return Path(self.db_path) if self.db_path else alchemist_home() / "alchemist.db"
 
+    def resolved_run_dir(self) -> Path:
+        """Checkpoints of the online trainer: $ALCHEMIST_HOME/runs/<training.run_name>."""
+        return alchemist_home() / "runs" / self.training.run_name
+
     @classmethod
     def from_dict(cls, values: dict) -> "ServerConfig":
         if not isinstance(values, dict):
@@ -60,9 +69,11 @@ class ServerConfig:
             raise ConfigError(f"unknown server option(s) {unknown}; known: {sorted(known)}")
         values = dict(values)
         engine = values.pop("engine", None) or {}
-        if not isinstance(engine, dict):
-            raise ConfigError("'engine' must be a JSON object of engine options")
-        return cls(**values, engine=EngineConfig.from_dict(engine))
+        training = values.pop("training", None) or {}
+        for name, value in (("engine", engine), ("training", training)):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{name}' must be a JSON object of {name} options")
+        return cls(**values, engine=EngineConfig.from_dict(engine), training=TrainerConfig.from_dict(training))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ServerConfig":
@@ -77,14 +88,16 @@ class ServerConfig:
         return cls.from_dict(values)
 
 
-def env_api_keys() -> list[str]:
-    return [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+def env_api_keys(name: str = API_KEYS_ENV) -> list[str]:
+    return [k.strip() for k in os.environ.get(name, "").split(",") if k.strip()]
 
 
 def build_config(config_file: str | None = None, *, host: str | None = None, port: int | None = None,
                  api_keys: list[str] | None = None, model: str | None = None,
-                 overrides: dict | None = None) -> ServerConfig:
-    """Merge the layers; keys from the file, the environment and the flags are all accepted."""
+                 overrides: dict | None = None, admin_api_keys: list[str] | None = None,
+                 training: bool | None = None) -> ServerConfig:
+    """Merge the layers; keys from the file, the environment and the flags are all accepted.
+    `training=False` (--no-training) turns the online trainer off whatever the file says."""
     cfg = ServerConfig.load(config_file) if config_file else ServerConfig()
     if host is not None:
         cfg.host = host
@@ -92,6 +105,10 @@ def build_config(config_file: str | None = None, *, host: str | None = None, por
         cfg.port = port
     keys = cfg.api_keys + env_api_keys() + list(api_keys or [])
     cfg.api_keys = list(dict.fromkeys(keys))            # de-duplicated, order kept
+    admin = cfg.admin_api_keys + env_api_keys(ADMIN_KEYS_ENV) + list(admin_api_keys or [])
+    cfg.admin_api_keys = list(dict.fromkeys(admin))
+    if training is not None:
+        cfg.training.enabled = training
     for name, value in (overrides or {}).items():
         if value is not None:
             setattr(cfg, name, value)

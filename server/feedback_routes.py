@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -9,6 +10,7 @@ from fastapi.responses import JSONResponse
 from server.protocol import FeedbackRequest
 
 router = APIRouter()
+log = logging.getLogger("alchemist.server")
 
 
 @router.post("/feedback")
@@ -21,6 +23,11 @@ async def post_feedback(body: FeedbackRequest, request: Request):
         better_response=body.better_response, replace=body.replace,
         api_key_id=getattr(request.state, "api_key_id", None))
     state.metrics.rated(feedback.rating, feedback.stars)
+    if state.trainer is not None:            # keep the choice's activations until it is trained
+        try:
+            state.trainer.pin_for_feedback(feedback.response_id, feedback.choice_index)
+        except Exception:                    # the rating is committed either way; training recomputes
+            log.exception("pinning activations of %s[%d] failed", feedback.response_id, feedback.choice_index)
     content = {"feedback_id": feedback.feedback_id, "id": feedback.response_id,
                "choice_index": feedback.choice_index, "status": feedback.status,
                "replaced": not created}

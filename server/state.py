@@ -1,4 +1,5 @@
-"""Everything a request handler needs, built once per process: engine, store, keys, metrics."""
+"""Everything a request handler needs, built once per process: engine, store, keys, metrics, and the
+online trainer (trains between engine steps, on the engine thread)."""
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +14,9 @@ from server.auth import ApiKeys
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.tokens import TokenTexts
+from server.training_metrics import TrainingCollector, step_histogram
 from store.feedback_store import FeedbackStore
+from trainer.online import OnlineTrainer
 
 log = logging.getLogger("alchemist.server")
 PURGE_INTERVAL_S = 3600.0
@@ -30,14 +33,15 @@ def served_name(config: ServerConfig) -> str:
 
 
 class ServerState:
-    def __init__(self, config: ServerConfig, engine: AsyncEngine, store: FeedbackStore):
+    def __init__(self, config: ServerConfig, engine: AsyncEngine, store: FeedbackStore,
+                 run_dir: Path | None = None):
         self.config = config
         self.engine = engine
         self.llm = engine.engine
         self.tokenizer = self.llm.tokenizer
         self.store = store
         self.model_name = served_name(config)
-        self.api_keys = ApiKeys(config.api_keys)
+        self.api_keys = ApiKeys(config.api_keys, config.admin_api_keys)
         self.metrics = Metrics(self.model_name, self.llm)
         self.tokens = TokenTexts(self.tokenizer)
         self.adapter_version = 0                 # the trainer publishes newer versions here
@@ -46,14 +50,28 @@ class ServerState:
         self._purge_task: asyncio.Task | None = None
         self._last_step_start: float | None = None
         engine.step_hooks.append(self._stamp_scheduled)
+        self.trainer: OnlineTrainer | None = None
+        self.train_error: str | None = None        # the last training failure (training pauses on one)
+        self.run_dir = Path(run_dir) if run_dir else config.resolved_run_dir()
+        if config.training.enabled:                # LoRA goes in before the engine thread serves
+            self.trainer = OnlineTrainer(config.training, self.llm, store, self.run_dir,
+                                         base_model=config.engine.model, on_publish=self._published)
+            engine.step_hooks.append(self._train_hook)
+        self.step_seconds = step_histogram(self.metrics.registry, self.model_name)
+        self.metrics.registry.register(TrainingCollector(self))
 
     @classmethod
-    def build(cls, config: ServerConfig) -> "ServerState":
+    def build(cls, config: ServerConfig, run_dir: Path | None = None) -> "ServerState":
+        """run_dir: the trainer's checkpoints (default $ALCHEMIST_HOME/runs/<training.run_name>)."""
         if not config.engine.model:
             config.engine.model = str(ensure_default_model())
         engine = AsyncEngine(LLMEngine(config.engine), max_waiting=config.max_waiting)
         store = FeedbackStore(config.resolved_db_path(), config.retention_seconds)
-        return cls(config, engine, store)
+        try:
+            return cls(config, engine, store, run_dir)
+        except BaseException:                    # e.g. a run trained for another model
+            store.close()
+            raise
 
     # -- lifecycle (FastAPI lifespan) ---------------------------------------------
     async def start(self) -> None:
@@ -72,8 +90,27 @@ class ServerState:
         if self._closed:
             return
         self._closed = True
-        self.engine.shutdown()
-        self.store.close()
+        self.engine.shutdown()                   # no training step runs after this returns
+        try:
+            self._final_checkpoint()
+        finally:
+            self.store.close()
+
+    def _final_checkpoint(self) -> None:
+        trainer = self.trainer
+        if trainer is None:
+            return
+        trainer.pause()
+        if not trainer.lock.acquire(timeout=120):    # the engine thread did not stop in time
+            log.error("final checkpoint skipped: a training step is still running")
+            return
+        try:
+            if trainer.dirty:
+                log.info("final checkpoint: %s", trainer.checkpoint())
+        except Exception:                        # the last durable checkpoint still stands
+            log.exception("final checkpoint failed")
+        finally:
+            trainer.lock.release()
 
     async def _purge_loop(self) -> None:
         while True:
@@ -95,6 +132,22 @@ class ServerState:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = stamp
         self._last_step_start = now
+
+    def _train_hook(self) -> None:
+        """Step hook: at most one training step. A failure pauses training; serving goes on."""
+        start = time.monotonic()
+        try:
+            trained = self.trainer.maybe_step()
+        except Exception as err:
+            log.exception("training step failed; training paused (POST /v1/training/resume retries)")
+            self.train_error = f"{type(err).__name__}: {err}"
+            self.trainer.pause()
+            return
+        if trained:
+            self.step_seconds.observe(time.monotonic() - start)
+
+    def _published(self, version: int) -> None:
+        self.adapter_version = version           # new requests are served (and recorded) with it
 
     @property
     def healthy(self) -> bool:

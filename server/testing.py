@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -56,6 +57,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_process(cmd: list[str], env: dict, log: Path, url: str, cwd: Path | None = None,
+                  timeout: float = 90.0) -> subprocess.Popen:
+    """Start `alchemist serve` (cmd) with output appended to `log`; return once /health answers 200."""
+    import httpx
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"server did not come up:\n{log.read_text()[-3000:]}")
+
+
 def make_tiny_model(target: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     """A 2-layer Llama with random weights in safetensors plus the given tokenizer files
     (reused when `target` already holds one: config.json is written last)."""
@@ -83,10 +103,16 @@ def make_tiny_model(target: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     return target
 
 
-def tiny_state(model_dir: Path, db_path: Path, **server_options):
-    """A ServerState over the tiny model on CPU (small KV cache) with a fresh feedback database."""
+def tiny_state(model_dir: Path, db_path: Path, run_dir: Path | None = None, **server_options):
+    """A ServerState over the tiny model on CPU (small KV cache, small activation pool) with a fresh
+    feedback database. Online training is off unless `training=TrainerConfig(...)` is passed; its
+    checkpoints go to `run_dir` (default: runs/default next to the database), never $ALCHEMIST_HOME."""
     from engine.config import EngineConfig
     from server.config import ServerConfig
     from server.state import ServerState
-    engine = EngineConfig(model=str(model_dir), device="cpu", kv_cache_bytes=32 << 20)
-    return ServerState.build(ServerConfig(db_path=str(db_path), engine=engine, **server_options))
+    from trainer.config import TrainerConfig
+    server_options.setdefault("training", TrainerConfig(enabled=False))
+    engine = EngineConfig(model=str(model_dir), device="cpu", kv_cache_bytes=32 << 20,
+                          activation_pool_bytes=32 << 20)
+    config = ServerConfig(db_path=str(db_path), engine=engine, **server_options)
+    return ServerState.build(config, run_dir=run_dir or Path(db_path).parent / "runs" / "default")

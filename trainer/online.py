@@ -27,6 +27,7 @@ from trainer.reuse import TrainRecord
 from trainer.step import StepResult, forward_backward
 
 log = logging.getLogger("alchemist.trainer")
+DUTY_WINDOW_S = 30.0
 
 
 class OnlineTrainer:
@@ -53,7 +54,7 @@ class OnlineTrainer:
         self.unmarked: list[int] = []      # feedback seqs trained since the last durable checkpoint
         self.skipped = Counter()
         self.last: StepResult | None = None
-        self.busy_s, self.started = 0.0, time.monotonic()
+        self.busy_s, self.window_start = 0.0, time.monotonic()   # duty cycle over a sliding window
         self._saved = (0, 0)               # (version, step) of the last durable checkpoint
         self._resume()
 
@@ -136,8 +137,10 @@ class OnlineTrainer:
             self._apply_activation()
         if not self.config.enabled or self.paused:
             return False
-        elapsed = time.monotonic() - self.started
-        if self.engine.has_unfinished() and self.busy_s > self.config.duty_cycle * elapsed:
+        now = time.monotonic()
+        if now - self.window_start > DUTY_WINDOW_S:           # halve the history: recent time counts most
+            self.busy_s, self.window_start = self.busy_s / 2, now - DUTY_WINDOW_S / 2
+        if self.engine.has_unfinished() and self.busy_s > self.config.duty_cycle * (now - self.window_start):
             return False
         pending = self.store.pending_feedback(self.read_seq, self.config.max_records_per_step)
         if not pending:

@@ -1,0 +1,101 @@
+"""Admin API: adapter versions, rollback, and control of the online trainer.
+
+With API keys configured these need an admin key (403 `permission_error` for any other valid key);
+with no keys configured at all they are open, like the rest of the API. With training off they
+answer 409 `conflict_error` (code `training_disabled`), except the two read-only listings."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from engine.errors import ConflictError
+
+router = APIRouter()
+ACTIVATE_WAIT_S = 5.0        # an activation applies at the next engine step boundary; wait this long for it
+
+
+def _admin(request: Request):
+    state = request.app.state.alchemist
+    state.api_keys.require_admin(getattr(request.state, "api_key_id", None))
+    return state
+
+
+def _trainer(state):
+    if state.trainer is None:
+        raise ConflictError("Online training is off on this server (--no-training or training.enabled=false): "
+                            "there are no adapter versions to activate and no trainer to control.",
+                            code="training_disabled")
+    return state.trainer
+
+
+def _locked(trainer, fn):
+    """Run `fn` between training steps (the trainer holds its lock for a whole step)."""
+    with trainer.lock:
+        return fn()
+
+
+@router.get("/v1/adapters")
+async def list_adapters(request: Request):
+    state = _admin(request)
+    trainer = state.trainer
+    versions = [0] if trainer is None else await asyncio.to_thread(_locked, trainer, trainer.adapters.versions)
+    active = state.adapter_version
+    return {"object": "list", "active_version": active,
+            "data": [{"object": "adapter", "version": v, "active": v == active} for v in versions]}
+
+
+@router.post("/v1/adapters/{version}/activate")
+async def activate_adapter(version: int, request: Request):
+    """Roll back (or forward) to a kept version. 200 once new requests use it, 202 if still pending."""
+    state = _admin(request)
+    trainer = _trainer(state)
+    await asyncio.to_thread(trainer.request_activate, version)     # NotFoundError (404) if not kept
+    deadline = time.monotonic() + ACTIVATE_WAIT_S
+    while trainer.pending_activation is not None and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    applied = trainer.pending_activation is None and state.adapter_version == version
+    body = {"object": "adapter", "version": version, "active": applied,
+            "status": "active" if applied else "scheduled", "active_version": state.adapter_version}
+    return JSONResponse(body, status_code=200 if applied else 202)
+
+
+@router.post("/v1/training/pause")
+async def pause_training(request: Request):
+    """After the 200 no training step runs (a step in flight has finished) until /resume."""
+    trainer = _trainer(_admin(request))
+    trainer.pause()
+    await asyncio.to_thread(_locked, trainer, lambda: None)
+    return {"paused": True, "adapter_version": trainer.version}
+
+
+@router.post("/v1/training/resume")
+async def resume_training(request: Request):
+    state = _admin(request)
+    trainer = _trainer(state)
+    state.train_error = None
+    trainer.resume()
+    return {"paused": False, "adapter_version": trainer.version}
+
+
+@router.get("/v1/training/status")
+async def training_status(request: Request):
+    state = _admin(request)
+    trainer = state.trainer
+    if trainer is None:
+        pending = await asyncio.to_thread(state.store.count_feedback, "pending")
+        return {"enabled": False, "adapter_version": state.adapter_version, "pending_feedback": pending}
+    body = await asyncio.to_thread(_locked, trainer, lambda: _status(state, trainer))
+    return body
+
+
+def _status(state, trainer) -> dict:
+    body = trainer.status()
+    body.update({"serving_adapter_version": state.adapter_version,
+                 "pending_activation": trainer.pending_activation, "next_version": trainer.next_version,
+                 "trained_feedback": state.store.count_feedback("trained"),
+                 "totals": {k: v for k, v in trainer.totals.items()}, "last_error": state.train_error,
+                 "run_dir": str(state.run_dir)})
+    return body

@@ -1,0 +1,85 @@
+"""Prometheus metrics of the online trainer, on the server's registry (label `model_name`).
+
+Counters and gauges are read from the trainer at scrape time (a custom collector); the per-step
+duration is a real histogram observed on the engine thread by `ServerState`. With training off
+the same names are exported with zero values (adapter_version 0), so dashboards need no special case.
+"""
+from __future__ import annotations
+
+import math
+
+from prometheus_client import Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKEN_PATHS = ("reuse", "recompute")
+REUSE_OUTCOMES = ("hit", "stale", "evicted", "too_stale")
+SKIP_REASONS = ("non_finite", "update_capped")
+POOL_TIERS = ("device", "cpu")
+
+
+def step_histogram(registry, model_name: str):
+    return Histogram("alchemist_train_step_seconds", "Wall time of one training step (engine thread).",
+                     ["model_name"], buckets=STEP_BUCKETS, registry=registry).labels(model_name)
+
+
+class TrainingCollector:
+    """Scrape-time view of the trainer, the feedback backlog and the activation pool."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def describe(self):
+        return []            # names are dynamic; registering must not call collect()
+
+    def collect(self):
+        state, name = self.state, [self.state.model_name]
+        trainer = state.trainer
+        totals = trainer.totals if trainer is not None else {}
+        skipped = trainer.skipped if trainer is not None else {}
+        yield _counter("alchemist_train_steps", "Optimizer steps taken (each publishes a version).",
+                       name, [((), totals.get("steps", 0))])
+        yield _counter("alchemist_train_tokens", "Tokens trained, by how their activations were obtained.",
+                       name, [((p,), totals.get(f"tokens_{p}", 0)) for p in TOKEN_PATHS], ["path"])
+        yield _counter("alchemist_activation_reuse", "Records trained, by what the activation pool held: "
+                       "hit (exact), stale (within max_staleness), evicted, too_stale (recomputed).",
+                       name, [((o,), totals.get(f"outcome_{o}", 0)) for o in REUSE_OUTCOMES], ["outcome"])
+        yield _counter("alchemist_train_skipped_steps", "Steps not applied (non_finite) or applied with "
+                       "a scaled-down update (update_capped).",
+                       name, [((r,), skipped.get(r, 0)) for r in SKIP_REASONS], ["reason"])
+        loss = GaugeMetricFamily("alchemist_train_loss", "Loss of the last training step (absent before it).",
+                                 labels=["model_name"])
+        last = trainer.last if trainer is not None else None
+        if last is not None and math.isfinite(last.loss):
+            loss.add_metric(name, float(last.loss))
+        yield loss
+        yield _gauge("alchemist_adapter_version", "Adapter version new requests are served with.",
+                     name, [((), state.adapter_version)])
+        yield _gauge("alchemist_feedback_pending", "Ratings committed and not yet trained on.",
+                     name, [((), _pending(state))])
+        pool = state.llm.activation_pool
+        sizes = pool.stats()["bytes"] if pool is not None else {}
+        yield _gauge("alchemist_activation_pool_bytes", "Bytes of captured activations held, by tier.",
+                     name, [((t,), sizes.get(t, 0)) for t in POOL_TIERS], ["tier"])
+
+
+def _pending(state) -> int:
+    try:
+        return state.store.count_feedback("pending")
+    except RuntimeError:                    # the store is closed (shutting down)
+        return 0
+
+
+def _family(cls, metric: str, doc: str, name: list, samples, labels=()):
+    family = cls(metric, doc, labels=["model_name", *labels])
+    for values, value in samples:
+        family.add_metric(name + list(values), float(value))
+    return family
+
+
+def _counter(metric, doc, name, samples, labels=()):
+    return _family(CounterMetricFamily, metric, doc, name, samples, labels)
+
+
+def _gauge(metric, doc, name, samples, labels=()):
+    return _family(GaugeMetricFamily, metric, doc, name, samples, labels)
