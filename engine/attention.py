@@ -15,10 +15,29 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_cache.view(-1, n_kv, d).index_copy_(0, slot_mapping, v)
 
 
+def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               ctx: ServingContext, scale: float) -> torch.Tensor:
+    """One new token per sequence: gather every context, padded, and run one batched SDPA.
+    q: [B, n_heads, d] -> [B, n_heads, d]."""
+    meta = ctx.attn
+    lens = meta.seq_lens_host
+    n_blocks = -(-max(lens) // ctx.block_size)
+    n_kv, d = k_cache.shape[2], k_cache.shape[3]
+    tables = meta.block_tables[:, :n_blocks].long()                               # [B, nb]
+    k = k_cache[tables].reshape(len(lens), -1, n_kv, d).transpose(1, 2)           # k: [B, n_kv, L, d]
+    v = v_cache[tables].reshape(len(lens), -1, n_kv, d).transpose(1, 2)
+    mask = torch.arange(k.shape[2], device=q.device)[None, :] < meta.seq_lens.to(q.device)[:, None]
+    o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :],
+                                       scale=scale, enable_gqa=True)              # o: [B, n_heads, 1, d]
+    return o[:, :, 0, :]
+
+
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               ctx: ServingContext, scale: float) -> torch.Tensor:
     """q: [T, n_heads, d] -> [T, n_heads, d]; causal within each sequence's context."""
     meta = ctx.attn
+    if meta.is_decode and len(meta.seq_lens_host) > 1:
+        return decode_attention_reference(q, k_cache, v_cache, ctx, scale)
     out = torch.empty_like(q)
     n_kv, d = k_cache.shape[2], k_cache.shape[3]
     qsl, lens = meta.query_start_loc_host, meta.seq_lens_host
