@@ -93,7 +93,6 @@ def gemv_floor(shape: dict) -> dict:
             state["j"] += 1
             return inp @ ws[state["j"] % 4].T
         times[name] = event_time(call, iters=40, graph=True)
-        del ws
     sep = L * sum(times[n] for n in ("q", "k", "v", "o", "gate", "up", "down")) + times["lm_head"]
     fused = L * (times["qkv"] + times["o"] + times["gate_up"] + times["down"]) + times["lm_head"]
     return {"separate_ms": sep * 1e3, "fused_ms": fused * 1e3, **{k + "_us": v * 1e6 for k, v in times.items()}}

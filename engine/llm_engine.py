@@ -5,7 +5,6 @@ import itertools
 import random
 from dataclasses import dataclass
 
-import torch
 
 from engine.block_manager import BlockManager
 from engine.capture import CaptureManager

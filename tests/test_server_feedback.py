@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.embedded_model import ensure_default_model
 from server.app import create_app
 from server.auth import key_identity
-from server.testing import ServerThread, free_port, make_tiny_model, tiny_state
+from server.testing import ServerThread, free_port, make_tiny_model, serve_process, tiny_state
 
 ROOT = Path(__file__).resolve().parent.parent
 K1, K2 = "sk-feedback-one", "sk-feedback-two"
@@ -177,19 +176,7 @@ def test_feedback_counter(server, http):
 
 # -- durability ------------------------------------------------------------------------
 def _serve(cmd: list[str], env: dict, log: Path, url: str) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"server did not come up:\n{log.read_text()[-3000:]}")
+    return serve_process(cmd, env, log, url, cwd=ROOT)
 
 
 def test_feedback_survives_kill_9_and_restart(tiny_model, tmp_path):

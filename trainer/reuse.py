@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from engine.capture import KINDS
 from engine.context import ForwardContext, base_module
 from engine.packing import project as project_bases
 
