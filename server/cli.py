@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
 from engine.errors import AlchemistError
+
+# commands whose module provides add_parser(subparsers) and main(args) -> exit code
+SUBCOMMANDS = {"check-grad": "trainer.check_grad", "export-adapter": "server.export",
+               "simulate": "trainer.simulate", "perplexity": "trainer.perplexity"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,12 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="model folder (default: the embedded SmolLM2-135M-Instruct)")
     g.add_argument("--config", help="JSON config file (its 'engine' object is used)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    from trainer import check_grad
-    check_grad.add_parser(sub)
-    from server import export
-    export.add_parser(sub)
-    from trainer import simulate
-    simulate.add_parser(sub)
+    for module in SUBCOMMANDS.values():
+        importlib.import_module(module).add_parser(sub)
     return p
 
 
@@ -101,15 +102,8 @@ def generate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "export-adapter":
-            from server import export
-            return export.main(args)
-        if args.command == "check-grad":
-            from trainer import check_grad
-            return check_grad.main(args)
-        if args.command == "simulate":
-            from trainer import simulate
-            return simulate.main(args)
+        if args.command in SUBCOMMANDS:
+            return importlib.import_module(SUBCOMMANDS[args.command]).main(args)
         return serve(args) if args.command == "serve" else generate(args)
     except AlchemistError as err:            # configuration problems: one clear line, no traceback
         print(f"alchemist: {err.message}", file=sys.stderr)

@@ -42,3 +42,21 @@ def test_adapter_changes_perplexity_only_when_nonzero(smollm2):
     base = perplexity(parts.model, parts.tokenizer, HELDOUT_TEXTS[:2])
     assert perplexity(parts.model, parts.tokenizer, HELDOUT_TEXTS[:2], zero) == pytest.approx(base, rel=1e-6)
     assert abs(perplexity(parts.model, parts.tokenizer, HELDOUT_TEXTS[:2], big) - base) / base > 1e-3
+
+
+def test_compare_reads_the_latest_checkpoint(smollm2, tmp_path):
+    """`alchemist perplexity`: a checkpointed adapter with B = 0 leaves perplexity unchanged."""
+    from trainer.adapters import AdapterManager
+    from trainer.checkpoint import save_checkpoint
+    from trainer.lora import LoRAConfig
+    from trainer.perplexity import compare
+    path, _ = smollm2
+    from engine.config import EngineConfig
+    from engine.setup import build_engine_parts
+    model = build_engine_parts(EngineConfig(model=path, capture="none")).model
+    lora = LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
+    manager = AdapterManager(model, lora)
+    save_checkpoint(tmp_path, manager.state(0), lora, {}, {"version": 3, "step": 1}, path)
+    result = compare(path, tmp_path, None)
+    assert result["version"] == 3
+    assert result["ratio"] == pytest.approx(1.0, rel=1e-6)
