@@ -48,12 +48,16 @@ def main() -> None:
     ap.add_argument("--objective", default="sft")
     ap.add_argument("--events", type=int, default=240)
     ap.add_argument("--window", type=int, default=48)
+    ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    ap.add_argument("--rank", type=int, default=16)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     engine = LLMEngine(EngineConfig(model=str(ensure_default_model())))
     store = FeedbackStore(tmp / "alchemist.db")
-    trainer = OnlineTrainer(TrainerConfig(lr=args.lr, objective=args.objective, checkpoint_every=1000,
-                                          duty_cycle=1.0, max_records_per_step=8), engine, store, tmp / "run")
+    config = TrainerConfig(lr=args.lr, objective=args.objective, checkpoint_every=1000, duty_cycle=1.0,
+                           max_records_per_step=8, lora_targets=args.targets.split(","), lora_rank=args.rank,
+                           lora_alpha=2.0 * args.rank)
+    trainer = OnlineTrainer(config, engine, store, tmp / "run")
     rng, ratings, start = random.Random(0), [], time.time()
     for step in range(args.events // 8):
         ratings += serve_and_rate(engine, store, rng, step)
@@ -66,7 +70,8 @@ def main() -> None:
         base = perplexity(engine.runner.model, engine.tokenizer, adapters={})
         adapted = perplexity(engine.runner.model, engine.tokenizer, adapters=adapters)
     first, last = ratings[:args.window], ratings[-args.window:]
-    print(json.dumps({"lr": args.lr, "objective": args.objective, "events": len(ratings),
+    print(json.dumps({"lr": args.lr, "objective": args.objective, "targets": args.targets, "rank": args.rank,
+                      "events": len(ratings),
                       "initial_rate": sum(r > 0 for r in first) / len(first),
                       "final_rate": sum(r > 0 for r in last) / len(last), "base_ppl": base,
                       "adapted_ppl": adapted, "ppl_ratio": adapted / base, "totals": dict(trainer.totals),
