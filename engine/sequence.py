@@ -74,11 +74,6 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
-    @property
-    def in_prefill(self) -> bool:
-        """True while more than the newest token still needs computing (prompt or recompute after preemption)."""
-        return self.num_uncomputed_tokens > 1 or self.num_output_tokens == 0
-
     def block_tokens(self, block_index: int, block_size: int) -> list[int]:
         return self.token_ids[block_index * block_size:(block_index + 1) * block_size]
 
