@@ -28,6 +28,7 @@ from trainer.step import StepResult, forward_backward
 
 log = logging.getLogger("alchemist.trainer")
 DUTY_WINDOW_S = 30.0
+FEEDBACK_POLL_S = 1.0       # after an empty look, the store is asked again this late unless feedback arrives
 
 
 class OnlineTrainer:
@@ -55,6 +56,7 @@ class OnlineTrainer:
         self.skipped = Counter()
         self.last: StepResult | None = None
         self.busy_s, self.window_start = 0.0, time.monotonic()   # duty cycle over a sliding window
+        self._next_poll = 0.0              # no SQLite query on every engine step while nothing is pending
         self._saved = (0, 0)               # (version, step) of the last durable checkpoint
         self._resume()
 
@@ -142,8 +144,11 @@ class OnlineTrainer:
             self.busy_s, self.window_start = self.busy_s / 2, now - DUTY_WINDOW_S / 2
         if self.engine.has_unfinished() and self.busy_s > self.config.duty_cycle * (now - self.window_start):
             return False
+        if now < self._next_poll:
+            return False
         pending = self.store.pending_feedback(self.read_seq, self.config.max_records_per_step)
         if not pending:
+            self._next_poll = now + FEEDBACK_POLL_S
             return False
         t = time.monotonic()
         with self.lock:
@@ -259,7 +264,8 @@ class OnlineTrainer:
 
     # -- control (server thread) ---------------------------------------------------
     def pin_for_feedback(self, response_id: str, choice_index: int) -> None:
-        """Feedback arrived: keep that record's activations until it is trained."""
+        """Feedback arrived: keep that record's activations until it is trained, and look for it now."""
+        self._next_poll = 0.0
         pool = self.engine.activation_pool
         key = (response_id, choice_index)
         try:
