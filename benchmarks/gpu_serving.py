@@ -151,19 +151,23 @@ def main() -> None:
     ap.add_argument("--hf-repeat", type=int, default=5)
     ap.add_argument("--sharegpt-num", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="only the decode step and our own throughput")
+    ap.add_argument("--stages", default="logits,decode,fixed,sharegpt",
+                    help="comma-separated subset of logits,decode,fixed,sharegpt (to split a long run)")
     args = ap.parse_args()
+    stages = set(args.stages.split(","))
     import transformers
     res = {"gpu": torch.cuda.get_device_name(), "commit": git_commit(), "torch": torch.__version__,
            "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"),
            "copy_GBps": copy_bandwidth() / 1e9, "matmul_TFLOPs": matmul_tflops()}
     print(f"ceilings: copy {res['copy_GBps']:.0f} GB/s, matmul {res['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
-    if not args.quick:
+    if not args.quick and "logits" in stages:
         stage(res, "logits_rel_err_1b_bf16", logits_vs_hf)
         torch.cuda.empty_cache()
     t = time.perf_counter()
     engine = make_engine(LLAMA_8B, kv_gib=24)
     print(f"8B engine ready in {time.perf_counter() - t:.1f} s (weights, compile, CUDA graphs)", flush=True)
-    stage(res, "decode_b1", lambda: decode_b1_entry(engine, res["copy_GBps"] * 1e9))
+    if args.quick or "decode" in stages:
+        stage(res, "decode_b1", lambda: decode_b1_entry(engine, res["copy_GBps"] * 1e9))
     rng = random.Random(0)
     fixed = [[rng.randrange(1000, 100000) for _ in range(512)] for _ in range(64)]
     if args.quick:
@@ -175,9 +179,11 @@ def main() -> None:
     sg_prompts = [r["prompt"][-1024:] for r in records]
     sg_out = [min(len(r["response"]), 256) for r in records]
     hf = hf_twin(engine)
-    stage(res, "fixed_64x512+128", lambda: throughput_entry(engine, hf, fixed, [128] * 64, args))
-    stage(res, "sharegpt", lambda: throughput_entry(engine, hf, sg_prompts, sg_out, args))
-    emit(res, args.out, "gpu_serving")
+    if "fixed" in stages:
+        stage(res, "fixed_64x512+128", lambda: throughput_entry(engine, hf, fixed, [128] * 64, args))
+    if "sharegpt" in stages:
+        stage(res, "sharegpt", lambda: throughput_entry(engine, hf, sg_prompts, sg_out, args))
+    emit(res, args.out, "gpu_serving_" + args.stages.replace(",", "_"))
 
 
 if __name__ == "__main__":

@@ -28,12 +28,12 @@ from trainer.prompts import PROMPTS
 from trainer.simulate import rate
 
 
-def serve_and_rate(engine, store, rng, step: int, batch: int = 8) -> list[int]:
+def serve_and_rate(engine, store, rng, step: int, temperature: float, batch: int = 8) -> list[int]:
     tok = engine.tokenizer
     texts = [rng.choice(PROMPTS)[1] for _ in range(batch)]
     ids = [tok(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
                                        tokenize=False), add_special_tokens=False).input_ids for t in texts]
-    seqs = [s[0] for s in engine.generate(ids, SamplingParams(temperature=0.7, max_tokens=64, seed=step))]
+    seqs = [s[0] for s in engine.generate(ids, SamplingParams(temperature=temperature, max_tokens=64, seed=step))]
     store.record_completions([CompletionRecord(s.request_id, 0, s.prompt_token_ids, s.output_token_ids,
                                                s.logprobs, engine.adapter_version, None, time.time()) for s in seqs])
     ratings = [rate(tok.decode(s.output_token_ids, skip_special_tokens=True)) for s in seqs]
@@ -50,17 +50,19 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=48)
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     engine = LLMEngine(EngineConfig(model=str(ensure_default_model())))
     store = FeedbackStore(tmp / "alchemist.db")
     config = TrainerConfig(lr=args.lr, objective=args.objective, checkpoint_every=1000, duty_cycle=1.0,
                            max_records_per_step=8, lora_targets=args.targets.split(","), lora_rank=args.rank,
-                           lora_alpha=2.0 * args.rank)
+                           lora_alpha=2.0 * args.rank, weight_decay=args.weight_decay)
     trainer = OnlineTrainer(config, engine, store, tmp / "run")
     rng, ratings, start = random.Random(0), [], time.time()
     for step in range(args.events // 8):
-        ratings += serve_and_rate(engine, store, rng, step)
+        ratings += serve_and_rate(engine, store, rng, step, args.temperature)
         trainer.maybe_step()
         window = ratings[-args.window:]
         print(f"events {len(ratings)} rate {sum(r > 0 for r in window) / len(window):.2f} "
@@ -71,6 +73,7 @@ def main() -> None:
         adapted = perplexity(engine.runner.model, engine.tokenizer, adapters=adapters)
     first, last = ratings[:args.window], ratings[-args.window:]
     print(json.dumps({"lr": args.lr, "objective": args.objective, "targets": args.targets, "rank": args.rank,
+                      "temperature": args.temperature, "weight_decay": args.weight_decay,
                       "events": len(ratings),
                       "initial_rate": sum(r > 0 for r in first) / len(first),
                       "final_rate": sum(r > 0 for r in last) / len(last), "base_ppl": base,
