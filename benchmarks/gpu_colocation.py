@@ -1,0 +1,263 @@
+"""Co-location on one GPU (DESIGN §6, issue 5): TTFT/TBT p50/p99 at a fixed ShareGPT request rate
+(`--load` x measured capacity, Poisson, seeded) with online training off vs on, in one run on one
+engine, and the training throughput reached meanwhile. Target: TBT p99 on <= 1.2x off.
+
+The engine is the server's: random weights of the shape, capture=prefill, LoRA applied by the same
+ServerState that `alchemist serve` builds (training enabled). One thread drives it like the server's
+engine thread: add the requests that have arrived, run the server's step hooks (queue stamp, then
+OnlineTrainer.maybe_step with its duty cycle), engine.step(), stamp new tokens. Completions are
+recorded (and, in the `on` run, 30% rated +1/-1, seeded) on a writer thread, like the server's
+`asyncio.to_thread`; a rating pins the record's activations as POST /feedback does. Order: capacity,
+one warm-up training step, `off` (adapter kept, trainer hook runs, no feedback: no steps), `on`.
+
+    python -m benchmarks.gpu_colocation --out DIR [--sharegpt .bench/sharegpt.json] [--shape 8b|1b|tiny]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import emit, git_commit
+from benchmarks.gpu_serving import DEVICE, make_engine
+from benchmarks.gpu_training import SHAPES
+from engine.async_engine import AsyncEngine
+from engine.sampling_params import SamplingParams
+from server.config import ServerConfig
+from server.state import ServerState
+from store.feedback_store import CompletionRecord, FeedbackStore
+from trainer.config import TrainerConfig
+
+KV_GIB = {"8b": 24.0, "1b": 16.0, "tiny": 0.0625}
+
+
+def params(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+
+
+def load_workload(path: str, vocab: int) -> list[tuple[list[int], int]]:
+    """(prompt: last 1024 ids mod vocab, max_tokens: min(len(response), 256)) per ShareGPT record."""
+    out = []
+    for r in json.load(open(path)):
+        if r["prompt"] and r["response"]:
+            out.append(([t % vocab for t in r["prompt"][-1024:]], min(len(r["response"]), 256)))
+    return out
+
+
+def build(args, tmp: Path):
+    """Engine + the server's state around it (LoRA applied, trainer built, step hooks registered)."""
+    engine = make_engine(SHAPES[args.shape], args.kv_gib or KV_GIB[args.shape], capture="prefill",
+                         activation_pool_cpu_bytes=int(args.pool_cpu_gib * (1 << 30)),
+                         **({"activation_pool_bytes": int(args.pool_gib * (1 << 30))} if args.pool_gib else {}))
+    training = TrainerConfig(objective=args.objective, duty_cycle=args.duty_cycle, step_tokens=args.step_tokens,
+                             checkpoint_every=args.checkpoint_every)
+    config = ServerConfig(engine=engine.config, training=training)
+    async_engine = AsyncEngine(engine)         # never started: this thread is the engine thread
+    store = FeedbackStore(tmp / "alchemist.db")
+    state = ServerState(config, async_engine, store, run_dir=tmp / "run")
+    return engine, state, async_engine.step_hooks
+
+
+def capacity(engine, workload, n: int) -> dict:
+    """Closed loop: n requests at once (after a warm-up batch); completed requests per second."""
+    engine.generate([p for p, _ in workload[:8]], [params(m) for _, m in workload[:8]])
+    batch = [workload[i % len(workload)] for i in range(n)]
+    t = time.perf_counter()
+    seqs = engine.generate([p for p, _ in batch], [params(m) for _, m in batch])
+    secs = time.perf_counter() - t
+    out = sum(len(s[0].output_token_ids) for s in seqs)
+    return {"requests": n, "seconds": secs, "req_s": n / secs, "out_tok_s": out / secs, "seqs": seqs}
+
+
+def schedule(workload, rate: float, duration: float, seed: int, feedback_share: float) -> list[dict]:
+    """Poisson arrivals over [0, duration) s, the workload in file order; rated share and ratings seeded."""
+    rng, t, out = random.Random(seed), 0.0, []
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration:
+            return out
+        prompt, max_tokens = workload[len(out) % len(workload)]
+        rated = rng.random() < feedback_share
+        out.append({"t": t, "prompt": prompt, "max_tokens": max_tokens,
+                    "rating": rng.choice((1, -1)) if rated else None})
+
+
+class Writer:
+    """Off the engine thread, as the server does: record each finished completion; rate some."""
+
+    def __init__(self, state: ServerState):
+        self.state, self.pool = state, ThreadPoolExecutor(max_workers=1)
+        self.futures = []
+
+    def finished(self, seq, rating: int | None) -> None:
+        rec = CompletionRecord(seq.request_id, seq.index, list(seq.prompt_token_ids), list(seq.output_token_ids),
+                               list(seq.logprobs), seq.adapter_version, None, time.time(), seq.finish_reason)
+        self.futures.append(self.pool.submit(self._write, rec, rating))
+
+    def _write(self, rec: CompletionRecord, rating: int | None) -> None:
+        self.state.store.record_completions([rec])
+        if rating is not None:                   # what POST /feedback does
+            self.state.store.add_feedback(response_id=rec.response_id, choice_index=rec.choice_index, rating=rating)
+            self.state.trainer.pin_for_feedback(rec.response_id, rec.choice_index)
+
+    def drain(self) -> None:
+        for f in self.futures:
+            f.result()
+        self.futures = []
+
+
+def drive(engine, hooks, sched: list[dict], duration: float, writer: Writer, tag: str, with_feedback: bool,
+          trainer) -> dict:
+    """Open loop on this thread until every request has finished; times in s from the start. Each
+    prompt's first id is salted per run, so no request hits another's prefix cache (KV state of the
+    previous run or a repeat of the same record)."""
+    tokens: dict[str, list[float]] = {}          # request id -> time of each output token
+    ids = [f"{tag}-{i}" for i in range(len(sched))]
+    salt, vocab = random.Random(tag), engine.hf_config.vocab_size
+    rating = {r: s["rating"] if with_feedback else None for r, s in zip(ids, sched)}
+    i, t0, window_totals, next_print = 0, time.perf_counter(), None, 10.0
+    now = 0.0
+    while now < duration or engine.has_unfinished():
+        while i < len(sched) and sched[i]["t"] <= now:
+            prompt = [salt.randrange(vocab)] + sched[i]["prompt"][1:]
+            engine.add_request(ids[i], prompt, params(sched[i]["max_tokens"]), engine.adapter_version)
+            tokens[ids[i]] = []
+            i += 1
+        for hook in hooks:                       # what the server's engine thread runs between steps
+            hook()
+        if window_totals is None and now >= duration:
+            window_totals = Counter(trainer.totals)
+        if not engine.has_unfinished():
+            nxt = sched[i]["t"] if i < len(sched) else duration
+            time.sleep(min(max(nxt - now, 0.0), 0.5))
+        else:
+            deltas = engine.step()               # returns after the step's host sync
+            t = time.perf_counter() - t0
+            for d in deltas:
+                tokens[d.request_id].extend([t] * len(d.token_ids))
+                if d.finished:
+                    writer.finished(d.seq, rating[d.request_id])
+        now = time.perf_counter() - t0
+        if now >= next_print:
+            next_print += 10.0
+            print(f"[{tag}] t {now:.0f}s arrived {i} running {len(engine.scheduler.running)} waiting "
+                  f"{len(engine.scheduler.waiting)} train steps {trainer.totals['steps']}", flush=True)
+    return {"tokens": tokens, "arrivals": {r: s["t"] for r, s in zip(ids, sched)}, "elapsed_s": now,
+            "rated": sum(v is not None for v in rating.values()),
+            "window_totals": window_totals if window_totals is not None else Counter(trainer.totals),
+            "final_totals": Counter(trainer.totals)}
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def summarize(raw: dict, duration: float, totals_before: Counter) -> dict:
+    """Latencies in ms over all requests of the run; rates over the arrival window [0, duration) s."""
+    ttft = [(ts[0] - raw["arrivals"][r]) * 1e3 for r, ts in raw["tokens"].items() if ts]
+    tbt = [(b - a) * 1e3 for ts in raw["tokens"].values() for a, b in zip(ts, ts[1:])]
+    in_window = sum(t < duration for ts in raw["tokens"].values() for t in ts)
+    w = raw["window_totals"] - totals_before   # trainer totals reached by the end of the window
+    trained = w["tokens_reuse"] + w["tokens_recompute"]
+    return {"requests": len(raw["tokens"]), "finished_in_window": sum(bool(ts) and ts[-1] < duration
+                                                                      for ts in raw["tokens"].values()),
+            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
+            "tbt_p50_ms": pct(tbt, 50), "tbt_p99_ms": pct(tbt, 99), "tbt_max_ms": max(tbt, default=0.0),
+            "tbt_samples": len(tbt), "rated": raw["rated"],
+            "out_tok_s": in_window / duration, "elapsed_s": raw["elapsed_s"], "train_steps": w["steps"],
+            "train_steps_incl_drain": (raw["final_totals"] - totals_before)["steps"],
+            "trained_tokens": trained, "trained_tok_s": trained / duration,
+            "reuse_tokens": w["tokens_reuse"], "recompute_tokens": w["tokens_recompute"],
+            "train_busy_frac": w["seconds"] / duration, "train_step_ms": w["seconds"] * 1e3 / max(w["steps"], 1),
+            "outcomes": {k[8:]: v for k, v in w.items() if k.startswith("outcome_")}}
+
+
+def warm_up_training(state, hooks, seqs, writer: Writer) -> None:
+    """Training steps before the runs (kernels, allocator) on requests of the capacity run, until no
+    feedback is left untrained, so that the `off` run trains nothing."""
+    for s in seqs[:4]:
+        writer.finished(s[0], 1)
+    writer.drain()
+    trainer, deadline = state.trainer, time.monotonic() + 600
+    while state.train_error is None and time.monotonic() < deadline and (
+            trainer.totals["steps"] < 1 or state.store.pending_feedback(trainer.read_seq, 1)):
+        for hook in hooks:
+            hook()
+    if state.train_error or trainer.totals["steps"] < 1:
+        raise RuntimeError(f"warm-up training failed: {state.train_error}")
+
+
+def run(args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        engine, state, hooks = build(args, Path(tmp))
+        print(f"{args.shape} engine + LoRA ready in {time.perf_counter() - t:.1f} s; activation pool holds "
+              f"{engine.activation_pool.num_slots} tokens", flush=True)
+        workload = load_workload(args.sharegpt, engine.hf_config.vocab_size)
+        cap = capacity(engine, workload, args.capacity_requests)
+        seqs = cap.pop("seqs")
+        rate = args.load * cap["req_s"]
+        print(f"capacity {cap['req_s']:.2f} req/s ({cap['out_tok_s']:.0f} out tok/s); open loop at {rate:.2f} req/s",
+              flush=True)
+        writer = Writer(state)
+        warm_up_training(state, hooks, seqs, writer)
+        sched = schedule(workload, rate, args.duration, args.seed, args.feedback)
+        res = {"capacity": cap, "rate_req_s": rate, "scheduled_requests": len(sched)}
+        for tag in ("off", "on"):
+            before = Counter(state.trainer.totals)
+            raw = drive(engine, hooks, sched, args.duration, writer, tag, tag == "on", state.trainer)
+            res[tag] = summarize(raw, args.duration, before)
+            print(tag, json.dumps(res[tag]), flush=True)
+            writer.drain()
+        res["on"].update(untrained_feedback=len(state.store.pending_feedback(state.trainer.read_seq, 1 << 30)),
+                         train_error=state.train_error, adapter_version=state.trainer.version,
+                         pool=engine.activation_pool.stats(),
+                         pool_capacity_tokens=engine.activation_pool.num_slots)
+        state.store.close()
+    res["ratio_on_off"] = {k: res["on"][k] / res["off"][k] for k in
+                           ("ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms", "tbt_p99_ms")}
+    res["tbt_p99_target_met"] = res["ratio_on_off"]["tbt_p99_ms"] <= 1.2
+    return res
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--sharegpt", default=".bench/sharegpt.json")
+    ap.add_argument("--shape", default="8b", choices=sorted(SHAPES))
+    ap.add_argument("--duration", type=float, default=60.0, help="s of Poisson arrivals per run")
+    ap.add_argument("--load", type=float, default=0.5, help="request rate as a share of measured capacity")
+    ap.add_argument("--capacity-requests", type=int, default=128)
+    ap.add_argument("--feedback", type=float, default=0.3, help="share of answers rated in the `on` run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--objective", default="kto", help="kto: every +1/-1 rating trains (sft: only +1)")
+    ap.add_argument("--duty-cycle", type=float, default=0.5)
+    ap.add_argument("--step-tokens", type=int, default=2048)
+    ap.add_argument("--checkpoint-every", type=int, default=10)
+    ap.add_argument("--kv-gib", type=float, default=None)
+    ap.add_argument("--pool-gib", type=float, default=None, help="activation pool (default: the engine's)")
+    ap.add_argument("--pool-cpu-gib", type=float, default=0.0)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    res = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "commit": git_commit(),
+           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "args": vars(args),
+           "off_means": "same engine, LoRA applied, trainer hook running, no feedback (no steps)",
+           "on_means": f"same engine and trainer, {args.feedback:.0%} of answers rated +1/-1 (seeded)"}
+    res.update(run(args))
+    emit(res, args.out, "gpu_colocation")
+    return res
+
+
+if __name__ == "__main__":
+    main()
