@@ -225,6 +225,20 @@ class ActivationPool:
             out.record_stream(torch.cuda.current_stream(self.layout.device))
             return out
 
+    def device_slots(self, key: Hashable, positions: slice | None = None) -> torch.Tensor:
+        """Pool slots `[n]` of a device-tier record's rows, for `gather_slots` (one index for all layers)."""
+        with self._lock:
+            record = self._require(key)
+            if record.tier != "device":
+                raise ActivationMissingError(f"activations of {key!r} are not on the device tier: recompute")
+            start, stop = _resolve_positions(record, positions)
+            self._touch(record)
+            return self._slot_index(record, start, stop)
+
+    def gather_slots(self, layer: int, kind: str, slots: torch.Tensor) -> torch.Tensor:
+        """Rows at `slots` [n] (from `device_slots`, of pinned records) of one layer and kind -> [n, dim], a copy."""
+        return self.buffer(layer, kind).index_select(0, slots)
+
     def would_fetch_beat_recompute(self, num_rows: int, h2d_bytes_per_s: float,
                                    flops_per_s: float, flops_per_row: float) -> bool:
         """Hedge for one layer: rows of `bytes_per_layer_row` vs `flops_per_row` per row."""

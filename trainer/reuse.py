@@ -9,7 +9,7 @@ the same function and the same gradients.
 """
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -62,7 +62,7 @@ class InjectedLinear(torch.autograd.Function):
 class Injection:
     stored_idx: torch.Tensor                      # [S] batch rows taken from the pool
     fresh_idx: torch.Tensor                       # [F] batch rows multiplied
-    rows: dict[tuple[int, str], torch.Tensor]     # (layer, kind) -> [S, dim]
+    rows: Callable[[int, str], torch.Tensor]      # (layer, kind) -> stored rows [S, dim]
 
 
 class TrainingContext(ForwardContext):
@@ -83,7 +83,7 @@ class TrainingContext(ForwardContext):
 
     def _injected(self, layer, kinds, bases, x):
         inj = self.injection
-        stored = [inj.rows[(layer, kind)] for kind in kinds]
+        stored = [inj.rows(layer, kind) for kind in kinds]
         packed = getattr(bases[0], "packed", None)
         if packed is not None and len(bases) > 1:
             y = InjectedLinear.apply(x, packed[0], packed[1], torch.cat(stored, dim=-1), inj.stored_idx, inj.fresh_idx)

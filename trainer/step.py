@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.capture import KINDS
 from trainer.reuse import Injection, TrainingContext, TrainRecord
 
 # outcome of a record's activations: reused exactly, reused though the adapter moved (within
@@ -49,7 +48,18 @@ def plan_record(record: TrainRecord, pool, trainer_version: int, max_staleness: 
     return RecordPlan(TOO_STALE, 0, staleness)
 
 
-def build_injection(records: list[TrainRecord], plans: list[RecordPlan], pool, num_layers: int,
+class PoolRows:
+    """The injected rows of one step, gathered from the pool one (layer, kind) at a time when the
+    forward reaches that projection (per-layer prefetch: only one layer's rows are alive at once)."""
+
+    def __init__(self, pool, slots: torch.Tensor):
+        self.pool, self.slots = pool, slots                        # slots: [S] pool rows in batch order
+
+    def __call__(self, layer: int, kind: str) -> torch.Tensor:
+        return self.pool.gather_slots(layer, kind, self.slots)    # [S, dim]
+
+
+def build_injection(records: list[TrainRecord], plans: list[RecordPlan], pool,
                     device: torch.device) -> Injection | None:
     stored, fresh, offset = [], [], 0
     for record, plan in zip(records, plans):
@@ -59,13 +69,9 @@ def build_injection(records: list[TrainRecord], plans: list[RecordPlan], pool, n
         offset += record.num_inputs
     if not stored:
         return None
-    rows = {}
-    for layer in range(num_layers):
-        for kind in KINDS:
-            parts = [pool.gather(r.key, layer, kind, slice(0, p.rows)) for r, p in zip(records, plans) if p.rows]
-            rows[(layer, kind)] = torch.cat(parts).clone()          # [S, dim], a normal (non-inference) tensor
+    slots = torch.cat([pool.device_slots(r.key, slice(0, p.rows)) for r, p in zip(records, plans) if p.rows])
     as_index = lambda idx: torch.tensor(idx, dtype=torch.int64, device=device)
-    return Injection(as_index(stored), as_index(fresh), rows)
+    return Injection(as_index(stored), as_index(fresh), PoolRows(pool, slots))
 
 
 def nll_loss(logprobs: list[torch.Tensor], records: list[TrainRecord]) -> torch.Tensor:
@@ -79,7 +85,7 @@ def forward_backward(model, records: list[TrainRecord], adapters: dict, *, pool=
     """adapters: {module: (A, B, scaling)} with A, B fp32 leaf tensors that receive .grad."""
     device = next(model.parameters()).device
     plans = [plan_record(r, pool if reuse else None, trainer_version, max_staleness) for r in records]
-    injection = build_injection(records, plans, pool, len(model.model.layers), device) if reuse else None
+    injection = build_injection(records, plans, pool, device) if reuse else None
     cu, ids, positions, logit_rows, targets = [0], [], [], [], []
     for r in records:
         ids += r.input_ids
