@@ -8,13 +8,14 @@ records (~8k tokens per step), LoRA r16 on all projections, 8B shape in bf16.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 
 import torch
 
 from benchmarks.common import LLAMA_1B, LLAMA_8B, emit, git_commit, timed
-from benchmarks.gpu_serving import DEVICE, hf_twin, make_engine
+from benchmarks.gpu_serving import DEVICE, make_engine
 from engine.sampling_params import SamplingParams
 from trainer.adapters import AdapterManager
 from trainer.lora import LoRAConfig
@@ -57,12 +58,17 @@ def capture(engine, raw: list[dict], full: bool, tag: str) -> list[TrainRecord]:
 
 
 def measure(fn, tokens: int, repeat: int) -> dict:
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    base = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-    if torch.cuda.is_available():
+    """Median step time and peak memory above what was allocated before; an error is recorded."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    secs, _ = timed(fn, warmup=1, repeat=repeat)
-    peak = (torch.cuda.max_memory_allocated() - base) if torch.cuda.is_available() else 0
+    base = torch.cuda.memory_allocated() if cuda else 0
+    try:
+        secs, _ = timed(fn, warmup=1, repeat=repeat)
+    except torch.OutOfMemoryError as err:
+        return {"error": f"out of memory: {str(err)[:200]}"}
+    peak = (torch.cuda.max_memory_allocated() - base) if cuda else 0
     return {"step_s": secs, "tok_s": tokens / secs, "peak_extra_GiB": peak / 2 ** 30}
 
 
@@ -73,9 +79,14 @@ def ours(engine, manager, records, reuse: bool, checkpoint_layers: bool):
                                     reuse=reuse, checkpoint_layers=checkpoint_layers)
 
 
-def hf_peft_step(engine, raw, checkpointing: bool):
+def hf_peft_step(shape: dict, raw, checkpointing: bool):
+    """HF transformers + PEFT LoRA r16 on all projections, random bf16 weights (speed does not depend
+    on their values), one record at a time (no padding waste)."""
     from peft import LoraConfig, get_peft_model
-    hf = hf_twin(engine)
+    from transformers import LlamaForCausalLM
+    from benchmarks.common import llama_config
+    with torch.device(DEVICE):
+        hf = LlamaForCausalLM(llama_config(shape)).to(torch.bfloat16)
     if checkpointing:
         hf.gradient_checkpointing_enable()
         hf.enable_input_require_grads()
@@ -84,11 +95,43 @@ def hf_peft_step(engine, raw, checkpointing: bool):
     batch = [(torch.tensor([r["prompt"] + r["response"]], device=DEVICE), len(r["prompt"])) for r in raw]
 
     def step():
-        for ids, p in batch:                    # one record at a time: no padding waste
+        for ids, p in batch:
             labels = ids.clone()
             labels[:, :p] = -100
             model(input_ids=ids, labels=labels).loss.backward()
     return step
+
+
+def run_ours(args, raw, tokens: int, res: dict) -> None:
+    engine = make_engine(SHAPES[args.shape], kv_gib=2, capture="prefill+decode",
+                         activation_pool_bytes=int(args.pool_gib * (1 << 30)),
+                         enable_prefix_caching=False)   # each record is captured from position 0
+    manager = AdapterManager(engine.runner.model, LoRAConfig(rank=16, alpha=32))
+    prefill_only = capture(engine, raw, full=False, tag="p")
+    full = capture(engine, raw, full=True, tag="f")
+    res["pool"] = engine.activation_pool.stats()
+    runs = {"reuse_prefill": ours(engine, manager, prefill_only, True, False),
+            "reuse_prefill_decode": ours(engine, manager, full, True, False),
+            "reuse_prefill_decode_ckpt": ours(engine, manager, full, True, True),
+            "reuse_prefill_ckpt": ours(engine, manager, prefill_only, True, True),
+            "recompute": ours(engine, manager, full, False, False),
+            "recompute_ckpt": ours(engine, manager, full, False, True)}
+    for name, fn in runs.items():
+        res[name] = measure(fn, tokens, args.repeat)
+        print(name, json.dumps(res[name]), flush=True)
+
+
+def ratios(res: dict) -> dict:
+    ok = lambda k: k in res and "tok_s" in res[k]
+    out = {}
+    for ref in ("recompute", "hf_peft"):
+        if ok(ref):
+            out[f"vs_{ref}"] = {k: res[k]["tok_s"] / res[ref]["tok_s"] for k in list(res)
+                                if isinstance(res[k], dict) and ok(k)}
+    if ok("recompute"):
+        out["memory_vs_recompute"] = {k: res[k]["peak_extra_GiB"] / max(res["recompute"]["peak_extra_GiB"], 1e-9)
+                                      for k in list(res) if isinstance(res[k], dict) and ok(k)}
+    return out
 
 
 def main() -> None:
@@ -98,31 +141,25 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="8b")
     ap.add_argument("--step-tokens", type=int, default=8192)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--pool-gib", type=float, default=44.0)
     args = ap.parse_args()
-    engine = make_engine(SHAPES[args.shape], kv_gib=8, capture="prefill+decode", activation_pool_bytes=40 << 30,
-                         enable_prefix_caching=False)   # each record is captured from position 0
-    manager = AdapterManager(engine.runner.model, LoRAConfig(rank=16, alpha=32))
     raw = pick_records(args.sharegpt, args.step_tokens)
     p = sum(len(r["prompt"]) for r in raw)
     r = sum(len(x["response"]) for x in raw)
     res = {"commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "shape": args.shape, "records": len(raw),
+           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "prompt_tokens": p, "response_tokens": r, "ideal_reuse_prefill": 2 * (p + r) / (p + 2 * r)}
     tokens = p + r
-    prefill_only = capture(engine, raw, full=False, tag="p")
-    full = capture(engine, raw, full=True, tag="f")
-    runs = {"reuse_prefill": ours(engine, manager, prefill_only, True, False),
-            "reuse_prefill_decode": ours(engine, manager, full, True, False),
-            "reuse_prefill_decode_ckpt": ours(engine, manager, full, True, True),
-            "recompute": ours(engine, manager, full, False, False),
-            "recompute_ckpt": ours(engine, manager, full, False, True)}
-    for name, fn in runs.items():
-        res[name] = measure(fn, tokens, args.repeat)
-        print(name, json.dumps(res[name]), flush=True)
+    run_ours(args, raw, tokens, res)
+    gc.collect()
     if DEVICE == "cuda":
-        res["hf_peft"] = measure(hf_peft_step(engine, raw, False), tokens, args.repeat)
-        print("hf_peft", json.dumps(res["hf_peft"]), flush=True)
-    base = res["recompute"]["tok_s"]
-    res["ratios_vs_recompute"] = {k: res[k]["tok_s"] / base for k in runs}
+        torch.cuda.empty_cache()
+        res["after_ours_allocated_GiB"] = torch.cuda.memory_allocated() / 2 ** 30
+    for name, ckpt in (("hf_peft", False), ("hf_peft_ckpt", True)):
+        res[name] = measure(hf_peft_step(SHAPES[args.shape], raw, ckpt), tokens, args.repeat)
+        print(name, json.dumps(res[name]), flush=True)
+        gc.collect()
+    res["ratios"] = ratios(res)
     emit(res, args.out, "gpu_training")
 
 
