@@ -79,9 +79,9 @@ def ours(engine, manager, records, reuse: bool, checkpoint_layers: bool):
                                     reuse=reuse, checkpoint_layers=checkpoint_layers)
 
 
-def hf_peft_step(shape: dict, raw, checkpointing: bool):
+def hf_peft_step(shape: dict, raw, checkpointing: bool, per_batch: int = 1):
     """HF transformers + PEFT LoRA r16 on all projections, random bf16 weights (speed does not depend
-    on their values), one record at a time (no padding waste)."""
+    on their values), `per_batch` records per forward (1: no padding waste; more: padded batches)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
     from benchmarks.common import llama_config
@@ -92,14 +92,27 @@ def hf_peft_step(shape: dict, raw, checkpointing: bool):
         hf.enable_input_require_grads()
     model = get_peft_model(hf, LoraConfig(r=16, lora_alpha=32, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    batch = [(torch.tensor([r["prompt"] + r["response"]], device=DEVICE), len(r["prompt"])) for r in raw]
+    batches = [raw[i:i + per_batch] for i in range(0, len(raw), per_batch)]
+    inputs = [_padded(chunk) for chunk in batches]
 
     def step():
-        for ids, p in batch:
-            labels = ids.clone()
-            labels[:, :p] = -100
-            model(input_ids=ids, labels=labels).loss.backward()
+        for ids, mask, labels in inputs:
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     return step
+
+
+def _padded(chunk: list[dict]):
+    """Right-padded ids/mask [B, L] and labels with -100 on prompt and padding positions."""
+    width = max(len(r["prompt"]) + len(r["response"]) for r in chunk)
+    ids = torch.zeros(len(chunk), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for row, r in enumerate(chunk):
+        seq, p = r["prompt"] + r["response"], len(r["prompt"])
+        ids[row, :len(seq)] = torch.tensor(seq)
+        mask[row, :len(seq)] = 1
+        labels[row, p:len(seq)] = torch.tensor(r["response"])
+    return ids.to(DEVICE), mask.to(DEVICE), labels.to(DEVICE)
 
 
 def run_ours(args, raw, tokens: int, res: dict) -> None:
@@ -119,6 +132,18 @@ def run_ours(args, raw, tokens: int, res: dict) -> None:
     for name, fn in runs.items():
         res[name] = measure(fn, tokens, args.repeat)
         print(name, json.dumps(res[name]), flush=True)
+        if name == args.profile:
+            profile(fn)
+
+
+def profile(fn) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        fn()
+        torch.cuda.synchronize() if DEVICE == "cuda" else None
+    key = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
 
 
 def ratios(res: dict) -> dict:
@@ -142,6 +167,7 @@ def main() -> None:
     ap.add_argument("--step-tokens", type=int, default=8192)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--pool-gib", type=float, default=44.0)
+    ap.add_argument("--profile", default=None, help="also print a kernel profile of one step of this mode")
     args = ap.parse_args()
     raw = pick_records(args.sharegpt, args.step_tokens)
     p = sum(len(r["prompt"]) for r in raw)
@@ -155,8 +181,8 @@ def main() -> None:
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
         res["after_ours_allocated_GiB"] = torch.cuda.memory_allocated() / 2 ** 30
-    for name, ckpt in (("hf_peft", False), ("hf_peft_ckpt", True)):
-        res[name] = measure(hf_peft_step(SHAPES[args.shape], raw, ckpt), tokens, args.repeat)
+    for name, ckpt, per_batch in (("hf_peft", False, 1), ("hf_peft_batch4", False, 4), ("hf_peft_ckpt", True, 1)):
+        res[name] = measure(hf_peft_step(SHAPES[args.shape], raw, ckpt, per_batch), tokens, args.repeat)
         print(name, json.dumps(res[name]), flush=True)
         gc.collect()
     res["ratios"] = ratios(res)
