@@ -104,3 +104,22 @@ def test_decode_capture_has_no_host_sync():
             runner.model.compute_logits(runner.model(input_ids, positions, ctx))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_training_attention_takes_the_flash_kernel():
+    """The training context's attention must run on SDPA's flash kernel (the math fallback keeps
+    [heads, n, n] probabilities: quadratic memory). With only flash allowed, a fallback raises."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from trainer.reuse import TrainingContext
+    ctx = TrainingContext([0, 300, 1000], {})
+    q = torch.randn(1000, 32, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1000, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1000, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        out = ctx.attention(0, q, k, v, 0.125)
+        out.float().sum().backward()
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref = ctx.attention(0, q.float(), k.float(), v.float(), 0.125)
+    assert out.shape == (1000, 32, 64)
+    assert float((out.float() - ref).norm() / ref.norm()) < 1e-2

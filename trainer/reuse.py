@@ -99,16 +99,18 @@ class TrainingContext(ForwardContext):
         return out + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * scaling
 
     def attention(self, layer, q, k, v, scale):
-        # q: [T, n_heads, d], k/v: [T, n_kv, d]. K/V heads are repeated up front: SDPA's enable_gqa
-        # falls back to the math kernel, which keeps [n_heads, n, n] probabilities for backward.
+        # q: [T, n_heads, d], k/v: [T, n_kv, d]. SDPA's flash kernel takes 4-d [1, heads, n, d] inputs
+        # and equal head counts; anything else falls back to the math kernel, which keeps
+        # [n_heads, n, n] probabilities for backward (quadratic memory and time).
         groups = q.shape[1] // k.shape[1]
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)   # [T, n_heads, d]
+        heads_first = lambda t, start, end: t[start:end].transpose(0, 1).unsqueeze(0)   # [1, n_heads, n, d]
         out = []
         for start, end in zip(self.cu_seqlens[:-1], self.cu_seqlens[1:]):   # causal within each record
-            o = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), k[start:end].transpose(0, 1),
-                                               v[start:end].transpose(0, 1), is_causal=True, scale=scale)
-            out.append(o.transpose(0, 1))                                      # [n, n_heads, d]
+            o = F.scaled_dot_product_attention(heads_first(q, start, end), heads_first(k, start, end),
+                                               heads_first(v, start, end), is_causal=True, scale=scale)
+            out.append(o[0].transpose(0, 1))                                   # [n, n_heads, d]
         return torch.cat(out)                                                  # [T, n_heads, d]
 
     def call_layer(self, layer, *args):
