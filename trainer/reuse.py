@@ -45,10 +45,12 @@ class InjectedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stored, stored_idx, fresh_idx):
         # x: [T, in], stored: [S, out] -> y: [T, out]
+        if not fresh_idx.numel():                  # every row stored, in batch order: stored is y
+            ctx.save_for_backward(weight)
+            return stored.to(x.dtype)
         y = x.new_empty(x.shape[0], weight.shape[0])
-        y[stored_idx] = stored.to(y.dtype)
-        if fresh_idx.numel():
-            y[fresh_idx] = F.linear(x[fresh_idx], weight, bias)
+        y.index_copy_(0, stored_idx, stored.to(y.dtype))
+        y.index_copy_(0, fresh_idx, F.linear(x.index_select(0, fresh_idx), weight, bias))
         ctx.save_for_backward(weight)
         return y
 
@@ -96,7 +98,8 @@ class TrainingContext(ForwardContext):
         if adapter is None:
             return out
         a, b, scaling = adapter                                   # fp32 masters, used in x's dtype
-        return out + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * scaling
+        xa = F.linear(x, a.to(x.dtype))                           # [T, r]
+        return torch.addmm(out, xa, b.to(x.dtype).t(), alpha=scaling)   # out + scaling * xa @ B^T, one GEMM
 
     def attention(self, layer, q, k, v, scale):
         # q: [T, n_heads, d], k/v: [T, n_kv, d]. SDPA's flash kernel takes 4-d [1, heads, n, d] inputs
