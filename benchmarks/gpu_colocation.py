@@ -31,8 +31,6 @@ from benchmarks.gpu_serving import DEVICE, make_engine
 from benchmarks.gpu_training import SHAPES
 from engine.async_engine import AsyncEngine
 from engine.sampling_params import SamplingParams
-from server.config import ServerConfig
-from server.state import ServerState
 from store.feedback_store import CompletionRecord, FeedbackStore
 from trainer.config import TrainerConfig
 
@@ -59,11 +57,35 @@ def build(args, tmp: Path):
                          **({"activation_pool_bytes": int(args.pool_gib * (1 << 30))} if args.pool_gib else {}))
     training = TrainerConfig(objective=args.objective, duty_cycle=args.duty_cycle, step_tokens=args.step_tokens,
                              checkpoint_every=args.checkpoint_every)
-    config = ServerConfig(engine=engine.config, training=training)
     async_engine = AsyncEngine(engine)         # never started: this thread is the engine thread
     store = FeedbackStore(tmp / "alchemist.db")
+    try:
+        from server.config import ServerConfig
+        from server.state import ServerState
+    except ImportError:                        # no web stack (the GPU machine): the same trainer hook
+        return engine, TrainerOnly(training, engine, store, tmp / "run", async_engine.step_hooks), \
+            async_engine.step_hooks
+    config = ServerConfig(engine=engine.config, training=training)
     state = ServerState(config, async_engine, store, run_dir=tmp / "run")
     return engine, state, async_engine.step_hooks
+
+
+class TrainerOnly:
+    """What ServerState adds for training, without the web stack: the OnlineTrainer on a step hook
+    that pauses training on a failure (as ServerState._train_hook does)."""
+
+    def __init__(self, training, engine, store, run_dir: Path, step_hooks: list):
+        from trainer.online import OnlineTrainer
+        self.store, self.train_error = store, None
+        self.trainer = OnlineTrainer(training, engine, store, run_dir, base_model=engine.config.model)
+        step_hooks.append(self._train_hook)
+
+    def _train_hook(self) -> None:
+        try:
+            self.trainer.maybe_step()
+        except Exception as err:
+            self.train_error = f"{type(err).__name__}: {err}"
+            self.trainer.pause()
 
 
 def capacity(engine, workload, n: int) -> dict:
@@ -93,7 +115,7 @@ def schedule(workload, rate: float, duration: float, seed: int, feedback_share: 
 class Writer:
     """Off the engine thread, as the server does: record each finished completion; rate some."""
 
-    def __init__(self, state: ServerState):
+    def __init__(self, state):
         self.state, self.pool = state, ThreadPoolExecutor(max_workers=1)
         self.futures = []
 
