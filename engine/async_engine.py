@@ -68,7 +68,8 @@ class AsyncEngine:
     def shutdown(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():            # never started (a tool or test that drives steps itself)
+            self._thread.join(timeout=30)
 
     # -- asyncio side ----------------------------------------------------------
     def num_pending(self) -> int:
