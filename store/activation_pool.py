@@ -20,70 +20,13 @@ import threading
 import time
 from collections import OrderedDict, deque
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import Hashable
 
 import torch
 
-from engine.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
-
-TIERS = ("device", "cpu", "dropped")
-
-
-class ActivationMissingError(NotFoundError):
-    """The rows asked for are not in the pool (unknown, released, dropped or never captured)."""
-    error_type = "activation_missing"
-
-
-@dataclass(frozen=True)
-class PoolLayout:
-    num_layers: int
-    dims: dict[str, int]                     # kind -> output width, e.g. {"q": 2048, "k": 512, ...}
-    dtype: torch.dtype = torch.bfloat16
-    device: torch.device = torch.device("cpu")
-
-    def __post_init__(self):
-        if self.num_layers < 1 or not self.dims or any(d < 1 for d in self.dims.values()):
-            raise ConfigError(f"activation pool layout needs num_layers >= 1 and positive dims, "
-                              f"got num_layers={self.num_layers} dims={self.dims}")
-        object.__setattr__(self, "dims", dict(self.dims))
-        object.__setattr__(self, "device", torch.device(self.device))
-
-    @property
-    def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
-
-    @property
-    def bytes_per_layer_row(self) -> int:
-        """Bytes of one token's outputs, all kinds, one layer."""
-        return sum(self.dims.values()) * self.element_size
-
-    @property
-    def bytes_per_token(self) -> int:
-        return self.num_layers * self.bytes_per_layer_row
-
-
-@dataclass
-class ActivationRecord:
-    key: Hashable
-    num_tokens: int                          # rows reserved: rows [0, num_tokens)
-    blocks: list[int] = field(default_factory=list)
-    captured: int = 0                        # rows written, contiguous from position 0
-    versions: list[int] = field(default_factory=list)   # adapter version per captured row
-    tier: str = "device"
-    pinned: bool = False
-    last_used: float = 0.0
-    cpu_rows: dict[tuple[int, str], torch.Tensor] | None = None   # (layer, kind) -> [captured, dim]
-    capture_stopped: bool = False            # an extend failed: later rows are never reserved
-    offset: int = 0                          # sequence position of row 0 (earlier rows came from a prefix cache)
-
-
-def fetch_beats_recompute(num_rows: int, bytes_per_row: int, h2d_bytes_per_s: float,
-                          flops_per_s: float, flops_per_row: float) -> bool:
-    """True when copying the rows in lands no later than recomputing them."""
-    if min(h2d_bytes_per_s, flops_per_s) <= 0 or min(num_rows, bytes_per_row, flops_per_row) < 0:
-        raise InvalidRequestError("hedging needs positive rates and non-negative sizes")
-    return num_rows * bytes_per_row / h2d_bytes_per_s <= num_rows * flops_per_row / flops_per_s
+from engine.errors import ConfigError, ConflictError, InvalidRequestError
+from store.pool_layout import (TIERS, ActivationMissingError, ActivationRecord, PoolLayout,
+                               num_slots_for, resolve_positions, fetch_beats_recompute)
 
 
 class ActivationPool:
@@ -95,7 +38,7 @@ class ActivationPool:
                               f"cpu_budget_bytes={cpu_budget_bytes}")
         self.layout, self.block_size = layout, block_size
         self.budget_bytes, self.cpu_budget_bytes = budget_bytes, cpu_budget_bytes
-        self.num_slots = _num_slots(layout, budget_bytes, block_size)
+        self.num_slots = num_slots_for(layout, budget_bytes, block_size)
         self.num_blocks = self.num_slots // block_size
         self.scratch_slot = self.num_slots
         self._buffers = {(layer, kind): torch.empty(self.num_slots + 1, dim, dtype=layout.dtype,
@@ -212,7 +155,7 @@ class ActivationPool:
             record = self._require(key)
             if record.tier == "dropped":
                 raise ActivationMissingError(f"activations of {key!r} were dropped: recompute")
-            start, stop = _resolve_positions(record, positions)
+            start, stop = resolve_positions(record, positions)
             self._touch(record)
             if record.tier == "device":
                 return buffer.index_select(0, self._slot_index(record, start, stop))  # [n, dim]
@@ -231,7 +174,7 @@ class ActivationPool:
             record = self._require(key)
             if record.tier != "device":
                 raise ActivationMissingError(f"activations of {key!r} are not on the device tier: recompute")
-            start, stop = _resolve_positions(record, positions)
+            start, stop = resolve_positions(record, positions)
             self._touch(record)
             return self._slot_index(record, start, stop)
 
@@ -372,30 +315,3 @@ class ActivationPool:
         return index
 
 
-def _num_slots(layout: PoolLayout, budget_bytes: int, block_size: int) -> int:
-    """Usable rows: the budget's rows less one scratch row, rounded down to whole blocks."""
-    rows = budget_bytes // layout.bytes_per_token
-    num_slots = max(rows - 1, 0) // block_size * block_size
-    if num_slots < block_size:
-        need = (block_size + 1) * layout.bytes_per_token
-        raise ConfigError(
-            f"activation pool budget of {budget_bytes} bytes holds {rows} token rows of "
-            f"{layout.bytes_per_token} bytes ({layout.num_layers} layers); one block of "
-            f"{block_size} rows plus the scratch row needs {need} bytes: raise the activation "
-            f"pool budget to at least {need} bytes (or lower block_size)")
-    return num_slots
-
-
-def _resolve_positions(record: ActivationRecord, positions: slice | None) -> tuple[int, int]:
-    if positions is None:
-        return 0, record.captured
-    if not isinstance(positions, slice) or positions.step not in (None, 1):
-        raise InvalidRequestError(f"positions must be a contiguous slice, got {positions!r}")
-    start = 0 if positions.start is None else positions.start
-    stop = record.captured if positions.stop is None else positions.stop
-    if start < 0 or stop < start:
-        raise InvalidRequestError(f"bad positions {positions!r} (negative or reversed)")
-    if stop > record.captured:
-        raise ActivationMissingError(f"rows [{record.captured}, {stop}) of {record.key!r} "
-                                     f"were not captured")
-    return start, stop
