@@ -23,7 +23,7 @@ from engine.sampling_params import SamplingParams
 from store.feedback_store import CompletionRecord, FeedbackStore
 from trainer.config import TrainerConfig
 from trainer.online import OnlineTrainer
-from trainer.perplexity import perplexity
+from trainer.perplexity import largest_increases, perplexity
 from trainer.prompts import PROMPTS
 from trainer.simulate import rate
 
@@ -71,6 +71,7 @@ def main() -> None:
     with torch.no_grad():
         base = perplexity(engine.runner.model, engine.tokenizer, adapters={})
         adapted = perplexity(engine.runner.model, engine.tokenizer, adapters=adapters)
+        print(json.dumps(largest_increases(engine.runner.model, engine.tokenizer, adapters)), flush=True)
     first, last = ratings[:args.window], ratings[-args.window:]
     print(json.dumps({"lr": args.lr, "objective": args.objective, "targets": args.targets, "rank": args.rank,
                       "temperature": args.temperature, "weight_decay": args.weight_decay,

@@ -60,3 +60,18 @@ def test_compare_reads_the_latest_checkpoint(smollm2, tmp_path):
     result = compare(path, tmp_path, None)
     assert result["version"] == 3
     assert result["ratio"] == pytest.approx(1.0, rel=1e-6)
+
+
+def test_largest_increases_sums_per_token_changes(smollm2):
+    """The diagnostic's total is the summed per-token NLL change, i.e. consistent with perplexity."""
+    from trainer.perplexity import largest_increases
+    _, parts = smollm2
+    layer = parts.model.model.layers[0].self_attn.q_proj
+    big = {layer: (torch.randn(4, layer.in_features) * 0.1, torch.randn(layer.out_features, 4), 2.0)}
+    texts = HELDOUT_TEXTS[:2]
+    out = largest_increases(parts.model, parts.tokenizer, big, top=3, texts=texts)
+    count = sum(len(parts.tokenizer(t, add_special_tokens=False).input_ids) - 1 for t in texts)
+    base = perplexity(parts.model, parts.tokenizer, texts)
+    adapted = perplexity(parts.model, parts.tokenizer, texts, big)
+    assert out["total_nll_increase"] / count == pytest.approx(math.log(adapted / base), rel=1e-4, abs=1e-6)
+    assert len(out["top"]) == 3 and out["top"][0]["delta"] >= out["top"][-1]["delta"]

@@ -14,18 +14,35 @@ from trainer.reuse import TrainingContext
 
 
 @torch.no_grad()
+def token_nll(model, tokenizer, text: str, adapters: dict | None = None) -> tuple[list[int], torch.Tensor]:
+    """(token ids, NLL of each token after the first [n-1] fp32) of `text` under the model (+ adapters)."""
+    device = next(model.parameters()).device
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    ctx = TrainingContext([0, len(ids)], adapters or {})
+    hidden = model(torch.tensor(ids, device=device), torch.arange(len(ids), device=device), ctx)
+    logp = model.compute_logits(hidden[:-1]).float().log_softmax(-1)                   # [n-1, V]
+    return ids, -logp.gather(1, torch.tensor(ids[1:], device=device)[:, None]).squeeze(1)
+
+
 def perplexity(model, tokenizer, texts: list[str] = HELDOUT_TEXTS, adapters: dict | None = None) -> float:
     """exp(mean token NLL) over `texts`; `adapters`: {module: (A, B, scaling)} or None (the model as is)."""
-    device = next(model.parameters()).device
-    nll, count = 0.0, 0
+    nlls = [token_nll(model, tokenizer, text, adapters)[1] for text in texts]
+    return math.exp(float(torch.cat(nlls).mean()))
+
+
+def largest_increases(model, tokenizer, adapters: dict, top: int = 10, texts: list[str] = HELDOUT_TEXTS) -> dict:
+    """Where held-out NLL rose most with the adapters: the `top` tokens (with the text before them)
+    and the share of the total increase they carry."""
+    rows = []
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        ctx = TrainingContext([0, len(ids)], adapters or {})
-        hidden = model(torch.tensor(ids, device=device), torch.arange(len(ids), device=device), ctx)
-        logp = model.compute_logits(hidden[:-1]).float().log_softmax(-1)               # [n-1, V]
-        nll -= float(logp.gather(1, torch.tensor(ids[1:], device=device)[:, None]).sum())
-        count += len(ids) - 1
-    return math.exp(nll / count)
+        ids, base = token_nll(model, tokenizer, text)
+        _, adapted = token_nll(model, tokenizer, text, adapters)
+        for i, delta in enumerate((adapted - base).tolist()):
+            rows.append((delta, tokenizer.decode(ids[max(0, i - 5):i + 1]), tokenizer.decode([ids[i + 1]])))
+    rows.sort(key=lambda r: r[0], reverse=True)
+    total = sum(r[0] for r in rows)
+    return {"total_nll_increase": total, "top_share": sum(r[0] for r in rows[:top]) / total if total else 0.0,
+            "top": [{"delta": round(d, 3), "context": c, "token": t} for d, c, t in rows[:top]]}
 
 
 def checkpoint_folder(run_dir: Path, version: int) -> Path:
