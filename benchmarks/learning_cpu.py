@@ -3,7 +3,7 @@ the `concise` rater rates them, feedback goes through the real FeedbackStore, th
 between batches by reuse; prints the rolling positive rate, then held-out perplexity with and without
 the adapter. A quick way to compare learning settings; `alchemist simulate` is the end-to-end demo.
 
-    python -m benchmarks.learning_cpu --lr 1e-3 --objective sft --events 240
+    python -m benchmarks.learning_cpu --lr 3e-4 --objective pg --temperature 1.0 --events 600
 """
 from __future__ import annotations
 
@@ -44,13 +44,13 @@ def serve_and_rate(engine, store, rng, step: int, temperature: float, batch: int
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--objective", default="sft")
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--objective", default="pg")
     ap.add_argument("--events", type=int, default=240)
     ap.add_argument("--window", type=int, default=48)
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())

@@ -57,7 +57,8 @@ def add_parser(sub) -> None:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--seed", type=int, default=0, help="prompt order and per-event sampling seeds")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="1.0: training on samples drawn below 1 sharpens the model (held-out perplexity rises)")
     p.add_argument("--window", type=int, default=50, help="events in the rolling positive rate")
     p.add_argument("--model", help="model name (default: the first of GET /v1/models)")
     p.add_argument("--rater", choices=sorted(RATERS), default="concise")
