@@ -57,7 +57,8 @@ def main() -> None:
     engine = LLMEngine(EngineConfig(model=str(ensure_default_model())))
     store = FeedbackStore(tmp / "alchemist.db")
     config = TrainerConfig(lr=args.lr, objective=args.objective, checkpoint_every=1000, duty_cycle=1.0,
-                           max_records_per_step=8, lora_targets=args.targets.split(","), lora_rank=args.rank,
+                           max_records_per_step=8, min_records_per_step=1,
+                           lora_targets=args.targets.split(","), lora_rank=args.rank,
                            lora_alpha=2.0 * args.rank, weight_decay=args.weight_decay)
     trainer = OnlineTrainer(config, engine, store, tmp / "run")
     rng, ratings, start = random.Random(0), [], time.time()

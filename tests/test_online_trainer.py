@@ -26,7 +26,8 @@ class Rig:
 
     def __init__(self, tmp_path, seed: int = 0, **options):
         self.tmp_path, self.seed, self.published = tmp_path, seed, []
-        options = {"lora_rank": 4, "lora_alpha": 8.0, "lr": 1e-2, "checkpoint_every": 10, **options}
+        options = {"lora_rank": 4, "lora_alpha": 8.0, "lr": 1e-2, "checkpoint_every": 10,
+                   "min_records_per_step": 1, **options}
         self.config = TrainerConfig(**options)
         self.store = FeedbackStore(tmp_path / "feedback.db")
         self.rng = random.Random(seed)
@@ -96,6 +97,21 @@ def test_step_publishes_version_one_mostly_by_reuse(tmp_path):
     assert not rig.trainer.maybe_step()                           # read watermark: nothing twice
     rig.trainer.checkpoint()
     assert rig.store.count_feedback("trained") == 3 and not rig.trainer.dirty
+
+
+def test_step_waits_for_a_batch_or_max_wait(tmp_path):
+    """Fewer than min_records_per_step ratings wait (no step, no version) until max_wait_s has passed
+    since the first of them; a full batch trains at once."""
+    rig = Rig(tmp_path, min_records_per_step=4, max_wait_s=0.3)
+    rig.rate(rig.serve(2))
+    assert not rig.trainer.maybe_step() and rig.trainer.version == 0
+    time.sleep(0.35)
+    rig.trainer._next_poll = 0.0                                  # skip the 1 s poll pause
+    assert rig.trainer.maybe_step() and rig.trainer.version == 1  # waited long enough: a step of 2
+    rig.rate(rig.serve(4))
+    rig.trainer._next_poll = 0.0
+    assert rig.trainer.maybe_step() and rig.trainer.version == 2  # a full batch: at once
+    assert rig.trainer.totals["outcome_hit"] + rig.trainer.totals["outcome_stale"] == 6
 
 
 def test_non_finite_step_is_skipped_and_nothing_published(tmp_path, monkeypatch):

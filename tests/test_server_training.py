@@ -28,7 +28,7 @@ from trainer.config import TrainerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 USER, ADMIN = "sk-train-user", "sk-train-admin"
-TRAINING = dict(lora_rank=4, lora_alpha=8.0, lr=1e-3, checkpoint_every=1)
+TRAINING = dict(lora_rank=4, lora_alpha=8.0, lr=1e-3, checkpoint_every=1, min_records_per_step=1)
 MESSAGE_NUMBERS = itertools.count()
 METRICS = ("alchemist_train_steps_total", "alchemist_train_tokens_total", "alchemist_train_step_seconds_count",
            "alchemist_train_loss", "alchemist_adapter_version", "alchemist_feedback_pending",

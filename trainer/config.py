@@ -23,6 +23,8 @@ class TrainerConfig:
     max_update_norm: float | None = None   # cap on ||adapter_after - adapter_before|| per step
     step_tokens: int = 2048             # token budget of one training step
     max_records_per_step: int = 16
+    min_records_per_step: int = 8       # wait for this many ratings before a step ...
+    max_wait_s: float = 20.0            # ... or until the first of them has waited this long
     max_staleness: int = 4              # adapter versions a record's activations may lag and still be reused
     duty_cycle: float = 0.5             # most of the engine thread's time training may take while serving
     checkpoint_every: int = 10          # steps; also on shutdown
@@ -40,6 +42,9 @@ class TrainerConfig:
             raise ConfigError("training.max_update_norm must be positive (or null for no cap)")
         if self.step_tokens < 16 or self.max_records_per_step < 1:
             raise ConfigError("training.step_tokens must be >= 16 and max_records_per_step >= 1")
+        if not 1 <= self.min_records_per_step <= self.max_records_per_step or self.max_wait_s < 0:
+            raise ConfigError(f"training.min_records_per_step={self.min_records_per_step} must be in "
+                              f"[1, max_records_per_step={self.max_records_per_step}] and max_wait_s >= 0")
         if not 0.0 < self.duty_cycle <= 1.0:
             raise ConfigError("training.duty_cycle must be in (0, 1]")
         if self.checkpoint_every < 1 or self.max_staleness < 0:

@@ -57,6 +57,7 @@ class OnlineTrainer:
         self.last: StepResult | None = None
         self.busy_s, self.window_start = 0.0, time.monotonic()   # duty cycle over a sliding window
         self._next_poll = 0.0              # no SQLite query on every engine step while nothing is pending
+        self._waiting_since: float | None = None   # when the pending ratings started to wait for a full step
         self._saved = (0, 0)               # (version, step) of the last durable checkpoint
         self._resume()
 
@@ -147,7 +148,7 @@ class OnlineTrainer:
         if now < self._next_poll:
             return False
         pending = self.store.pending_feedback(self.read_seq, self.config.max_records_per_step)
-        if not pending:
+        if not self._batch_ready(len(pending), now):
             self._next_poll = now + FEEDBACK_POLL_S
             return False
         t = time.monotonic()
@@ -156,6 +157,19 @@ class OnlineTrainer:
         spent = time.monotonic() - t
         self.busy_s += spent
         self.totals["seconds"] += spent
+        return True
+
+    def _batch_ready(self, num_pending: int, now: float) -> bool:
+        """A step waits for min_records_per_step ratings, or until the first waiting one is max_wait_s
+        old (steps of one rating each would publish a version per rating and learn noisily)."""
+        if num_pending == 0:
+            self._waiting_since = None
+            return False
+        if self._waiting_since is None:
+            self._waiting_since = now
+        if num_pending < self.config.min_records_per_step and now - self._waiting_since < self.config.max_wait_s:
+            return False
+        self._waiting_since = None
         return True
 
     def _take(self, pending) -> list[tuple[object, TrainRecord]]:
