@@ -56,7 +56,8 @@ def build(args, tmp: Path):
                          activation_pool_cpu_bytes=int(args.pool_cpu_gib * (1 << 30)),
                          **({"activation_pool_bytes": int(args.pool_gib * (1 << 30))} if args.pool_gib else {}))
     training = TrainerConfig(objective=args.objective, duty_cycle=args.duty_cycle, step_tokens=args.step_tokens,
-                             checkpoint_every=args.checkpoint_every)
+                             checkpoint_every=args.checkpoint_every, min_records_per_step=args.min_records,
+                             max_wait_s=args.max_wait_s)
     async_engine = AsyncEngine(engine)         # never started: this thread is the engine thread
     store = FeedbackStore(tmp / "alchemist.db")
     try:
@@ -264,6 +265,9 @@ def parse_args(argv=None):
     ap.add_argument("--duty-cycle", type=float, default=0.5)
     ap.add_argument("--step-tokens", type=int, default=2048)
     ap.add_argument("--checkpoint-every", type=int, default=10)
+    ap.add_argument("--min-records", type=int, default=TrainerConfig.min_records_per_step,
+                    help="ratings a training step waits for")
+    ap.add_argument("--max-wait-s", type=float, default=TrainerConfig.max_wait_s)
     ap.add_argument("--kv-gib", type=float, default=None)
     ap.add_argument("--pool-gib", type=float, default=None, help="activation pool (default: the engine's)")
     ap.add_argument("--pool-cpu-gib", type=float, default=0.0)

@@ -24,7 +24,7 @@ def test_colocation_tiny_cpu(tmp_path, one_thread):
     records = [{"prompt": [rng.randrange(49152) for _ in range(rng.randint(16, 96))],
                 "response": [rng.randrange(49152) for _ in range(rng.randint(8, 48))]} for _ in range(32)]
     (tmp_path / "sharegpt.json").write_text(json.dumps(records))
-    res = gpu_colocation.main(["--shape", "tiny", "--duration", "3", "--capacity-requests", "8",
+    res = gpu_colocation.main(["--shape", "tiny", "--duration", "3", "--capacity-requests", "8", "--min-records", "1",
                                "--sharegpt", str(tmp_path / "sharegpt.json"), "--out", str(tmp_path / "out")])
     assert json.loads((tmp_path / "out" / "gpu_colocation.json").read_text()) == json.loads(json.dumps(res))
     assert res["capacity"]["req_s"] > 0 and res["rate_req_s"] == pytest.approx(0.5 * res["capacity"]["req_s"])

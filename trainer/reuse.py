@@ -102,18 +102,22 @@ class TrainingContext(ForwardContext):
         return torch.addmm(out, xa, b.to(x.dtype).t(), alpha=scaling)   # out + scaling * xa @ B^T, one GEMM
 
     def attention(self, layer, q, k, v, scale):
-        # q: [T, n_heads, d], k/v: [T, n_kv, d]. SDPA's flash kernel takes 4-d [1, heads, n, d] inputs
-        # and equal head counts; anything else falls back to the math kernel, which keeps
-        # [n_heads, n, n] probabilities for backward (quadratic memory and time).
+        # q: [T, n_heads, d], k/v: [T, n_kv, d]. On CUDA, SDPA's flash kernel needs 4-d [1, heads, n, d]
+        # inputs and equal head counts; anything else falls back to the math kernel, which keeps
+        # [n_heads, n, n] probabilities for backward (quadratic memory and time). On the CPU, 3-d
+        # inputs keep the math kernel: the reference (the CPU flash kernel's blocked softmax rounds
+        # differently, which moved reuse-vs-recompute losses of SmolLM2 from equal to 2 ulps apart).
         groups = q.shape[1] // k.shape[1]
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)   # [T, n_heads, d]
-        heads_first = lambda t, start, end: t[start:end].transpose(0, 1).unsqueeze(0)   # [1, n_heads, n, d]
+        def heads_first(t, start, end):                                       # [(1,) n_heads, n, d]
+            t = t[start:end].transpose(0, 1)
+            return t.unsqueeze(0) if t.is_cuda else t
         out = []
         for start, end in zip(self.cu_seqlens[:-1], self.cu_seqlens[1:]):   # causal within each record
             o = F.scaled_dot_product_attention(heads_first(q, start, end), heads_first(k, start, end),
                                                heads_first(v, start, end), is_causal=True, scale=scale)
-            out.append(o[0].transpose(0, 1))                                   # [n, n_heads, d]
+            out.append(o.reshape(o.shape[-3:]).transpose(0, 1))               # [n, n_heads, d]
         return torch.cat(out)                                                  # [T, n_heads, d]
 
     def call_layer(self, layer, *args):
