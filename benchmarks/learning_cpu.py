@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--prompt-lm-weight", type=float, default=0.0)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     engine = LLMEngine(EngineConfig(model=str(ensure_default_model())))
@@ -59,7 +60,8 @@ def main() -> None:
     config = TrainerConfig(lr=args.lr, objective=args.objective, checkpoint_every=1000, duty_cycle=1.0,
                            max_records_per_step=8, min_records_per_step=1,
                            lora_targets=args.targets.split(","), lora_rank=args.rank,
-                           lora_alpha=2.0 * args.rank, weight_decay=args.weight_decay)
+                           lora_alpha=2.0 * args.rank, weight_decay=args.weight_decay,
+                           prompt_lm_weight=args.prompt_lm_weight)
     trainer = OnlineTrainer(config, engine, store, tmp / "run")
     rng, ratings, start = random.Random(0), [], time.time()
     for step in range(args.events // 8):
@@ -76,6 +78,7 @@ def main() -> None:
     first, last = ratings[:args.window], ratings[-args.window:]
     print(json.dumps({"lr": args.lr, "objective": args.objective, "targets": args.targets, "rank": args.rank,
                       "temperature": args.temperature, "weight_decay": args.weight_decay,
+                      "prompt_lm_weight": args.prompt_lm_weight,
                       "events": len(ratings),
                       "initial_rate": sum(r > 0 for r in first) / len(first),
                       "final_rate": sum(r > 0 for r in last) / len(last), "base_ppl": base,

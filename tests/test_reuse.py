@@ -100,3 +100,25 @@ def test_prefix_cache_hits_still_reuse_the_rows_they_computed():
     res = run_check("tiny-llama", "prefill", shared_prefix=20)
     _assert_exact_reuse(res)
     assert res["computed_rows"] > 5 * 16          # the cached prefix blocks of the later requests
+
+
+def test_prompt_lm_term_adds_the_prompt_nll(tmp_path):
+    """prompt_lm_weight w: loss = objective + w * mean NLL of prompt[1:], the NLL as HF computes it."""
+    import torch.nn.functional as F
+
+    from tests.helpers import make_tiny_model, tiny_engine
+    from trainer.adapters import AdapterManager
+    from trainer.lora import LoRAConfig
+    from trainer.reuse import TrainRecord
+    from trainer.step import forward_backward
+    hf = make_tiny_model("llama-untied-gqa1", tmp_path)
+    model = tiny_engine(tmp_path).runner.model
+    manager = AdapterManager(model, LoRAConfig(rank=2, alpha=4, targets=("q_proj",)))   # B = 0: the base model
+    adapters = manager.training_adapters(manager.masters())
+    record = TrainRecord("r", [5, 9, 13, 21, 7, 40], [3, 8, 11])
+    plain = forward_backward(model, [record], adapters, reuse=False).loss
+    anchored = forward_backward(model, [record], adapters, reuse=False, prompt_lm_weight=0.5).loss
+    with torch.no_grad():
+        logits = hf(torch.tensor([record.prompt_ids])).logits[0, :-1].float()
+    nll = float(F.cross_entropy(logits, torch.tensor(record.prompt_ids[1:])))
+    assert anchored == pytest.approx(plain + 0.5 * nll, rel=1e-5)

@@ -32,6 +32,7 @@ class TrainerConfig:
     kto_beta: float = 0.1
     pg_clip: float = 0.2
     baseline_momentum: float = 0.9
+    prompt_lm_weight: float = 0.0       # weight of an NLL term on prompt tokens (a language-model anchor)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -47,6 +48,8 @@ class TrainerConfig:
                               f"[1, max_records_per_step={self.max_records_per_step}] and max_wait_s >= 0")
         if not 0.0 < self.duty_cycle <= 1.0:
             raise ConfigError("training.duty_cycle must be in (0, 1]")
+        if not (self.prompt_lm_weight >= 0):
+            raise ConfigError("training.prompt_lm_weight must be >= 0 (0 turns the prompt LM term off)")
         if self.checkpoint_every < 1 or self.max_staleness < 0:
             raise ConfigError("training.checkpoint_every must be >= 1 and max_staleness >= 0")
         if not self.run_name or "/" in self.run_name or self.run_name.startswith("."):

@@ -247,7 +247,8 @@ class OnlineTrainer:
         before = [p.detach().clone() for p in params] if self.config.max_update_norm else None
         result = forward_backward(self.engine.runner.model, records, self._adapter_map(),
                                   pool=self.engine.activation_pool, reuse=True, trainer_version=self.version,
-                                  max_staleness=self.config.max_staleness, loss_fn=self._loss)
+                                  max_staleness=self.config.max_staleness, loss_fn=self._loss,
+                                  prompt_lm_weight=self.config.prompt_lm_weight)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         if not (math.isfinite(result.loss) and math.isfinite(float(grad_norm))):
             self.skipped["non_finite"] += 1

@@ -81,25 +81,38 @@ def nll_loss(logprobs: list[torch.Tensor], records: list[TrainRecord]) -> torch.
 
 def forward_backward(model, records: list[TrainRecord], adapters: dict, *, pool=None, reuse: bool = True,
                      trainer_version: int = 0, max_staleness: int = 0, checkpoint_layers: bool = False,
-                     loss_fn: Callable = nll_loss) -> StepResult:
-    """adapters: {module: (A, B, scaling)} with A, B fp32 leaf tensors that receive .grad."""
+                     loss_fn: Callable = nll_loss, prompt_lm_weight: float = 0.0) -> StepResult:
+    """adapters: {module: (A, B, scaling)} with A, B fp32 leaf tensors that receive .grad.
+
+    prompt_lm_weight > 0 adds that weight times the mean NLL of the prompt tokens (the users' own text,
+    whose rows the forward covers anyway: a language-model anchor with no extra forward, like
+    InstructGPT's PPO-ptx mixing in pretraining data)."""
     device = next(model.parameters()).device
     plans = [plan_record(r, pool if reuse else None, trainer_version, max_staleness) for r in records]
     injection = build_injection(records, plans, pool, device) if reuse else None
     cu, ids, positions, logit_rows, targets = [0], [], [], [], []
+    prompt_rows, prompt_targets = [], []
     for r in records:
         ids += r.input_ids
         positions += range(r.num_inputs)
         logit_rows += range(cu[-1] + len(r.prompt_ids) - 1, cu[-1] + r.num_inputs)   # rows predicting the response
         targets.append(torch.tensor(r.response_ids, device=device))
+        if prompt_lm_weight > 0:
+            prompt_rows += range(cu[-1], cu[-1] + len(r.prompt_ids) - 1)         # rows predicting prompt[1:]
+            prompt_targets += r.prompt_ids[1:]
         cu.append(cu[-1] + r.num_inputs)
     ctx = TrainingContext(cu, adapters, injection, checkpoint_layers)
+    all_targets = torch.cat(targets + [torch.tensor(prompt_targets, dtype=torch.long, device=device)])
     with torch.enable_grad():
         hidden = model(torch.tensor(ids, device=device), torch.tensor(positions, device=device), ctx)   # [T, h]
-        logits = model.compute_logits(hidden[torch.tensor(logit_rows, device=device)]).float()        # [N, V]
-        logp_all = logits.log_softmax(-1).gather(1, torch.cat(targets)[:, None]).squeeze(1)           # [N]
-        logprobs = list(logp_all.split([len(r.response_ids) for r in records]))
+        rows = torch.tensor(logit_rows + prompt_rows, device=device)
+        logits = model.compute_logits(hidden[rows]).float()                                         # [N, V]
+        logp_all = logits.log_softmax(-1).gather(1, all_targets[:, None]).squeeze(1)                 # [N]
+        response_logp, prompt_logp = logp_all.split([len(logit_rows), len(prompt_rows)])
+        logprobs = list(response_logp.split([len(r.response_ids) for r in records]))
         loss = loss_fn(logprobs, records)
+        if prompt_rows:
+            loss = loss - prompt_lm_weight * prompt_logp.mean()
         loss.backward()
     reused = sum(p.rows for p in plans)
     paths = Counter()
