@@ -313,5 +313,3 @@ class ActivationPool:
         index = torch.tensor(slots, dtype=torch.long, device=self.layout.device)  # [n]
         self._index_cache[record.key] = (start, stop, index)
         return index
-
-
