@@ -72,21 +72,18 @@ def build(args, tmp: Path):
 
 
 class TrainerOnly:
-    """What ServerState adds for training, without the web stack: the OnlineTrainer on a step hook
-    that pauses training on a failure (as ServerState._train_hook does)."""
+    """What ServerState adds for training, without the web stack: the OnlineTrainer on the engine's
+    step hooks (the same `step_or_pause` the server's hook calls)."""
 
     def __init__(self, training, engine, store, run_dir: Path, step_hooks: list):
         from trainer.online import OnlineTrainer
-        self.store, self.train_error = store, None
+        self.store = store
         self.trainer = OnlineTrainer(training, engine, store, run_dir, base_model=engine.config.model)
-        step_hooks.append(self._train_hook)
+        step_hooks.append(self.trainer.step_or_pause)
 
-    def _train_hook(self) -> None:
-        try:
-            self.trainer.maybe_step()
-        except Exception as err:
-            self.train_error = f"{type(err).__name__}: {err}"
-            self.trainer.pause()
+    @property
+    def train_error(self) -> str | None:
+        return self.trainer.last_error
 
 
 def capacity(engine, workload, n: int) -> dict:

@@ -75,8 +75,7 @@ async def pause_training(request: Request):
 async def resume_training(request: Request):
     state = _admin(request)
     trainer = _trainer(state)
-    state.train_error = None
-    trainer.resume()
+    trainer.resume()                             # also clears the last training error
     return {"paused": False, "adapter_version": trainer.version}
 
 

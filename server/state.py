@@ -51,7 +51,6 @@ class ServerState:
         self._last_step_start: float | None = None
         engine.step_hooks.append(self._stamp_scheduled)
         self.trainer: OnlineTrainer | None = None
-        self.train_error: str | None = None        # the last training failure (training pauses on one)
         self.run_dir = Path(run_dir) if run_dir else config.resolved_run_dir()
         if config.training.enabled:                # LoRA goes in before the engine thread serves
             self.trainer = OnlineTrainer(config.training, self.llm, store, self.run_dir,
@@ -136,15 +135,12 @@ class ServerState:
     def _train_hook(self) -> None:
         """Step hook: at most one training step. A failure pauses training; serving goes on."""
         start = time.monotonic()
-        try:
-            trained = self.trainer.maybe_step()
-        except Exception as err:
-            log.exception("training step failed; training paused (POST /v1/training/resume retries)")
-            self.train_error = f"{type(err).__name__}: {err}"
-            self.trainer.pause()
-            return
-        if trained:
+        if self.trainer.step_or_pause():
             self.step_seconds.observe(time.monotonic() - start)
+
+    @property
+    def train_error(self) -> str | None:
+        return self.trainer.last_error if self.trainer else None
 
     def _published(self, version: int) -> None:
         self.adapter_version = version           # new requests are served (and recorded) with it

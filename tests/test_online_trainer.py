@@ -114,6 +114,20 @@ def test_step_waits_for_a_batch_or_max_wait(tmp_path):
     assert rig.trainer.totals["outcome_hit"] + rig.trainer.totals["outcome_stale"] == 6
 
 
+def test_a_failing_step_pauses_training_until_resume(tmp_path, monkeypatch):
+    """The step hook never raises into the engine thread: a failure pauses training, is kept in
+    last_error, and resume clears both."""
+    rig = Rig(tmp_path)
+    rig.rate(rig.serve(2))
+    monkeypatch.setattr(rig.trainer, "maybe_step", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert rig.trainer.step_or_pause() is False
+    assert rig.trainer.paused and rig.trainer.last_error == "RuntimeError: boom"
+    monkeypatch.undo()
+    rig.trainer.resume()
+    assert not rig.trainer.paused and rig.trainer.last_error is None
+    assert rig.trainer.step_or_pause() and rig.trainer.version == 1
+
+
 def test_non_finite_step_is_skipped_and_nothing_published(tmp_path, monkeypatch):
     rig = Rig(tmp_path)
     rig.rate(rig.serve(2))

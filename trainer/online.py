@@ -47,6 +47,7 @@ class OnlineTrainer:
         self.baseline = RunningMean(config.baseline_momentum)
         self.lock = threading.Lock()
         self.paused = False
+        self.last_error: str | None = None        # the last training failure (training pauses on one)
         self.step_count, self.version = 0, 0
         self.next_version = 1              # published versions only increase, also after a rollback
         self._pending_activation: int | None = None
@@ -289,11 +290,22 @@ class OnlineTrainer:
         except NotFoundError:                   # trained and released meanwhile: nothing to keep
             pass
 
+    def step_or_pause(self) -> bool:
+        """The engine's step hook: maybe_step, but a failure pauses training (serving goes on) and is
+        kept in `last_error` until `resume`."""
+        try:
+            return self.maybe_step()
+        except Exception as err:
+            log.exception("training step failed; training paused (POST /v1/training/resume retries)")
+            self.last_error = f"{type(err).__name__}: {err}"
+            self.pause()
+            return False
+
     def pause(self) -> None:
         self.paused = True
 
     def resume(self) -> None:
-        self.paused = False
+        self.paused, self.last_error = False, None
 
     def request_activate(self, version: int) -> None:
         """Roll back (or forward) to a kept version at the next engine step boundary."""
