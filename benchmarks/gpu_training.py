@@ -73,8 +73,7 @@ def measure(fn, tokens: int, repeat: int) -> dict:
 
 
 def ours(engine, manager, records, reuse: bool, checkpoint_layers: bool):
-    masters = manager.masters()
-    adapters = {m: (*masters[n], m.scaling) for n, m in manager.modules.items()}
+    adapters = manager.training_adapters(manager.masters())
     return lambda: forward_backward(engine.runner.model, records, adapters, pool=engine.activation_pool,
                                     reuse=reuse, checkpoint_layers=checkpoint_layers)
 

@@ -23,7 +23,7 @@ from engine.sampling_params import SamplingParams
 from store.feedback_store import CompletionRecord, FeedbackStore
 from trainer.config import TrainerConfig
 from trainer.online import OnlineTrainer
-from trainer.perplexity import largest_increases, perplexity
+from trainer.perplexity import largest_increases
 from trainer.prompts import PROMPTS
 from trainer.simulate import rate
 
@@ -70,11 +70,11 @@ def main() -> None:
         window = ratings[-args.window:]
         print(f"events {len(ratings)} rate {sum(r > 0 for r in window) / len(window):.2f} "
               f"version {trainer.version} t {time.time() - start:.0f}s {dict(trainer.totals)}", flush=True)
-    adapters = {m: (*trainer.masters[n], m.scaling) for n, m in trainer.adapters.modules.items()}
+    adapters = trainer.adapters.training_adapters(trainer.masters)
     with torch.no_grad():
-        base = perplexity(engine.runner.model, engine.tokenizer, adapters={})
-        adapted = perplexity(engine.runner.model, engine.tokenizer, adapters=adapters)
-        print(json.dumps(largest_increases(engine.runner.model, engine.tokenizer, adapters)), flush=True)
+        held_out = largest_increases(engine.runner.model, engine.tokenizer, adapters)
+    print(json.dumps(held_out), flush=True)
+    base, adapted = held_out["base_ppl"], held_out["adapted_ppl"]
     first, last = ratings[:args.window], ratings[-args.window:]
     print(json.dumps({"lr": args.lr, "objective": args.objective, "targets": args.targets, "rank": args.rank,
                       "temperature": args.temperature, "weight_decay": args.weight_decay,

@@ -74,4 +74,5 @@ def test_largest_increases_sums_per_token_changes(smollm2):
     base = perplexity(parts.model, parts.tokenizer, texts)
     adapted = perplexity(parts.model, parts.tokenizer, texts, big)
     assert out["total_nll_increase"] / count == pytest.approx(math.log(adapted / base), rel=1e-4, abs=1e-6)
+    assert out["base_ppl"] == pytest.approx(base, rel=1e-6) and out["adapted_ppl"] == pytest.approx(adapted, rel=1e-6)
     assert len(out["top"]) == 3 and out["top"][0]["delta"] >= out["top"][-1]["delta"]

@@ -80,7 +80,7 @@ def compare(grads_a: list[torch.Tensor], grads_b: list[torch.Tensor]) -> dict:
 
 def train_once(engine, manager, records, reuse: bool, max_staleness: int):
     masters = manager.masters()
-    adapters = {m: (*masters[name], m.scaling) for name, m in manager.modules.items()}
+    adapters = manager.training_adapters(masters)
     result = forward_backward(engine.runner.model, records, adapters, pool=engine.activation_pool, reuse=reuse,
                               trainer_version=manager.version, max_staleness=max_staleness)
     return result, [t.grad for pair in masters.values() for t in pair]

@@ -240,7 +240,7 @@ class OnlineTrainer:
         return total + pg_loss(lp, ref, advantages, clip_eps=self.config.pg_clip)
 
     def _adapter_map(self) -> dict:
-        return {m: (*self.masters[name], m.scaling) for name, m in self.adapters.modules.items()}
+        return self.adapters.training_adapters(self.masters)
 
     def _optimize(self, records: list[TrainRecord]) -> None:
         params = [t for n in self.names for t in self.masters[n]]

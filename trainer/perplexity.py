@@ -31,17 +31,21 @@ def perplexity(model, tokenizer, texts: list[str] = HELDOUT_TEXTS, adapters: dic
 
 
 def largest_increases(model, tokenizer, adapters: dict, top: int = 10, texts: list[str] = HELDOUT_TEXTS) -> dict:
-    """Where held-out NLL rose most with the adapters: the `top` tokens (with the text before them)
-    and the share of the total increase they carry."""
-    rows = []
+    """Held-out perplexity without and with the adapters (as `perplexity` computes it), and where NLL
+    rose most: the `top` tokens (with the text before them) and the share of the total increase they carry."""
+    rows, base_all, adapted_all = [], [], []
     for text in texts:
         ids, base = token_nll(model, tokenizer, text)
         _, adapted = token_nll(model, tokenizer, text, adapters)
+        base_all.append(base)
+        adapted_all.append(adapted)
         for i, delta in enumerate((adapted - base).tolist()):
             rows.append((delta, tokenizer.decode(ids[max(0, i - 5):i + 1]), tokenizer.decode([ids[i + 1]])))
     rows.sort(key=lambda r: r[0], reverse=True)
     total = sum(r[0] for r in rows)
-    return {"total_nll_increase": total, "top_share": sum(r[0] for r in rows[:top]) / total if total else 0.0,
+    return {"base_ppl": math.exp(float(torch.cat(base_all).mean())),
+            "adapted_ppl": math.exp(float(torch.cat(adapted_all).mean())), "total_nll_increase": total,
+            "top_share": sum(r[0] for r in rows[:top]) / total if total else 0.0,
             "top": [{"delta": round(d, 3), "context": c, "token": t} for d, c, t in rows[:top]]}
 
 
