@@ -3,18 +3,23 @@
 engine, and the training throughput reached meanwhile. Target: TBT p99 on <= 1.2x off.
 
 The engine is the server's: random weights of the shape, capture=prefill, LoRA applied by the same
-ServerState that `alchemist serve` builds (training enabled). One thread drives it like the server's
-engine thread: add the requests that have arrived, run the server's step hooks (queue stamp, then
-OnlineTrainer.maybe_step with its duty cycle), engine.step(), stamp new tokens. Completions are
-recorded (and, in the `on` run, 30% rated +1/-1, seeded) on a writer thread, like the server's
-`asyncio.to_thread`; a rating pins the record's activations as POST /feedback does. Order: capacity,
-one warm-up training step, `off` (adapter kept, trainer hook runs, no feedback: no steps), `on`.
+ServerState that `alchemist serve` builds (training enabled). This thread drives it like the server's
+engine thread (on the serving stream): add the requests that have arrived, run the server's step hooks
+(queue stamp, then OnlineTrainer.step_or_pause: in `interleaved` mode a training step with its duty
+cycle, in `thread` mode only making a new version live while the trainer thread trains on its
+low-priority stream), engine.step(), stamp new tokens. Completions are recorded (and, in the `on` runs,
+30% rated +1/-1, seeded) on a writer thread, like the server's `asyncio.to_thread`; a rating pins the
+record's activations as POST /feedback does. Order: capacity, `off` (adapter kept, trainer hook runs,
+no feedback: no steps), then per `--modes` entry (concurrency:duty_cycle) one warm-up step and an `on`
+run of the same schedule.
 
     python -m benchmarks.gpu_colocation --out DIR [--sharegpt .bench/sharegpt.json] [--shape 8b|1b|tiny]
+        [--modes thread:0.5,interleaved:0.5]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import tempfile
@@ -32,6 +37,7 @@ from benchmarks.gpu_training import SHAPES
 from engine.async_engine import AsyncEngine
 from engine.sampling_params import SamplingParams
 from store.feedback_store import CompletionRecord, FeedbackStore
+from trainer.background import TrainerThread
 from trainer.config import TrainerConfig
 
 KV_GIB = {"8b": 24.0, "1b": 16.0, "tiny": 0.0625}
@@ -55,7 +61,7 @@ def build(args, tmp: Path):
     engine = make_engine(SHAPES[args.shape], args.kv_gib or KV_GIB[args.shape], capture="prefill",
                          activation_pool_cpu_bytes=int(args.pool_cpu_gib * (1 << 30)),
                          **({"activation_pool_bytes": int(args.pool_gib * (1 << 30))} if args.pool_gib else {}))
-    training = TrainerConfig(objective=args.objective, duty_cycle=args.duty_cycle, step_tokens=args.step_tokens,
+    training = TrainerConfig(objective=args.objective, step_tokens=args.step_tokens,
                              checkpoint_every=args.checkpoint_every, min_records_per_step=args.min_records,
                              max_wait_s=args.max_wait_s)
     async_engine = AsyncEngine(engine)         # never started: this thread is the engine thread
@@ -200,18 +206,34 @@ def summarize(raw: dict, duration: float, totals_before: Counter) -> dict:
             "outcomes": {k[8:]: v for k, v in w.items() if k.startswith("outcome_")}}
 
 
-def warm_up_training(state, hooks, seqs, writer: Writer) -> None:
-    """Training steps before the runs (kernels, allocator) on requests of the capacity run, until no
-    feedback is left untrained, so that the `off` run trains nothing."""
-    for s in seqs[:4]:
-        writer.finished(s[0], 1)
+def use_mode(trainer, mode: str) -> None:
+    """`concurrency:duty_cycle`, e.g. thread:0.5: where the trainer's steps run from now on."""
+    concurrency, duty = mode.split(":")
+    trainer.stop()
+    trainer.config = dataclasses.replace(trainer.config, concurrency=concurrency, duty_cycle=float(duty))
+    trainer.pacing.config = trainer.config
+    trainer.thread = TrainerThread(trainer) if concurrency == "thread" else None
+    trainer.start()
+
+
+def warm_up_training(state, hooks, engine, workload, writer: Writer) -> None:
+    """Training steps (kernels, allocator, the mode's stream) on 4 fresh requests, until no feedback is
+    left untrained and no step is under way, so that the next run starts clean."""
+    for seqs in engine.generate([p for p, _ in workload[:4]], [params(m) for _, m in workload[:4]]):
+        writer.finished(seqs[0], 1)
     writer.drain()
     trainer, deadline = state.trainer, time.monotonic() + 600
+    steps = trainer.totals["steps"]
     while state.train_error is None and time.monotonic() < deadline and (
-            trainer.totals["steps"] < 1 or state.store.pending_feedback(trainer.read_seq, 1)):
+            trainer.totals["steps"] <= steps or state.store.pending_feedback(trainer.read_seq, 1)):
         for hook in hooks:
             hook()
-    if state.train_error or trainer.totals["steps"] < 1:
+        time.sleep(0.001)
+    with trainer.lock:                           # a step the thread took last has ended
+        pass
+    for hook in hooks:                           # the last version goes live
+        hook()
+    if state.train_error or trainer.totals["steps"] <= steps:
         raise RuntimeError(f"warm-up training failed: {state.train_error}")
 
 
@@ -219,33 +241,50 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         engine, state, hooks = build(args, Path(tmp))
+        if engine.runner.stream is not None:   # this thread is the engine thread: the serving stream
+            torch.cuda.set_stream(engine.runner.stream)
         print(f"{args.shape} engine + LoRA ready in {time.perf_counter() - t:.1f} s; activation pool holds "
               f"{engine.activation_pool.num_slots} tokens", flush=True)
         workload = load_workload(args.sharegpt, engine.hf_config.vocab_size)
         cap = capacity(engine, workload, args.capacity_requests)
-        seqs = cap.pop("seqs")
+        cap.pop("seqs")
         rate = args.load * cap["req_s"]
         print(f"capacity {cap['req_s']:.2f} req/s ({cap['out_tok_s']:.0f} out tok/s); open loop at {rate:.2f} req/s",
               flush=True)
         writer = Writer(state)
-        warm_up_training(state, hooks, seqs, writer)
         sched = schedule(workload, rate, args.duration, args.seed, args.feedback)
         res = {"capacity": cap, "rate_req_s": rate, "scheduled_requests": len(sched)}
-        for tag in ("off", "on"):
-            before = Counter(state.trainer.totals)
-            raw = drive(engine, hooks, sched, args.duration, writer, tag, tag == "on", state.trainer)
-            res[tag] = summarize(raw, args.duration, before)
-            print(tag, json.dumps(res[tag]), flush=True)
-            writer.drain()
-        res["on"].update(untrained_feedback=len(state.store.pending_feedback(state.trainer.read_seq, 1 << 30)),
-                         train_error=state.train_error, adapter_version=state.trainer.version,
-                         pool=engine.activation_pool.stats(),
-                         pool_capacity_tokens=engine.activation_pool.num_slots)
-        state.store.close()
-    res["ratio_on_off"] = {k: res["on"][k] / res["off"][k] for k in
-                           ("ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms", "tbt_p99_ms")}
-    res["tbt_p99_target_met"] = res["ratio_on_off"]["tbt_p99_ms"] <= 1.2
+        use_mode(state.trainer, args.modes[0])
+        warm_up_training(state, hooks, engine, workload, writer)
+        runs = [("off", None)] + [(f"on {mode}", mode) for mode in args.modes]
+        try:
+            for tag, mode in runs:
+                if mode is not None:
+                    use_mode(state.trainer, mode)
+                    warm_up_training(state, hooks, engine, workload, writer)
+                res[tag] = one_run(engine, hooks, sched, args.duration, writer, tag, state)
+        finally:
+            state.trainer.stop()
+            state.store.close()
+    for tag, mode in runs[1:]:
+        res[tag]["ratio_on_off"] = {k: res[tag][k] / res["off"][k] for k in
+                                    ("ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms", "tbt_p99_ms")}
+        res[tag]["tbt_p99_target_met"] = res[tag]["ratio_on_off"]["tbt_p99_ms"] <= 1.2
     return res
+
+
+def one_run(engine, hooks, sched, duration: float, writer: Writer, tag: str, state) -> dict:
+    before = Counter(state.trainer.totals)
+    on = tag != "off"
+    raw = drive(engine, hooks, sched, duration, writer, tag.replace(" ", "-"), on, state.trainer)
+    out = summarize(raw, duration, before)
+    writer.drain()
+    if on:
+        out.update(untrained_feedback=len(state.store.pending_feedback(state.trainer.read_seq, 1 << 30)),
+                   train_error=state.train_error, adapter_version=state.trainer.version,
+                   pool=engine.activation_pool.stats(), pool_capacity_tokens=engine.activation_pool.num_slots)
+    print(tag, json.dumps(out), flush=True)
+    return out
 
 
 def parse_args(argv=None):
@@ -259,7 +298,8 @@ def parse_args(argv=None):
     ap.add_argument("--feedback", type=float, default=0.3, help="share of answers rated in the `on` run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--objective", default="kto", help="kto: every +1/-1 rating trains (sft: only +1)")
-    ap.add_argument("--duty-cycle", type=float, default=0.5)
+    ap.add_argument("--modes", type=lambda v: v.split(","), default=["thread:0.5", "interleaved:0.5"],
+                    help="`on` runs, each concurrency:duty_cycle (concurrency: thread | interleaved)")
     ap.add_argument("--step-tokens", type=int, default=2048)
     ap.add_argument("--checkpoint-every", type=int, default=10)
     ap.add_argument("--min-records", type=int, default=TrainerConfig.min_records_per_step,
@@ -276,7 +316,8 @@ def main(argv=None) -> dict:
     res = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "commit": git_commit(),
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "args": vars(args),
            "off_means": "same engine, LoRA applied, trainer hook running, no feedback (no steps)",
-           "on_means": f"same engine and trainer, {args.feedback:.0%} of answers rated +1/-1 (seeded)"}
+           "on_means": f"same engine and trainer, {args.feedback:.0%} of answers rated +1/-1 (seeded), "
+                       "trainer steps run as the run's mode (concurrency:duty_cycle) says"}
     res.update(run(args))
     emit(res, args.out, "gpu_colocation")
     return res

@@ -8,6 +8,8 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import torch
+
 from engine.errors import AlchemistError, OverloadedError
 from engine.llm_engine import LLMEngine
 from engine.output_processor import SeqDelta
@@ -124,6 +126,8 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         try:
+            if self.engine.runner.stream is not None:   # every device op of this thread: the serving stream
+                torch.cuda.set_stream(self.engine.runner.stream)
             while not self._stop.is_set():
                 self._apply_commands()
                 for hook in self.step_hooks:

@@ -111,13 +111,14 @@ class LLMEngine:
 
     # -- stepping --------------------------------------------------------------
     def step(self) -> list[SeqDelta]:
-        batch = self.scheduler.schedule()
-        if batch.is_empty:
-            return []
-        results = self.runner.execute(batch)
-        self.scheduler.postprocess(batch, results)
-        if self.capture is not None:
-            self.capture.commit(self.adapter_version)
+        with self.runner.stream_context():        # pool evictions, forward and sampling on the serving stream
+            batch = self.scheduler.schedule()
+            if batch.is_empty:
+                return []
+            results = self.runner.execute(batch)
+            self.scheduler.postprocess(batch, results)
+            if self.capture is not None:
+                self.capture.commit(self.adapter_version)
         return self._process_outputs(batch.seqs, results)
 
     def _process_outputs(self, seqs: list[Sequence], results) -> list[SeqDelta]:

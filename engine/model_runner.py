@@ -1,6 +1,9 @@
 """The only device code of the engine: KV cache, batch metadata, forward, sampling, CUDA graphs."""
 from __future__ import annotations
 
+import threading
+from contextlib import nullcontext
+
 import torch
 
 from engine.context import AttentionMetadata, CaptureMetadata, ServingContext
@@ -31,6 +34,18 @@ class ModelRunner:
         self.use_cuda_graphs = use_cuda_graphs
         self.cuda_graph_max_batch = cuda_graph_max_batch
         self.graphs: DecodeGraphs | None = None   # captured at the first decode step (after adapters are applied)
+        # serving runs on a stream of the highest priority: a trainer on a low-priority stream of the same
+        # GPU takes only the SMs serving leaves free (the block scheduler prefers high-priority work)
+        self.stream = torch.cuda.Stream(device, priority=-100) if device.type == "cuda" else None
+        # held while decode graphs are captured; a trainer thread holds it for each step, so no other
+        # thread's CUDA calls invalidate a capture
+        self.graph_capture_lock = threading.Lock()
+        if self.stream is not None:
+            torch.cuda.synchronize(device)        # weights and caches made on the default stream are ready
+
+    def stream_context(self):
+        """Run device work of the engine (thread) on the serving stream: `with runner.stream_context():`."""
+        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
 
     def invalidate_graphs(self) -> None:
         """Drop captured decode graphs (after modules were replaced); they are captured again on use."""
@@ -120,7 +135,8 @@ class ModelRunner:
         input_ids, positions, ctx, logits_idx = self.prepare(batch)
         sampling_seqs = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         if self.use_cuda_graphs and ctx.attn.is_decode and self.graphs is None:
-            self.graphs = DecodeGraphs(self, self.cuda_graph_max_batch)
+            with self.graph_capture_lock:
+                self.graphs = DecodeGraphs(self, self.cuda_graph_max_batch)
         if self.graphs is not None and self.graphs.can_run(ctx):
             logits = self.graphs.run(input_ids, positions, ctx)
         else:

@@ -54,7 +54,8 @@ async def activate_adapter(version: int, request: Request):
     trainer = _trainer(state)
     await asyncio.to_thread(trainer.request_activate, version)     # NotFoundError (404) if not kept
     deadline = time.monotonic() + ACTIVATE_WAIT_S
-    while trainer.pending_activation is not None and time.monotonic() < deadline:
+    while (trainer.pending_activation is not None or state.adapter_version != version) \
+            and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     applied = trainer.pending_activation is None and state.adapter_version == version
     body = {"object": "adapter", "version": version, "active": applied,

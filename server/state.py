@@ -1,5 +1,5 @@
 """Everything a request handler needs, built once per process: engine, store, keys, metrics, and the
-online trainer (trains between engine steps, on the engine thread)."""
+online trainer (on its own thread, or between engine steps on the engine thread: training.concurrency)."""
 from __future__ import annotations
 
 import asyncio
@@ -52,11 +52,12 @@ class ServerState:
         engine.step_hooks.append(self._stamp_scheduled)
         self.trainer: OnlineTrainer | None = None
         self.run_dir = Path(run_dir) if run_dir else config.resolved_run_dir()
+        self.step_seconds = step_histogram(self.metrics.registry, self.model_name)
         if config.training.enabled:                # LoRA goes in before the engine thread serves
             self.trainer = OnlineTrainer(config.training, self.llm, store, self.run_dir,
-                                         base_model=config.engine.model, on_publish=self._published)
-            engine.step_hooks.append(self._train_hook)
-        self.step_seconds = step_histogram(self.metrics.registry, self.model_name)
+                                         base_model=config.engine.model, on_publish=self._published,
+                                         on_step=self.step_seconds.observe)
+            engine.step_hooks.append(self.trainer.step_or_pause)   # trains (interleaved) or makes versions live
         self.metrics.registry.register(TrainingCollector(self))
 
     @classmethod
@@ -77,6 +78,8 @@ class ServerState:
         if not self._started:
             self._started = True
             self.engine.start()
+            if self.trainer is not None:
+                self.trainer.start()
         self._purge_task = asyncio.create_task(self._purge_loop())
 
     async def stop(self) -> None:
@@ -100,7 +103,8 @@ class ServerState:
         if trainer is None:
             return
         trainer.pause()
-        if not trainer.lock.acquire(timeout=120):    # the engine thread did not stop in time
+        trainer.stop()
+        if not trainer.lock.acquire(timeout=120):    # the step under way did not end in time
             log.error("final checkpoint skipped: a training step is still running")
             return
         try:
@@ -131,12 +135,6 @@ class ServerState:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = stamp
         self._last_step_start = now
-
-    def _train_hook(self) -> None:
-        """Step hook: at most one training step. A failure pauses training; serving goes on."""
-        start = time.monotonic()
-        if self.trainer.step_or_pause():
-            self.step_seconds.observe(time.monotonic() - start)
 
     @property
     def train_error(self) -> str | None:

@@ -19,7 +19,7 @@ POOL_TIERS = ("device", "cpu")
 
 
 def step_histogram(registry, model_name: str):
-    return Histogram("alchemist_train_step_seconds", "Wall time of one training step (engine thread).",
+    return Histogram("alchemist_train_step_seconds", "Wall time of one training step.",
                      ["model_name"], buckets=STEP_BUCKETS, registry=registry).labels(model_name)
 
 

@@ -25,18 +25,20 @@ def test_colocation_tiny_cpu(tmp_path, one_thread):
                 "response": [rng.randrange(49152) for _ in range(rng.randint(8, 48))]} for _ in range(32)]
     (tmp_path / "sharegpt.json").write_text(json.dumps(records))
     res = gpu_colocation.main(["--shape", "tiny", "--duration", "3", "--capacity-requests", "8", "--min-records", "1",
+                               "--modes", "thread:1.0,interleaved:0.5",
                                "--sharegpt", str(tmp_path / "sharegpt.json"), "--out", str(tmp_path / "out")])
     assert json.loads((tmp_path / "out" / "gpu_colocation.json").read_text()) == json.loads(json.dumps(res))
     assert res["capacity"]["req_s"] > 0 and res["rate_req_s"] == pytest.approx(0.5 * res["capacity"]["req_s"])
-    off, on = res["off"], res["on"]
-    for run in (off, on):
+    off, on, interleaved = res["off"], res["on thread:1.0"], res["on interleaved:0.5"]
+    for run in (off, on, interleaved):
         assert run["requests"] == res["scheduled_requests"] > 0
         for m in ("ttft", "tbt"):
             assert run[f"{m}_p99_ms"] >= run[f"{m}_p50_ms"] > 0
         assert run["out_tok_s"] > 0 and run["tbt_samples"] > 0
     assert off["train_steps"] == 0 and off["trained_tokens"] == 0 and off["rated"] == 0
-    assert on["rated"] >= 1 and on["train_steps_incl_drain"] >= 1 and on["train_error"] is None
-    assert on["trained_tokens"] == on["reuse_tokens"] + on["recompute_tokens"] >= 0
-    assert on["trained_tok_s"] == pytest.approx(on["trained_tokens"] / 3)
-    assert on["tbt_samples"] == off["tbt_samples"]           # same schedule, same output lengths
-    assert all(math.isfinite(v) and v > 0 for v in res["ratio_on_off"].values())
+    for run in (on, interleaved):
+        assert run["rated"] >= 1 and run["train_steps_incl_drain"] >= 1 and run["train_error"] is None
+        assert run["trained_tokens"] == run["reuse_tokens"] + run["recompute_tokens"] >= 0
+        assert run["trained_tok_s"] == pytest.approx(run["trained_tokens"] / 3)
+        assert run["tbt_samples"] == off["tbt_samples"]          # same schedule, same output lengths
+        assert all(math.isfinite(v) and v > 0 for v in run["ratio_on_off"].values())

@@ -106,10 +106,10 @@ def test_step_waits_for_a_batch_or_max_wait(tmp_path):
     rig.rate(rig.serve(2))
     assert not rig.trainer.maybe_step() and rig.trainer.version == 0
     time.sleep(0.35)
-    rig.trainer._next_poll = 0.0                                  # skip the 1 s poll pause
+    rig.trainer.pacing.poll_now()                                  # skip the 1 s poll pause
     assert rig.trainer.maybe_step() and rig.trainer.version == 1  # waited long enough: a step of 2
     rig.rate(rig.serve(4))
-    rig.trainer._next_poll = 0.0
+    rig.trainer.pacing.poll_now()
     assert rig.trainer.maybe_step() and rig.trainer.version == 2  # a full batch: at once
     assert rig.trainer.totals["outcome_hit"] + rig.trainer.totals["outcome_stale"] == 6
 

@@ -8,7 +8,9 @@ B: [out, r]). Masters, history entries and files hold fp32; the serving tensors 
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,13 +46,24 @@ def check_state(state: AdapterState, shapes: dict[str, tuple[torch.Size, torch.S
                               f"A {tuple(want_a)} / B {tuple(want_b)}: use an adapter of the same rank and base")
 
 
+@dataclass
+class StagedAdapter:
+    """A version ready to serve: its tensors already in the serving dtype and device (one flat buffer),
+    so that making it live is one `_foreach_copy_` at an engine step boundary."""
+    version: int
+    flat: torch.Tensor                     # every A and B, in module order, flattened
+    views: list[torch.Tensor]              # views of `flat` shaped like the serving tensors
+    ready: torch.cuda.Event | None         # the staging copies are done (on CUDA)
+
+
 class AdapterManager:
     """Owns the serving adapter of one model: its version, publish, rollback and history.
 
     Keeps the `max_history` most recently published or activated versions (CPU fp32) for rollback.
-    Call `publish` / `activate` only at an engine step boundary (between `LLMEngine.step` calls), so a
-    batch never sees a half-written adapter. On CUDA, apply it to the model before decode CUDA graphs
-    are captured, or the graphs replay the model without the adapter.
+    Call `publish` / `activate` / `commit` only at an engine step boundary (between `LLMEngine.step`
+    calls), so a batch never sees a half-written adapter; `stage` may run on another thread (a trainer's)
+    meanwhile. On CUDA, apply it to the model before decode CUDA graphs are captured, or the graphs
+    replay the model without the adapter.
     """
 
     def __init__(self, model: nn.Module, config: LoRAConfig, max_history: int = 8,
@@ -62,6 +75,7 @@ class AdapterManager:
         self.modules = apply_lora(model, config, generator)
         self.version = 0
         self._last_version = 0
+        self._lock = threading.Lock()          # history: staged on the trainer's thread, read by the server's
         self._history: OrderedDict[int, AdapterState] = OrderedDict()
         self._history[0] = cpu_fp32(self.serving_state())
 
@@ -86,44 +100,80 @@ class AdapterManager:
 
     def state(self, version: int | None = None) -> AdapterState:
         """CPU fp32 copy of a kept version (default: the active one), e.g. for export_peft."""
-        version = self.version if version is None else version
-        if version not in self._history:
-            raise NotFoundError(f"adapter version {version} is not kept; kept versions: {self.versions()}")
-        return cpu_fp32(self._history[version])
+        return cpu_fp32(self._kept(self.version if version is None else version))
+
+    def _kept(self, version: int) -> AdapterState:
+        with self._lock:
+            if version not in self._history:
+                raise NotFoundError(f"adapter version {version} is not kept; kept versions: {sorted(self._history)}")
+            return self._history[version]
 
     def versions(self) -> list[int]:
-        return sorted(self._history)
+        with self._lock:
+            return sorted(self._history)
 
     def publish(self, masters: AdapterState, version: int) -> None:
         """Copy `masters` into the serving tensors in place and make `version` active."""
+        self.commit(self.stage(masters, version))
+
+    def activate(self, version: int) -> None:
+        """Roll back (or forward) to a kept version: publish its tensors again."""
+        self.commit(self.stage_kept(version))
+
+    def stage(self, masters: AdapterState, version: int) -> StagedAdapter:
+        """Prepare new `version` from `masters` (any thread; nothing served changes until `commit`). The
+        version is kept (for checkpoints, export and rollback) from now on."""
         if isinstance(version, bool) or not isinstance(version, int) or version <= self._last_version:
             raise ConflictError(f"adapter version {version!r} is not newer than {self._last_version}: "
                                 "publish increasing integer versions (use activate to roll back)")
         check_state(masters, self.shapes())
-        self._copy_into_serving(masters)
-        self._history[version] = cpu_fp32(masters)
-        self.version = self._last_version = version
-        self._trim_history()
+        staged = self._staged(masters, version)
+        with self._lock:
+            self._history[version] = cpu_fp32(masters)
+            self._last_version = version
+            self._trim_history(keep=version)
+        return staged
 
-    def activate(self, version: int) -> None:
-        """Roll back (or forward) to a kept version: publish its tensors again."""
-        if version not in self._history:
-            raise NotFoundError(f"adapter version {version} is not kept; kept versions: {self.versions()}")
-        self._copy_into_serving(self._history[version])
-        self._history.move_to_end(version)
-        self.version = version
+    def stage_kept(self, version: int) -> StagedAdapter:
+        """Prepare a kept version to be served again (rollback or forward)."""
+        return self._staged(self._kept(version), version)
 
     @torch.no_grad()
-    def _copy_into_serving(self, state: AdapterState) -> None:
-        for name, m in self.modules.items():
-            a, b = state[name]
-            m.lora_A.copy_(a.detach())          # copy_ casts dtype and device; the pointer stays
-            m.lora_B.copy_(b.detach())
+    def _staged(self, state: AdapterState, version: int) -> StagedAdapter:
+        serving = [t for m in self.modules.values() for t in (m.lora_A, m.lora_B)]
+        flat = torch.empty(sum(t.numel() for t in serving), dtype=serving[0].dtype, device=serving[0].device)
+        views, offset = [], 0
+        for name in self.modules:
+            for src in state[name]:
+                view = flat[offset:offset + src.numel()].view(src.shape)
+                view.copy_(src.detach())                # casts dtype and device
+                views.append(view)
+                offset += src.numel()
+        ready = None
+        if flat.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        return StagedAdapter(version, flat, views, ready)
 
-    def _trim_history(self) -> None:
-        """Drop the least recently published/activated versions, never the active one."""
-        while len(self._history) > self.max_history:
-            oldest = next(v for v in self._history if v != self.version)
+    @torch.no_grad()
+    def commit(self, staged: StagedAdapter) -> None:
+        """Make a staged version live: copy into the serving tensors in place (the pointers stay)."""
+        serving = [t for m in self.modules.values() for t in (m.lora_A, m.lora_B)]
+        if staged.ready is not None:              # GPU-side wait for the stager's stream: no host sync
+            stream = torch.cuda.current_stream(staged.flat.device)
+            stream.wait_event(staged.ready)
+            staged.flat.record_stream(stream)     # its memory is not reused before these copies ran
+        torch._foreach_copy_(serving, staged.views)
+        with self._lock:
+            if staged.version in self._history:   # most recently served first to be kept
+                self._history.move_to_end(staged.version)
+            self.version = staged.version
+            self._trim_history(keep=staged.version)
+
+    def _trim_history(self, keep: int) -> None:
+        """Drop the least recently published/activated versions, never the active one nor `keep`."""
+        while len(self._history) > max(self.max_history, 2 if keep != self.version else 1):
+            oldest = next(v for v in self._history if v not in (self.version, keep))
             del self._history[oldest]
 
 

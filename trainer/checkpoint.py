@@ -69,3 +69,19 @@ def prune(run_dir: Path, keep: int = 3) -> None:
     for old in folders[:-keep]:
         if old.name != latest:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def write_next_version(run_dir: Path, next_version: int) -> None:
+    """The next version number to hand out; survives kill -9 (page cache), so a restart never reuses a
+    number served before the crash."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / ".next_version.tmp"
+    tmp.write_text(f"{next_version}\n")
+    tmp.replace(run_dir / "next_version")
+
+
+def read_next_version(run_dir: Path) -> int:
+    try:
+        return int((run_dir / "next_version").read_text())
+    except (OSError, ValueError):
+        return 0

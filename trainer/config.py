@@ -7,6 +7,7 @@ from engine.config import from_known_dict
 from engine.errors import ConfigError
 
 OBJECTIVES = ("sft", "kto", "pg")
+CONCURRENCY = ("auto", "thread", "interleaved")
 
 
 @dataclass
@@ -26,7 +27,10 @@ class TrainerConfig:
     min_records_per_step: int = 8       # wait for this many ratings before a step ...
     max_wait_s: float = 20.0            # ... or until the first of them has waited this long
     max_staleness: int = 4              # adapter versions a record's activations may lag and still be reused
-    duty_cycle: float = 0.5             # most of the engine thread's time training may take while serving
+    duty_cycle: float = 0.5             # most of the wall time training steps may take while serving
+    # where steps run: "thread" = a trainer thread (on CUDA a low-priority stream beside serving's),
+    # "interleaved" = on the engine thread between engine steps; "auto" = thread on CUDA, else interleaved
+    concurrency: str = "auto"
     checkpoint_every: int = 10          # steps; also on shutdown
     run_name: str = "default"
     kto_beta: float = 0.1
@@ -46,6 +50,8 @@ class TrainerConfig:
         if not 1 <= self.min_records_per_step <= self.max_records_per_step or self.max_wait_s < 0:
             raise ConfigError(f"training.min_records_per_step={self.min_records_per_step} must be in "
                               f"[1, max_records_per_step={self.max_records_per_step}] and max_wait_s >= 0")
+        if self.concurrency not in CONCURRENCY:
+            raise ConfigError(f"training.concurrency={self.concurrency!r}: use one of {CONCURRENCY}")
         if not 0.0 < self.duty_cycle <= 1.0:
             raise ConfigError("training.duty_cycle must be in (0, 1]")
         if not (self.prompt_lm_weight >= 0):

@@ -139,6 +139,27 @@ class RunningMean:
         self.momentum, self.mean, self.count = float(state["momentum"]), float(state["mean"]), int(state["count"])
 
 
+def batch_loss(config, baseline: RunningMean, logprobs: list[torch.Tensor], records: list) -> torch.Tensor:
+    """The objective `config.objective` (a TrainerConfig's) over served records (those with a key) + SFT
+    over user-written better answers (key None). records: trainer.reuse.TrainRecord, one per logprobs [R_i]."""
+    device = logprobs[0].device
+    served = [i for i, r in enumerate(records) if r.key is not None]
+    better = [i for i, r in enumerate(records) if r.key is None]
+    total = logprobs[0].sum() * 0.0
+    if better:
+        total = total + sft_loss([logprobs[i] for i in better], torch.ones(len(better), device=device))
+    if not served:
+        return total
+    lp = [logprobs[i] for i in served]
+    rewards = torch.tensor([records[i].weight for i in served], device=device)
+    ref = [torch.tensor(records[i].serving_logprobs, device=device) for i in served]
+    if config.objective == "sft":
+        return total + sft_loss(lp, rewards)
+    if config.objective == "kto":
+        return total + kto_loss(lp, ref, rewards > 0, beta=config.kto_beta)
+    return total + pg_loss(lp, ref, baseline.advantages(rewards), clip_eps=config.pg_clip)
+
+
 def reward(rating: int | None = None, stars: int | None = None) -> float:
     """Thumbs -1 / +1 -> -1.0 / +1.0; stars 1-5: >= 4 -> +1.0, <= 2 -> -1.0, 3 -> 0.0."""
     if (rating is None) == (stars is None):

@@ -1,0 +1,86 @@
+"""training.concurrency=thread (the default on CUDA), here on the CPU: the trainer thread trains while
+the engine thread keeps stepping; a new version goes live only in the engine's step hook
+(`step_or_pause`, which in this mode trains nothing itself); rows of a step's records are pinned while it
+reads them; rollback and failures behave as in interleaved mode."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.test_online_trainer import Rig, same
+
+
+def wait_for(condition, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+@pytest.fixture
+def rig(tmp_path):
+    rig = Rig(tmp_path, concurrency="thread", min_records_per_step=2, max_wait_s=600.0)   # steps of 2+
+    yield rig
+    rig.trainer.stop()
+
+
+def test_thread_trains_and_the_version_goes_live_only_in_the_engine_hook(rig):
+    assert rig.trainer.thread is not None
+    records = rig.serve(3)
+    before = rig.serving()
+    rig.rate(records)
+    rig.trainer.start()
+    assert wait_for(lambda: rig.trainer.totals["steps"] == 1 and rig.trainer.version == 1)
+    assert rig.trainer.totals["outcome_hit"] == 3              # reused while another thread could step
+    assert rig.engine.adapter_version == 0 and rig.published == [] and same(before, rig.serving())
+    assert not rig.trainer.step_or_pause()                     # the engine's hook: no training here ...
+    assert rig.engine.adapter_version == 1 and rig.published == [1]      # ... only the commit
+    assert same(rig.serving(), rig.masters())
+    rig.serve(2)                                               # served (and recorded) with version 1
+    assert rig.trainer.adapters.version == 1
+
+
+def test_engine_keeps_stepping_while_the_thread_trains(rig):
+    rig.trainer.start()
+    for _ in range(3):                                         # rate, then serve more at once
+        rig.rate(rig.serve(2))
+        rig.serve(2)
+        rig.trainer.step_or_pause()
+    assert wait_for(lambda: rig.trainer.totals["steps"] >= 1 and not rig.store.pending_feedback(rig.trainer.read_seq, 1))
+    rig.trainer.step_or_pause()
+    assert rig.engine.adapter_version == rig.trainer.version >= 1
+    assert rig.trainer.last_error is None
+
+
+def test_a_step_pins_the_records_it_reads(tmp_path):
+    rig = Rig(tmp_path, concurrency="thread")
+    records = rig.serve(2)
+    for rec in records:                                        # ratings written without pinning
+        rig.store.add_feedback(response_id=rec.response_id, choice_index=rec.choice_index, rating=1)
+    pool = rig.engine.activation_pool
+    keys = [(r.response_id, r.choice_index) for r in records]
+    assert not any(pool.get(k).pinned for k in keys)
+    taken = rig.trainer._take(rig.store.pending_feedback(0, 16))
+    assert [r.key for _, r in taken] == keys and all(pool.get(k).pinned for k in keys)
+
+
+def test_rollback_and_failure_in_thread_mode(rig, monkeypatch):
+    rig.trainer.start()
+    rig.rate(rig.serve(2))
+    assert wait_for(lambda: rig.trainer.version == 1)
+    rig.trainer.step_or_pause()
+    serving_v1 = rig.serving()
+    rig.rate(rig.serve(2))
+    assert wait_for(lambda: rig.trainer.version == 2)
+    rig.trainer.step_or_pause()
+    rig.trainer.request_activate(1)
+    assert wait_for(lambda: rig.trainer.pending_activation is None and rig.trainer.version == 1)
+    rig.trainer.step_or_pause()
+    assert rig.engine.adapter_version == 1 and same(rig.serving(), serving_v1)
+    monkeypatch.setattr(rig.trainer, "work", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert wait_for(lambda: rig.trainer.paused)                # a failure pauses; serving goes on
+    assert "boom" in rig.trainer.last_error
+    assert rig.trainer.stop(timeout=10)

@@ -1,0 +1,69 @@
+"""Training beside serving (issue 5, DESIGN §1): `OnlineTrainer.work()` on a thread of its own, so a
+training step never holds the engine thread. On CUDA the thread issues its kernels on a stream of the
+lowest priority while the engine serves on one of the highest: the GPU's block scheduler gives serving's
+kernels the SMs first and training fills what is left. A new adapter version still goes live only at
+an engine step boundary (`OnlineTrainer.commit_published`, run by the engine's step hook).
+
+The thread holds the runner's `graph_capture_lock` for each unit of work, so decode CUDA graphs are never
+captured while it issues CUDA calls. While it runs, the interpreter's thread switch interval is at most
+SWITCH_INTERVAL_S: a thread waiting for the GIL (the engine's, between kernel launches) gets it within that
+time instead of CPython's default 5 ms.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+
+import torch
+
+log = logging.getLogger("alchemist.trainer")
+IDLE_WAIT_S = 0.05          # after a look that trained nothing, look again this late unless woken
+SWITCH_INTERVAL_S = 0.0005
+LOWEST_PRIORITY = 0         # CUDA stream priorities: lower numbers run first; 0 is the lowest
+
+
+class TrainerThread:
+    def __init__(self, trainer):
+        self.trainer = trainer                 # an OnlineTrainer: work_or_pause() trains at most one step
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self.alive:
+            return
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="alchemist-trainer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 120.0) -> bool:
+        """Stop after the current step; False if it is still running after `timeout` s."""
+        self._stop.set()
+        self._wake.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                log.error("trainer thread still in a step after %.0f s", timeout)
+                return False
+        return True
+
+    def wake(self) -> None:
+        """Look for feedback now (a rating arrived, training resumed)."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        runner = self.trainer.engine.runner
+        if runner.stream is not None:
+            torch.cuda.set_stream(torch.cuda.Stream(runner.device, priority=LOWEST_PRIORITY))
+        while not self._stop.is_set():
+            with runner.graph_capture_lock:
+                trained = self.trainer.work_or_pause()
+            if not trained:
+                self._wake.wait(IDLE_WAIT_S)
+                self._wake.clear()
