@@ -14,7 +14,7 @@ no feedback: no steps), then per `--modes` entry (concurrency:duty_cycle) one wa
 run of the same schedule.
 
     python -m benchmarks.gpu_colocation --out DIR [--sharegpt .bench/sharegpt.json] [--shape 8b|1b|tiny]
-        [--modes thread:0.5,interleaved:0.5]
+        [--modes thread:0.5,thread:0.5:none,interleaved:0.5]
 """
 from __future__ import annotations
 
@@ -207,10 +207,15 @@ def summarize(raw: dict, duration: float, totals_before: Counter) -> dict:
 
 
 def use_mode(trainer, mode: str) -> None:
-    """`concurrency:duty_cycle`, e.g. thread:0.5: where the trainer's steps run from now on."""
-    concurrency, duty = mode.split(":")
+    """`concurrency:duty_cycle[:yield_prefill_tokens|none]`, e.g. thread:0.5 or thread:0.5:none: where
+    and how the trainer's steps run from now on (yield_prefill_tokens: the config's default if absent)."""
+    concurrency, duty, *rest = mode.split(":")
+    yield_tokens = trainer.config.yield_prefill_tokens
+    if rest:
+        yield_tokens = None if rest[0] == "none" else int(rest[0])
     trainer.stop()
-    trainer.config = dataclasses.replace(trainer.config, concurrency=concurrency, duty_cycle=float(duty))
+    trainer.config = dataclasses.replace(trainer.config, concurrency=concurrency, duty_cycle=float(duty),
+                                         yield_prefill_tokens=yield_tokens)
     trainer.pacing.config = trainer.config
     trainer.thread = TrainerThread(trainer) if concurrency == "thread" else None
     trainer.start()
@@ -299,7 +304,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--objective", default="kto", help="kto: every +1/-1 rating trains (sft: only +1)")
     ap.add_argument("--modes", type=lambda v: v.split(","), default=["thread:0.5", "interleaved:0.5"],
-                    help="`on` runs, each concurrency:duty_cycle (concurrency: thread | interleaved)")
+                    help="`on` runs, each concurrency:duty_cycle[:yield_prefill_tokens|none] "
+                         "(concurrency: thread | interleaved)")
     ap.add_argument("--step-tokens", type=int, default=2048)
     ap.add_argument("--checkpoint-every", type=int, default=10)
     ap.add_argument("--min-records", type=int, default=TrainerConfig.min_records_per_step,

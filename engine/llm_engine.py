@@ -16,6 +16,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
 from engine.setup import EngineParts, build_engine_parts
+from engine.step_signal import StepSignal
 
 
 @dataclass
@@ -45,6 +46,7 @@ class LLMEngine:
         if parts.activation_pool is not None:
             self.capture = CaptureManager(parts.activation_pool, config.capture, config.capture_fraction)
         self.adapter_version = 0              # version of the adapter the serving weights hold now
+        self.step_signal = StepSignal()       # prompt tokens of the step in flight, for a trainer thread
         self.runner = ModelRunner(
             parts.model, parts.hf_config, parts.num_blocks, config.block_size, parts.device, parts.dtype,
             use_cuda_graphs=parts.device.type == "cuda" and not config.enforce_eager,
@@ -115,7 +117,11 @@ class LLMEngine:
             batch = self.scheduler.schedule()
             if batch.is_empty:
                 return []
-            results = self.runner.execute(batch)
+            self.step_signal.begin(sum(n for n in batch.num_new_tokens if n > 1))
+            try:
+                results = self.runner.execute(batch)  # returns after the step's host sync: its kernels ran
+            finally:
+                self.step_signal.end()
             self.scheduler.postprocess(batch, results)
             if self.capture is not None:
                 self.capture.commit(self.adapter_version)

@@ -84,3 +84,20 @@ def test_rollback_and_failure_in_thread_mode(rig, monkeypatch):
     assert wait_for(lambda: rig.trainer.paused)                # a failure pauses; serving goes on
     assert "boom" in rig.trainer.last_error
     assert rig.trainer.stop(timeout=10)
+
+
+def test_a_step_waits_at_layer_boundaries_while_the_engine_computes_a_long_prompt(rig):
+    records = rig.serve(2)
+    rig.engine.step_signal.begin(rig.config.yield_prefill_tokens)      # as LLMEngine.step does for such a step
+    rig.rate(records)
+    rig.trainer.start()
+    assert wait_for(lambda: rig.trainer.lock.locked(), timeout=10)     # the step began ...
+    time.sleep(0.5)
+    assert rig.trainer.totals["steps"] == 0                            # ... and waits before its first layer
+    rig.engine.step_signal.end()
+    assert wait_for(lambda: rig.trainer.totals["steps"] == 1)
+    records = rig.serve(2)
+    rig.engine.step_signal.begin(rig.config.yield_prefill_tokens - 1)  # a shorter prompt: no wait
+    rig.rate(records)
+    assert wait_for(lambda: rig.trainer.totals["steps"] == 2)
+    rig.engine.step_signal.end()

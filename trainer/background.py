@@ -4,6 +4,11 @@ lowest priority while the engine serves on one of the highest: the GPU's block s
 kernels the SMs first and training fills what is left. A new adapter version still goes live only at
 an engine step boundary (`OnlineTrainer.commit_published`, run by the engine's step hook).
 
+Between layers (forward and backward) a step from this thread waits for its own kernels and then
+while the engine's step in flight computes >= `training.yield_prefill_tokens` prompt tokens
+(`yield_gate`): compute-bound prefill is what sharing the SMs slows most, and at most one layer of
+training work is queued when such a step starts.
+
 The thread holds the runner's `graph_capture_lock` for each unit of work, so decode CUDA graphs are never
 captured while it issues CUDA calls. While it runs, the interpreter's thread switch interval is at most
 SWITCH_INTERVAL_S: a thread waiting for the GIL (the engine's, between kernel launches) gets it within that
@@ -67,3 +72,16 @@ class TrainerThread:
             if not trained:
                 self._wake.wait(IDLE_WAIT_S)
                 self._wake.clear()
+
+
+def yield_gate(engine, prefill_tokens: int | None):
+    """The `between_layers` callback of a step on the trainer thread (None: never wait)."""
+    if prefill_tokens is None:
+        return None
+    stream = torch.cuda.current_stream(engine.device) if engine.device.type == "cuda" else None
+
+    def gate() -> None:
+        if stream is not None:
+            stream.synchronize()             # this thread's previous layer is done: little queued behind
+        engine.step_signal.wait_below(prefill_tokens)
+    return gate

@@ -31,12 +31,17 @@ class TrainerConfig:
     # where steps run: "thread" = a trainer thread (on CUDA a low-priority stream beside serving's),
     # "interleaved" = on the engine thread between engine steps; "auto" = thread on CUDA, else interleaved
     concurrency: str = "auto"
+    # thread mode: at each layer boundary (forward and backward) the trainer waits while an engine step
+    # computes at least this many prompt tokens (compute-bound prefill is what training slows most);
+    # None: never wait
+    yield_prefill_tokens: int | None = 256
     checkpoint_every: int = 10          # steps; also on shutdown
     run_name: str = "default"
     kto_beta: float = 0.1
     pg_clip: float = 0.2
     baseline_momentum: float = 0.9
-    prompt_lm_weight: float = 0.0       # weight of an NLL term on prompt tokens (a language-model anchor)
+    prompt_lm_weight: float = 0.3       # weight of an NLL term on the users' message tokens (a language-model
+                                        # anchor; 0 turns it off; BENCHMARKS.md "Online learning in one process")
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -52,6 +57,8 @@ class TrainerConfig:
                               f"[1, max_records_per_step={self.max_records_per_step}] and max_wait_s >= 0")
         if self.concurrency not in CONCURRENCY:
             raise ConfigError(f"training.concurrency={self.concurrency!r}: use one of {CONCURRENCY}")
+        if self.yield_prefill_tokens is not None and self.yield_prefill_tokens < 1:
+            raise ConfigError("training.yield_prefill_tokens must be >= 1 (or null to never yield)")
         if not 0.0 < self.duty_cycle <= 1.0:
             raise ConfigError("training.duty_cycle must be in (0, 1]")
         if not (self.prompt_lm_weight >= 0):

@@ -22,7 +22,7 @@ import torch
 from engine.errors import ConfigError, NotFoundError
 from trainer import checkpoint as ckpt
 from trainer.adapters import AdapterManager, check_state
-from trainer.background import TrainerThread
+from trainer.background import TrainerThread, yield_gate
 from trainer.config import TrainerConfig
 from trainer.lora import LoRAConfig
 from trainer.objectives import RunningMean, batch_loss
@@ -209,7 +209,8 @@ class OnlineTrainer:
         result = forward_backward(self.engine.runner.model, records, self._adapter_map(),
                                   pool=self.engine.activation_pool, reuse=True, trainer_version=self.version,
                                   max_staleness=self.config.max_staleness, loss_fn=self._loss,
-                                  prompt_lm_weight=self.config.prompt_lm_weight)
+                                  prompt_lm_weight=self.config.prompt_lm_weight,
+                                  between_layers=self._gate())
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         if not (math.isfinite(result.loss) and math.isfinite(float(grad_norm))):
             self.skipped["non_finite"] += 1
@@ -227,6 +228,10 @@ class OnlineTrainer:
         self.totals.update({f"tokens_{path}": n for path, n in result.tokens_by_path.items()})
         self.totals.update({f"outcome_{k}": n for k, n in result.outcomes.items()})
         self.versions.publish(self.masters)
+
+    def _gate(self):
+        """On the trainer thread: yield to prompt-heavy engine steps between layers."""
+        return yield_gate(self.engine, self.config.yield_prefill_tokens) if self.thread is not None else None
 
     @torch.no_grad()
     def _cap_update(self, params, before) -> None:

@@ -80,11 +80,13 @@ class Injection:
 
 class TrainingContext(ForwardContext):
     def __init__(self, cu_seqlens: list[int], adapters: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, float]],
-                 injection: Injection | None = None, checkpoint_layers: bool = False):
+                 injection: Injection | None = None, checkpoint_layers: bool = False,
+                 between_layers: Callable[[], None] | None = None):
         self.cu_seqlens = cu_seqlens
         self.adapters = adapters
         self.injection = injection
         self.checkpoint_layers = checkpoint_layers
+        self.between_layers = between_layers      # called before each layer's forward and backward
 
     def project(self, layer, kinds, modules, x):
         bases = tuple(base_module(m) for m in modules)
@@ -132,6 +134,15 @@ class TrainingContext(ForwardContext):
         return torch.cat(out)                                                  # [T, n_heads, d]
 
     def call_layer(self, layer, *args):
+        if self.between_layers is not None:
+            self.between_layers()
         if self.checkpoint_layers:
-            return checkpoint(layer, *args, use_reentrant=False)
-        return layer(*args)
+            out = checkpoint(layer, *args, use_reentrant=False)
+        else:
+            out = layer(*args)
+        if self.between_layers is not None and out.requires_grad:   # runs before this layer's backward
+            out.register_hook(self._before_backward)
+        return out
+
+    def _before_backward(self, grad: torch.Tensor) -> None:
+        self.between_layers()
