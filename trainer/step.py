@@ -81,7 +81,8 @@ def nll_loss(logprobs: list[torch.Tensor], records: list[TrainRecord]) -> torch.
 
 def forward_backward(model, records: list[TrainRecord], adapters: dict, *, pool=None, reuse: bool = True,
                      trainer_version: int = 0, max_staleness: int = 0, checkpoint_layers: bool = False,
-                     loss_fn: Callable = nll_loss, prompt_lm_weight: float = 0.0) -> StepResult:
+                     loss_fn: Callable = nll_loss, prompt_lm_weight: float = 0.0,
+                     between_layers: Callable[[], None] | None = None) -> StepResult:
     """adapters: {module: (A, B, scaling)} with A, B fp32 leaf tensors that receive .grad.
 
     prompt_lm_weight > 0 adds that weight times the mean NLL of the prompt tokens (the users' own text,
@@ -101,7 +102,7 @@ def forward_backward(model, records: list[TrainRecord], adapters: dict, *, pool=
             prompt_rows += range(cu[-1], cu[-1] + len(r.prompt_ids) - 1)         # rows predicting prompt[1:]
             prompt_targets += r.prompt_ids[1:]
         cu.append(cu[-1] + r.num_inputs)
-    ctx = TrainingContext(cu, adapters, injection, checkpoint_layers)
+    ctx = TrainingContext(cu, adapters, injection, checkpoint_layers, between_layers)
     all_targets = torch.cat(targets + [torch.tensor(prompt_targets, dtype=torch.long, device=device)])
     with torch.enable_grad():
         hidden = model(torch.tensor(ids, device=device), torch.tensor(positions, device=device), ctx)   # [T, h]
