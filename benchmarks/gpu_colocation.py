@@ -14,7 +14,7 @@ no feedback: no steps), then per `--modes` entry (concurrency:duty_cycle) one wa
 run of the same schedule.
 
     python -m benchmarks.gpu_colocation --out DIR [--sharegpt .bench/sharegpt.json] [--shape 8b|1b|tiny]
-        [--modes thread:0.5,thread:0.5:none,interleaved:0.5]
+        [--modes thread:duty=0.5,thread:duty=0.5:yield=none:sms=0.5,interleaved:duty=0.5]
 """
 from __future__ import annotations
 
@@ -207,15 +207,17 @@ def summarize(raw: dict, duration: float, totals_before: Counter) -> dict:
 
 
 def use_mode(trainer, mode: str) -> None:
-    """`concurrency:duty_cycle[:yield_prefill_tokens|none]`, e.g. thread:0.5 or thread:0.5:none: where
-    and how the trainer's steps run from now on (yield_prefill_tokens: the config's default if absent)."""
-    concurrency, duty, *rest = mode.split(":")
-    yield_tokens = trainer.config.yield_prefill_tokens
-    if rest:
-        yield_tokens = None if rest[0] == "none" else int(rest[0])
+    """`concurrency[:duty=D][:yield=N|none][:sms=F|none]`, e.g. thread:duty=0.5:sms=0.5: where and how
+    the trainer's steps run from now on (an option left out keeps the config's default)."""
+    concurrency, *options = mode.split(":")
+    opts = dict(o.split("=", 1) for o in options)
+    number = lambda key, cast: None if opts[key] == "none" else cast(opts[key])
+    config = trainer.config
     trainer.stop()
-    trainer.config = dataclasses.replace(trainer.config, concurrency=concurrency, duty_cycle=float(duty),
-                                         yield_prefill_tokens=yield_tokens)
+    trainer.config = dataclasses.replace(
+        config, concurrency=concurrency, duty_cycle=float(opts.get("duty", config.duty_cycle)),
+        yield_prefill_tokens=number("yield", int) if "yield" in opts else config.yield_prefill_tokens,
+        sm_share=number("sms", float) if "sms" in opts else config.sm_share)
     trainer.pacing.config = trainer.config
     trainer.thread = TrainerThread(trainer) if concurrency == "thread" else None
     trainer.start()
@@ -287,7 +289,8 @@ def one_run(engine, hooks, sched, duration: float, writer: Writer, tag: str, sta
     if on:
         out.update(untrained_feedback=len(state.store.pending_feedback(state.trainer.read_seq, 1 << 30)),
                    train_error=state.train_error, adapter_version=state.trainer.version,
-                   pool=engine.activation_pool.stats(), pool_capacity_tokens=engine.activation_pool.num_slots)
+                   pool=engine.activation_pool.stats(), pool_capacity_tokens=engine.activation_pool.num_slots,
+                   trainer_sms=state.trainer.thread.sms if state.trainer.thread is not None else None)
     print(tag, json.dumps(out), flush=True)
     return out
 
@@ -303,9 +306,9 @@ def parse_args(argv=None):
     ap.add_argument("--feedback", type=float, default=0.3, help="share of answers rated in the `on` run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--objective", default="kto", help="kto: every +1/-1 rating trains (sft: only +1)")
-    ap.add_argument("--modes", type=lambda v: v.split(","), default=["thread:0.5", "interleaved:0.5"],
-                    help="`on` runs, each concurrency:duty_cycle[:yield_prefill_tokens|none] "
-                         "(concurrency: thread | interleaved)")
+    ap.add_argument("--modes", type=lambda v: v.split(","), default=["thread:duty=0.5", "interleaved:duty=0.5"],
+                    help="`on` runs, each concurrency[:duty=D][:yield=N|none][:sms=F|none] "
+                         "(concurrency: thread | interleaved; training config defaults for options left out)")
     ap.add_argument("--step-tokens", type=int, default=2048)
     ap.add_argument("--checkpoint-every", type=int, default=10)
     ap.add_argument("--min-records", type=int, default=TrainerConfig.min_records_per_step,

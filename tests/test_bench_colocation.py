@@ -25,11 +25,11 @@ def test_colocation_tiny_cpu(tmp_path, one_thread):
                 "response": [rng.randrange(49152) for _ in range(rng.randint(8, 48))]} for _ in range(32)]
     (tmp_path / "sharegpt.json").write_text(json.dumps(records))
     res = gpu_colocation.main(["--shape", "tiny", "--duration", "3", "--capacity-requests", "8", "--min-records", "1",
-                               "--modes", "thread:1.0,interleaved:0.5",
+                               "--modes", "thread:duty=1.0:yield=none,interleaved:duty=0.5",
                                "--sharegpt", str(tmp_path / "sharegpt.json"), "--out", str(tmp_path / "out")])
     assert json.loads((tmp_path / "out" / "gpu_colocation.json").read_text()) == json.loads(json.dumps(res))
     assert res["capacity"]["req_s"] > 0 and res["rate_req_s"] == pytest.approx(0.5 * res["capacity"]["req_s"])
-    off, on, interleaved = res["off"], res["on thread:1.0"], res["on interleaved:0.5"]
+    off, on, interleaved = res["off"], res["on thread:duty=1.0:yield=none"], res["on interleaved:duty=0.5"]
     for run in (off, on, interleaved):
         assert run["requests"] == res["scheduled_requests"] > 0
         for m in ("ttft", "tbt"):

@@ -53,7 +53,6 @@ class StagedAdapter:
     version: int
     flat: torch.Tensor                     # every A and B, in module order, flattened
     views: list[torch.Tensor]              # views of `flat` shaped like the serving tensors
-    ready: torch.cuda.Event | None         # the staging copies are done (on CUDA)
 
 
 class AdapterManager:
@@ -149,20 +148,16 @@ class AdapterManager:
                 view.copy_(src.detach())                # casts dtype and device
                 views.append(view)
                 offset += src.numel()
-        ready = None
-        if flat.is_cuda:
-            ready = torch.cuda.Event()
-            ready.record()
-        return StagedAdapter(version, flat, views, ready)
+        if flat.is_cuda:      # copies done before another thread's stream (or SM partition) reads them
+            torch.cuda.current_stream(flat.device).synchronize()
+        return StagedAdapter(version, flat, views)
 
     @torch.no_grad()
     def commit(self, staged: StagedAdapter) -> None:
         """Make a staged version live: copy into the serving tensors in place (the pointers stay)."""
         serving = [t for m in self.modules.values() for t in (m.lora_A, m.lora_B)]
-        if staged.ready is not None:              # GPU-side wait for the stager's stream: no host sync
-            stream = torch.cuda.current_stream(staged.flat.device)
-            stream.wait_event(staged.ready)
-            staged.flat.record_stream(stream)     # its memory is not reused before these copies ran
+        if staged.flat.is_cuda:                   # its memory is not reused before these copies ran
+            staged.flat.record_stream(torch.cuda.current_stream(staged.flat.device))
         torch._foreach_copy_(serving, staged.views)
         with self._lock:
             if staged.version in self._history:   # most recently served first to be kept

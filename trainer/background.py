@@ -33,6 +33,8 @@ class TrainerThread:
         self.trainer = trainer                 # an OnlineTrainer: work_or_pause() trains at most one step
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
+        self._green = None                     # the green context limiting the trainer's SMs, if any
+        self.sms: int | None = None            # SMs the trainer's kernels may use (CUDA, once running)
 
     @property
     def alive(self) -> bool:
@@ -58,6 +60,24 @@ class TrainerThread:
                 return False
         return True
 
+    def _stream(self, device: torch.device, sm_share: float | None) -> torch.cuda.Stream:
+        """A stream limited to `sm_share` of the SMs (green context) if asked and supported; else one of
+        the lowest priority over all SMs. `self.sms`: the SMs the trainer's kernels may use."""
+        total = torch.cuda.get_device_properties(device).multi_processor_count
+        self.sms = total
+        if sm_share is not None:
+            sms = max(8, int(total * sm_share) // 8 * 8)      # green contexts split SMs in groups of 8
+            try:
+                from torch.cuda.green_contexts import GreenContext
+                self._green = GreenContext.create(num_sms=sms, device_id=device.index or 0)
+                stream = self._green.Stream()
+                self.sms = sms
+                log.info("trainer thread: %d of %d SMs (green context)", sms, total)
+                return stream
+            except (ImportError, RuntimeError, AttributeError, TypeError) as err:
+                log.warning("trainer thread: no green context (%s); all %d SMs at low priority", err, total)
+        return torch.cuda.Stream(device, priority=LOWEST_PRIORITY)
+
     def wake(self) -> None:
         """Look for feedback now (a rating arrived, training resumed)."""
         self._wake.set()
@@ -65,7 +85,7 @@ class TrainerThread:
     def _loop(self) -> None:
         runner = self.trainer.engine.runner
         if runner.stream is not None:
-            torch.cuda.set_stream(torch.cuda.Stream(runner.device, priority=LOWEST_PRIORITY))
+            torch.cuda.set_stream(self._stream(runner.device, self.trainer.config.sm_share))
         while not self._stop.is_set():
             with runner.graph_capture_lock:
                 trained = self.trainer.work_or_pause()

@@ -35,6 +35,9 @@ class TrainerConfig:
     # computes at least this many prompt tokens (compute-bound prefill is what training slows most);
     # None: never wait
     yield_prefill_tokens: int | None = 256
+    # thread mode on CUDA: the share of the GPU's SMs the trainer's kernels may use (a CUDA green
+    # context; serving keeps the rest free for its kernels); None: all SMs, at the lowest stream priority
+    sm_share: float | None = None
     checkpoint_every: int = 10          # steps; also on shutdown
     run_name: str = "default"
     kto_beta: float = 0.1
@@ -59,6 +62,8 @@ class TrainerConfig:
             raise ConfigError(f"training.concurrency={self.concurrency!r}: use one of {CONCURRENCY}")
         if self.yield_prefill_tokens is not None and self.yield_prefill_tokens < 1:
             raise ConfigError("training.yield_prefill_tokens must be >= 1 (or null to never yield)")
+        if self.sm_share is not None and not 0.0 < self.sm_share < 1.0:
+            raise ConfigError("training.sm_share must be in (0, 1) (or null for all SMs at low priority)")
         if not 0.0 < self.duty_cycle <= 1.0:
             raise ConfigError("training.duty_cycle must be in (0, 1]")
         if not (self.prompt_lm_weight >= 0):
