@@ -84,11 +84,17 @@ class TrainerThread:
 
     def _loop(self) -> None:
         runner = self.trainer.engine.runner
-        if runner.stream is not None:
-            torch.cuda.set_stream(self._stream(runner.device, self.trainer.config.sm_share))
+        try:
+            if runner.stream is not None:
+                torch.cuda.set_stream(self._stream(runner.device, self.trainer.config.sm_share))
+        except Exception as err:               # no stream for training: say so where status shows it
+            log.exception("trainer thread could not start")
+            self.trainer.last_error = f"trainer thread: {type(err).__name__}: {err}"
+            self.trainer.pause()
+            return
         while not self._stop.is_set():
             with runner.graph_capture_lock:
-                trained = self.trainer.work_or_pause()
+                trained = self.trainer.work_or_pause()    # failures pause training (last_error)
             if not trained:
                 self._wake.wait(IDLE_WAIT_S)
                 self._wake.clear()
