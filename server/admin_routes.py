@@ -96,6 +96,6 @@ def _status(state, trainer) -> dict:
     body.update({"serving_adapter_version": state.adapter_version,
                  "pending_activation": trainer.pending_activation, "next_version": trainer.next_version,
                  "trained_feedback": state.store.count_feedback("trained"),
-                 "totals": {k: v for k, v in trainer.totals.items()}, "last_error": state.train_error,
+                 "totals": dict(trainer.totals), "last_error": state.train_error,
                  "run_dir": str(state.run_dir)})
     return body
