@@ -2,11 +2,14 @@
 with capture none vs prefill vs prefill+decode, 8B shape in bf16, random weights.
 
 Three engines live at once (same shape, each its own random weights: speed does not depend on values)
-and the measurements interleave none/prefill/prefill+decode round by round, so drift hits all alike.
-TTFT = one fresh prompt alone, from add_request to its first token; decode step = the median step of
-a batch of `--batch` sequences once every prefill is done.
+and the measurements interleave none/prefill/prefill+decode sample by sample, so drift hits all alike.
+TTFT = one fresh prompt alone, from add_request to its first token: wall time, and the GPU time of its
+prefill step (CUDA events on the serving stream around the step; host noise — Python, the allocator,
+GC — does not enter it); `--ttft-samples` of each, the ratio of medians and the median of the paired
+per-sample ratios. Decode step = the median step of a batch of `--batch` sequences once every
+prefill is done.
 
-    python -m benchmarks.gpu_capture --out DIR [--shape 8b] [--rounds 5]
+    python -m benchmarks.gpu_capture --out DIR [--shape 8b] [--rounds 5] [--ttft-samples 40]
 """
 from __future__ import annotations
 
@@ -25,15 +28,26 @@ from engine.sampling_params import SamplingParams
 MODES = ("none", "prefill", "prefill+decode")
 
 
-def ttft(engine, rng: random.Random, prompt_len: int) -> float:
-    """Seconds from add_request to the first token of one fresh prompt (no prefix-cache hit)."""
+def ttft(engine, rng: random.Random, prompt_len: int) -> tuple[float, float]:
+    """(wall s from add_request to the first token, GPU s of the steps) of one fresh prompt (no
+    prefix-cache hit); GPU time from CUDA events on the serving stream (0 on the CPU)."""
     prompt = [rng.randrange(1000, engine.hf_config.vocab_size) for _ in range(prompt_len)]
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False)
+    stream = engine.runner.stream
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if stream is not None else None
     start = time.perf_counter()
     engine.add_request(f"ttft-{rng.random()}", prompt, params)
+    if events:
+        events[0].record(stream)
     while engine.has_unfinished():
         engine.step()
-    return time.perf_counter() - start
+    if events:
+        events[1].record(stream)
+    wall = time.perf_counter() - start
+    if not events:
+        return wall, 0.0
+    events[1].synchronize()
+    return wall, events[0].elapsed_time(events[1]) / 1e3
 
 
 def decode_step(engine, rng: random.Random, batch: int, prompt_len: int, steps: int) -> float:
@@ -60,30 +74,45 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--ttft-per-round", type=int, default=4)
+    ap.add_argument("--kv-gib", type=float, default=4.0)
+    ap.add_argument("--pool-gib", type=float, default=8.0)
+    ap.add_argument("--ttft-samples", type=int, default=40, help="TTFT samples per mode, interleaved")
     args = ap.parse_args()
-    engines = {m: make_engine(SHAPES[args.shape], kv_gib=4, capture=m, activation_pool_bytes=8 << 30)
+    engines = {m: make_engine(SHAPES[args.shape], kv_gib=args.kv_gib, capture=m,
+                              activation_pool_bytes=int(args.pool_gib * (1 << 30)))
                for m in MODES}
     rng = random.Random(0)
     for m in MODES:                                        # warm-up: compile, CUDA graphs, pool pages
         ttft(engines[m], rng, args.prompt_len)
         decode_step(engines[m], rng, args.batch, 128, 8)
-    samples = {m: {"ttft": [], "decode": []} for m in MODES}
+    samples = {m: {"ttft": [], "ttft_gpu": [], "decode": []} for m in MODES}
+    for _ in range(args.ttft_samples):                     # none, prefill, prefill+decode, none, ...
+        for m in MODES:
+            wall, gpu = ttft(engines[m], rng, args.prompt_len)
+            samples[m]["ttft"].append(wall)
+            samples[m]["ttft_gpu"].append(gpu)
     for r in range(args.rounds):
         for m in MODES:
-            samples[m]["ttft"] += [ttft(engines[m], rng, args.prompt_len) for _ in range(args.ttft_per_round)]
             samples[m]["decode"].append(decode_step(engines[m], rng, args.batch, 128, args.steps))
-        print(f"round {r}: " + ", ".join(f"{m} ttft {samples[m]['ttft'][-1] * 1e3:.2f} ms decode "
-                                          f"{samples[m]['decode'][-1] * 1e3:.3f} ms" for m in MODES), flush=True)
+        print(f"round {r}: " + ", ".join(f"{m} decode {samples[m]['decode'][-1] * 1e3:.3f} ms" for m in MODES),
+              flush=True)
     res = {"commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "shape": args.shape,
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "prompt_len": args.prompt_len, "decode_batch": args.batch, "rounds": args.rounds}
+           "prompt_len": args.prompt_len, "decode_batch": args.batch, "rounds": args.rounds,
+           "ttft_samples": args.ttft_samples}
+    ms = lambda xs: statistics.median(xs) * 1e3
     for m in MODES:
-        res[m] = {"ttft_ms": statistics.median(samples[m]["ttft"]) * 1e3,
-                  "decode_step_ms": statistics.median(samples[m]["decode"]) * 1e3,
+        res[m] = {"ttft_ms": ms(samples[m]["ttft"]), "ttft_gpu_ms": ms(samples[m]["ttft_gpu"]),
+                  "ttft_ms_quartiles": [q * 1e3 for q in statistics.quantiles(samples[m]["ttft"], n=4)],
+                  "decode_step_ms": ms(samples[m]["decode"]),
                   "pool": engines[m].activation_pool.stats() if engines[m].activation_pool else None}
     for m in MODES[1:]:
+        paired = lambda key: statistics.median(a / b for a, b in zip(samples[m][key], samples["none"][key]) if b)
         res[f"{m}_vs_none"] = {"ttft": res[m]["ttft_ms"] / res["none"]["ttft_ms"],
+                               "ttft_paired": paired("ttft"),
+                               "ttft_gpu": res[m]["ttft_gpu_ms"] / res["none"]["ttft_gpu_ms"]
+                               if res["none"]["ttft_gpu_ms"] else None,
+                               "ttft_gpu_paired": paired("ttft_gpu") if res["none"]["ttft_gpu_ms"] else None,
                                "decode_step": res[m]["decode_step_ms"] / res["none"]["decode_step_ms"]}
     emit(res, args.out, "gpu_capture")
 
