@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import sys
 import threading
 import time
 import uuid
-from array import array
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from engine.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
+from store.feedback_records import (CompletionRecord, Feedback, _is_int, _pack, _row_to_completion,
+                                    _validate_score, _validate_text)
 
 SCHEMA_VERSION = 1
-MAX_TEXT_BYTES = 16 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -50,99 +48,6 @@ _COMPLETION_COLS = ("response_id, choice_index, prompt_token_ids, response_token
                     "adapter_version, api_key_id, created, finish_reason, model")
 _FEEDBACK_COLS = ("feedback_id, seq, response_id, choice_index, rating, stars, comment, "
                   "better_response, api_key_id, created, updated, status")
-
-
-@dataclass(frozen=True)
-class CompletionRecord:
-    response_id: str
-    choice_index: int
-    prompt_token_ids: list[int]
-    response_token_ids: list[int]
-    logprobs: list[float]
-    adapter_version: int
-    api_key_id: str | None
-    created: float
-    finish_reason: str | None = None
-    model: str | None = None
-
-
-@dataclass(frozen=True)
-class Feedback:
-    feedback_id: str
-    seq: int
-    response_id: str
-    choice_index: int
-    rating: int | None
-    stars: int | None
-    comment: str | None
-    better_response: str | None
-    api_key_id: str | None
-    created: float
-    updated: float
-    status: str
-
-    def reward(self) -> float:
-        """Thumbs map to their rating; stars >= 4 -> +1, <= 2 -> -1, 3 -> 0."""
-        if self.rating is not None:
-            return float(self.rating)
-        stars = self.stars or 3
-        return 1.0 if stars >= 4 else (-1.0 if stars <= 2 else 0.0)
-
-    def to_public_dict(self) -> dict:
-        return {"feedback_id": self.feedback_id, "id": self.response_id,
-                "choice_index": self.choice_index, "rating": self.rating, "stars": self.stars,
-                "comment": self.comment, "better_response": self.better_response,
-                "status": self.status, "created": self.created}
-
-
-def _pack(values: list, typecode: str) -> bytes:
-    """Little-endian array blob ('i' int32 token ids, 'd' float64 logprobs)."""
-    try:
-        arr = array(typecode, values)
-    except (OverflowError, TypeError) as exc:
-        raise ValueError(f"cannot store values as array({typecode!r}): {exc}") from exc
-    if sys.byteorder == "big":
-        arr.byteswap()
-    return arr.tobytes()
-
-
-def _unpack(blob: bytes, typecode: str) -> list:
-    arr = array(typecode)
-    arr.frombytes(blob)
-    if sys.byteorder == "big":
-        arr.byteswap()
-    return arr.tolist()
-
-
-def _row_to_completion(row: tuple) -> CompletionRecord:
-    return CompletionRecord(
-        response_id=row[0], choice_index=row[1], prompt_token_ids=_unpack(row[2], "i"),
-        response_token_ids=_unpack(row[3], "i"), logprobs=_unpack(row[4], "d"),
-        adapter_version=row[5], api_key_id=row[6], created=row[7],
-        finish_reason=row[8], model=row[9])
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _validate_score(rating: object, stars: object) -> None:
-    if (rating is None) == (stars is None):
-        raise InvalidRequestError("Provide exactly one of 'rating' (-1 or 1) or 'stars' (1..5).",
-                                  param="rating")
-    if rating is not None and (not _is_int(rating) or rating not in (-1, 1)):
-        raise InvalidRequestError("'rating' must be the integer -1 or 1.", param="rating")
-    if stars is not None and (not _is_int(stars) or not 1 <= stars <= 5):
-        raise InvalidRequestError("'stars' must be an integer from 1 to 5.", param="stars")
-
-
-def _validate_text(value: object, param: str) -> None:
-    if value is None:
-        return
-    if not isinstance(value, str):
-        raise InvalidRequestError(f"'{param}' must be a string.", param=param)
-    if len(value.encode("utf-8", "surrogatepass")) > MAX_TEXT_BYTES:
-        raise InvalidRequestError(f"'{param}' is longer than {MAX_TEXT_BYTES} bytes.", param=param)
 
 
 class FeedbackStore:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from engine.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
-from store.feedback_store import MAX_TEXT_BYTES, CompletionRecord, Feedback, FeedbackStore
+from store.feedback_records import MAX_TEXT_BYTES, CompletionRecord, Feedback
+from store.feedback_store import FeedbackStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
