@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.colocation_loads import Burn
 from benchmarks.common import emit, git_commit
 from benchmarks.gpu_serving import DEVICE, make_engine
 from benchmarks.gpu_training import SHAPES
@@ -266,10 +267,13 @@ def run(args) -> dict:
         runs = [("off", None)] + [(f"on {mode}", mode) for mode in args.modes]
         try:
             for tag, mode in runs:
-                if mode is not None:
+                burn = None
+                if mode is not None and mode.startswith("burn-"):   # a synthetic load, no training
+                    burn = Burn.from_mode(mode, engine.device, engine.hf_config.hidden_size)
+                elif mode is not None:
                     use_mode(state.trainer, mode)
                     warm_up_training(state, hooks, engine, workload, writer)
-                res[tag] = one_run(engine, hooks, sched, args.duration, writer, tag, state)
+                res[tag] = one_run(engine, hooks, sched, args.duration, writer, tag, state, burn)
         finally:
             state.trainer.stop()
             state.store.close()
@@ -280,11 +284,19 @@ def run(args) -> dict:
     return res
 
 
-def one_run(engine, hooks, sched, duration: float, writer: Writer, tag: str, state) -> dict:
+def one_run(engine, hooks, sched, duration: float, writer: Writer, tag: str, state, burn=None) -> dict:
     before = Counter(state.trainer.totals)
-    on = tag != "off"
-    raw = drive(engine, hooks, sched, duration, writer, tag.replace(" ", "-"), on, state.trainer)
+    on = tag != "off" and burn is None
+    if burn is not None:
+        burn.start()
+    try:
+        raw = drive(engine, hooks, sched, duration, writer, tag.replace(" ", "-"), on, state.trainer)
+    finally:
+        if burn is not None:
+            burn.stop()
     out = summarize(raw, duration, before)
+    if burn is not None:
+        out["burn_busy_frac"] = burn.busy_s / raw["elapsed_s"]
     writer.drain()
     if on:
         out.update(untrained_feedback=len(state.store.pending_feedback(state.trainer.read_seq, 1 << 30)),
@@ -308,7 +320,9 @@ def parse_args(argv=None):
     ap.add_argument("--objective", default="kto", help="kto: every +1/-1 rating trains (sft: only +1)")
     ap.add_argument("--modes", type=lambda v: v.split(","), default=["thread:duty=0.5", "interleaved:duty=0.5"],
                     help="`on` runs, each concurrency[:duty=D][:yield=N|none][:sms=F|none] "
-                         "(concurrency: thread | interleaved; training config defaults for options left out)")
+                         "(concurrency: thread | interleaved; training config defaults for options left out), "
+                         "or burn-gpu[:duty=D] / burn-python[:duty=D]: a synthetic load, no training "
+                         "(benchmarks/colocation_loads.py)")
     ap.add_argument("--step-tokens", type=int, default=2048)
     ap.add_argument("--checkpoint-every", type=int, default=10)
     ap.add_argument("--min-records", type=int, default=TrainerConfig.min_records_per_step,

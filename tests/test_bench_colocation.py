@@ -25,7 +25,7 @@ def test_colocation_tiny_cpu(tmp_path, one_thread):
                 "response": [rng.randrange(49152) for _ in range(rng.randint(8, 48))]} for _ in range(32)]
     (tmp_path / "sharegpt.json").write_text(json.dumps(records))
     res = gpu_colocation.main(["--shape", "tiny", "--duration", "3", "--capacity-requests", "8", "--min-records", "1",
-                               "--modes", "thread:duty=1.0:yield=none,interleaved:duty=0.5",
+                               "--modes", "thread:duty=1.0:yield=none,interleaved:duty=0.5,burn-python:duty=0.5",
                                "--sharegpt", str(tmp_path / "sharegpt.json"), "--out", str(tmp_path / "out")])
     assert json.loads((tmp_path / "out" / "gpu_colocation.json").read_text()) == json.loads(json.dumps(res))
     assert res["capacity"]["req_s"] > 0 and res["rate_req_s"] == pytest.approx(0.5 * res["capacity"]["req_s"])
@@ -36,6 +36,9 @@ def test_colocation_tiny_cpu(tmp_path, one_thread):
             assert run[f"{m}_p99_ms"] >= run[f"{m}_p50_ms"] > 0
         assert run["out_tok_s"] > 0 and run["tbt_samples"] > 0
     assert off["train_steps"] == 0 and off["trained_tokens"] == 0 and off["rated"] == 0
+    burn = res["on burn-python:duty=0.5"]                      # a synthetic load: nothing rated or trained
+    assert burn["rated"] == 0 and burn["train_steps"] == 0 and 0 < burn["burn_busy_frac"] <= 1
+    assert burn["tbt_samples"] == off["tbt_samples"]
     for run in (on, interleaved):
         assert run["rated"] >= 1 and run["train_steps_incl_drain"] >= 1 and run["train_error"] is None
         assert run["trained_tokens"] == run["reuse_tokens"] + run["recompute_tokens"] >= 0
