@@ -262,7 +262,7 @@ def run(args) -> dict:
         writer = Writer(state)
         sched = schedule(workload, rate, args.duration, args.seed, args.feedback)
         res = {"capacity": cap, "rate_req_s": rate, "scheduled_requests": len(sched)}
-        use_mode(state.trainer, args.modes[0])
+        use_mode(state.trainer, next((m for m in args.modes if not m.startswith("burn-")), "interleaved"))
         warm_up_training(state, hooks, engine, workload, writer)
         runs = [("off", None)] + [(f"on {mode}", mode) for mode in args.modes]
         try:
