@@ -65,7 +65,8 @@ class TrainingCollector:
 
 def _pending(state) -> int:
     try:
-        return state.store.count_feedback("pending")
+        after = state.trainer.read_seq if state.trainer is not None else 0   # taken into a step: trained
+        return state.store.count_feedback("pending", after_seq=after)
     except RuntimeError:                    # the store is closed (shutting down)
         return 0
 

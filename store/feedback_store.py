@@ -213,10 +213,11 @@ class FeedbackStore:
             cur.executemany("UPDATE feedback SET status='trained' WHERE seq=? AND status='pending'",
                             [(int(s),) for s in seqs])
 
-    def count_feedback(self, status: str | None = None) -> int:
+    def count_feedback(self, status: str | None = None, after_seq: int = 0) -> int:
+        """Feedback rows (of `status`, if given) with seq > after_seq."""
         if status is None:
-            return self._query("SELECT COUNT(*) FROM feedback")[0][0]
-        return self._query("SELECT COUNT(*) FROM feedback WHERE status=?", (status,))[0][0]
+            return self._query("SELECT COUNT(*) FROM feedback WHERE seq>?", (after_seq,))[0][0]
+        return self._query("SELECT COUNT(*) FROM feedback WHERE status=? AND seq>?", (status, after_seq))[0][0]
 
     def purge_expired(self, now: float | None = None) -> int:
         """Delete responses whose newest choice is older than the retention, with their

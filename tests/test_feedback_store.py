@@ -198,6 +198,8 @@ def test_pending_feedback_order_watermark_and_mark_trained(store):
     assert [f.seq for f, _ in store.pending_feedback()] == [2]
     assert store.count_feedback("trained") == 2 and store.count_feedback("pending") == 1
     assert store.count_feedback() == 3
+    assert store.count_feedback("pending", after_seq=2) == 0 and store.count_feedback("pending", after_seq=1) == 1
+    assert store.count_feedback(after_seq=1) == 2
 
 
 def test_concurrent_add_feedback_distinct_seqs(store):

@@ -275,7 +275,7 @@ def _restart_and_finish(proc: Process, fids, trained_before, served_version, che
             got = {f: http.get(f"/feedback/{f}") for f in fids}
             assert all(r.status_code == 200 for r in got.values())            # no committed rating lost
             assert all(got[f].json()["status"] == "trained" for f in trained_before)   # not trained again
-            assert s["trained_feedback"] + s["pending_feedback"] == len(fids)
+            assert s["trained_feedback"] + s["trained_since_checkpoint"] + s["pending_feedback"] == len(fids)
             wait_for(lambda: (v := status(http))["pending_feedback"] == 0 or v["totals"].get("steps"),
                      what="the rest trained")
             final_version = status(http)["adapter_version"]

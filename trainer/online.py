@@ -150,6 +150,7 @@ class OnlineTrainer:
         t = time.monotonic()
         with self.lock:
             self._train(self._take(pending))
+            self._commit_if_interleaved()      # status never shows a step whose version is not live
         spent = time.monotonic() - t
         self.pacing.spent(spent)
         self.totals["seconds"] += spent
@@ -302,6 +303,11 @@ class OnlineTrainer:
         with self.lock:
             self._set_masters(self.adapters.state(version))
             self.versions.activate(version)
+            self._commit_if_interleaved()
+
+    def _commit_if_interleaved(self) -> None:
+        if self.thread is None:                # on the engine thread between engine steps
+            self.versions.commit()
 
     @torch.no_grad()
     def _set_masters(self, state) -> None:
@@ -313,7 +319,8 @@ class OnlineTrainer:
         last = self.last
         return {"enabled": self.config.enabled, "paused": self.paused, "objective": self.config.objective,
                 "adapter_version": self.version, "steps": self.step_count,
-                "pending_feedback": self.store.count_feedback("pending"),
+                "pending_feedback": self.store.count_feedback("pending", after_seq=self.read_seq),
+                "trained_since_checkpoint": len(self.unmarked),
                 "kept_versions": self.adapters.versions(), "skipped_steps": dict(self.skipped),
                 "last_step": None if last is None else {
                     "loss": last.loss, "outcomes": dict(last.outcomes), "reused_rows": last.reused_rows,
