@@ -128,6 +128,18 @@ def test_a_failing_step_pauses_training_until_resume(tmp_path, monkeypatch):
     assert rig.trainer.step_or_pause() and rig.trainer.version == 1
 
 
+def test_ratings_of_a_step_that_failed_are_trained_after_resume(tmp_path, monkeypatch):
+    rig = Rig(tmp_path)
+    rig.rate(rig.serve(2))
+    monkeypatch.setattr("trainer.online.forward_backward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("oom")))
+    assert rig.trainer.step_or_pause() is False and rig.trainer.paused
+    monkeypatch.undo()
+    rig.trainer.resume()
+    assert rig.trainer.step_or_pause() and rig.trainer.version == 1
+    assert rig.trainer.totals["outcome_hit"] == 2                 # the same two, still pinned: reused
+    assert not rig.store.pending_feedback(rig.trainer.read_seq, 1)
+
+
 def test_non_finite_step_is_skipped_and_nothing_published(tmp_path, monkeypatch):
     rig = Rig(tmp_path)
     rig.rate(rig.serve(2))

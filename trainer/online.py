@@ -171,14 +171,14 @@ class OnlineTrainer:
         return taken
 
     def _train(self, taken) -> None:
-        self.read_seq = max(fb.seq for fb, _ in taken)
         trainable = [r for _, r in taken if len(r.response_ids) >= 1 and self._counts(r)]
         trainable += [better_response_record(self.engine.tokenizer, fb.better_response, r.prompt_ids)
                       for fb, r in taken if fb.better_response]
         trainable = [r for r in trainable if r is not None]
         seqs = [fb.seq for fb, _ in taken]
         if trainable:
-            self._optimize(trainable)
+            self._optimize(trainable)          # raises: nothing taken (resume retries these ratings)
+        self.read_seq = max(fb.seq for fb, _ in taken)
         if self.engine.device.type == "cuda":   # the step's reads of pool rows are done before release
             torch.cuda.current_stream(self.engine.device).synchronize()
         self.unmarked += seqs
