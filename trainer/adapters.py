@@ -156,9 +156,9 @@ class AdapterManager:
     def commit(self, staged: StagedAdapter) -> None:
         """Make a staged version live: copy into the serving tensors in place (the pointers stay)."""
         serving = [t for m in self.modules.values() for t in (m.lora_A, m.lora_B)]
-        if staged.flat.is_cuda:                   # its memory is not reused before these copies ran
-            staged.flat.record_stream(torch.cuda.current_stream(staged.flat.device))
         torch._foreach_copy_(serving, staged.views)
+        if staged.flat.is_cuda:       # done before any stream reads them (between engine steps: ~free)
+            torch.cuda.current_stream(staged.flat.device).synchronize()
         with self._lock:
             if staged.version in self._history:   # most recently served first to be kept
                 self._history.move_to_end(staged.version)

@@ -66,6 +66,8 @@ class OnlineTrainer:
         if loaded is not None:
             self._load(*loaded)
         self.versions.commit()             # before the engine serves: the resumed version is live
+        if engine.device.type == "cuda":   # adapters made on this thread's stream: ready before serving's
+            torch.cuda.synchronize(engine.device)
 
     def start(self) -> None:
         """Start the trainer thread (thread mode; interleaved mode trains from the engine's step hook)."""

@@ -59,6 +59,7 @@ class Versions:
             staged, self._staged = self._staged, None
         if staged is None:
             return
-        self.adapters.commit(staged)
+        with self.engine.runner.stream_context():    # ordered with the serving kernels, whoever calls
+            self.adapters.commit(staged)
         self.engine.adapter_version = staged.version
         self.on_publish(staged.version)
