@@ -3,7 +3,8 @@ the `concise` rater rates them, feedback goes through the real FeedbackStore, th
 between batches by reuse; prints the rolling positive rate, then held-out perplexity with and without
 the adapter. A quick way to compare learning settings; `alchemist simulate` is the end-to-end demo.
 
-    python -m benchmarks.learning_cpu --lr 3e-4 --objective pg --temperature 1.0 --events 600
+    python -m benchmarks.learning_cpu --lr 3e-4 --objective pg --temperature 1.0 --events 600 --seed 0
+    (--prompt-lm-weight and --pg-clip default to TrainerConfig's defaults)
 """
 from __future__ import annotations
 
@@ -28,12 +29,13 @@ from trainer.prompts import PROMPTS
 from trainer.simulate import rate
 
 
-def serve_and_rate(engine, store, rng, step: int, temperature: float, batch: int = 8) -> list[int]:
+def serve_and_rate(engine, store, rng, step: int, temperature: float, batch: int = 8, seed: int = 0) -> list[int]:
     tok = engine.tokenizer
     texts = [rng.choice(PROMPTS)[1] for _ in range(batch)]
     ids = [tok(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
                                        tokenize=False), add_special_tokens=False).input_ids for t in texts]
-    seqs = [s[0] for s in engine.generate(ids, SamplingParams(temperature=temperature, max_tokens=64, seed=step))]
+    seqs = [s[0] for s in engine.generate(ids, SamplingParams(temperature=temperature, max_tokens=64,
+                                                                  seed=seed * 100_000 + step))]
     store.record_completions([CompletionRecord(s.request_id, 0, s.prompt_token_ids, s.output_token_ids,
                                                s.logprobs, engine.adapter_version, None, time.time()) for s in seqs])
     ratings = [rate(tok.decode(s.output_token_ids, skip_special_tokens=True)) for s in seqs]
@@ -52,7 +54,10 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--prompt-lm-weight", type=float, default=0.0)
+    ap.add_argument("--prompt-lm-weight", type=float, default=TrainerConfig.prompt_lm_weight)
+    ap.add_argument("--seed", type=int, default=0, help="prompt order and sampling seeds")
+    ap.add_argument("--pg-clip", type=float, default=TrainerConfig.pg_clip)
+    ap.add_argument("--max-update-norm", type=float, default=None)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     engine = LLMEngine(EngineConfig(model=str(ensure_default_model())))
@@ -61,11 +66,12 @@ def main() -> None:
                            max_records_per_step=8, min_records_per_step=1,
                            lora_targets=args.targets.split(","), lora_rank=args.rank,
                            lora_alpha=2.0 * args.rank, weight_decay=args.weight_decay,
-                           prompt_lm_weight=args.prompt_lm_weight)
+                           prompt_lm_weight=args.prompt_lm_weight, pg_clip=args.pg_clip,
+                           max_update_norm=args.max_update_norm)
     trainer = OnlineTrainer(config, engine, store, tmp / "run")
-    rng, ratings, start = random.Random(0), [], time.time()
+    rng, ratings, start = random.Random(args.seed), [], time.time()
     for step in range(args.events // 8):
-        ratings += serve_and_rate(engine, store, rng, step, args.temperature)
+        ratings += serve_and_rate(engine, store, rng, step, args.temperature, seed=args.seed)
         trainer.maybe_step()
         window = ratings[-args.window:]
         print(f"events {len(ratings)} rate {sum(r > 0 for r in window) / len(window):.2f} "
@@ -78,7 +84,8 @@ def main() -> None:
     first, last = ratings[:args.window], ratings[-args.window:]
     print(json.dumps({"lr": args.lr, "objective": args.objective, "targets": args.targets, "rank": args.rank,
                       "temperature": args.temperature, "weight_decay": args.weight_decay,
-                      "prompt_lm_weight": args.prompt_lm_weight,
+                      "prompt_lm_weight": args.prompt_lm_weight, "seed": args.seed, "pg_clip": args.pg_clip,
+                      "max_update_norm": args.max_update_norm,
                       "events": len(ratings),
                       "initial_rate": sum(r > 0 for r in first) / len(first),
                       "final_rate": sum(r > 0 for r in last) / len(last), "base_ppl": base,

@@ -29,6 +29,7 @@ from trainer.objectives import RunningMean, batch_loss
 from trainer.pacing import StepPacing
 from trainer.reuse import TrainRecord, better_response_record
 from trainer.step import StepResult, forward_backward
+from trainer.user_text import prompt_lm_positions
 from trainer.versions import Versions
 
 log = logging.getLogger("alchemist.trainer")
@@ -59,6 +60,7 @@ class OnlineTrainer:
         self.skipped = Counter()
         self.last: StepResult | None = None
         self.pacing = StepPacing(config)
+        self.prompt_lm_targets = prompt_lm_positions(engine.tokenizer)   # the users' message tokens
         self._saved = (0, 0)               # (version, step) of the last durable checkpoint
         threaded = config.concurrency == "thread" or (config.concurrency == "auto" and engine.device.type == "cuda")
         self.thread = TrainerThread(self) if threaded else None
@@ -213,6 +215,7 @@ class OnlineTrainer:
                                   pool=self.engine.activation_pool, reuse=True, trainer_version=self.version,
                                   max_staleness=self.config.max_staleness, loss_fn=self._loss,
                                   prompt_lm_weight=self.config.prompt_lm_weight,
+                                  prompt_lm_targets=self.prompt_lm_targets,
                                   between_layers=self._gate())
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         if not (math.isfinite(result.loss) and math.isfinite(float(grad_norm))):

@@ -2,7 +2,6 @@
 captured rows, run the shared model forward with a TrainingContext, take the loss, backward."""
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trainer.reuse import Injection, TrainingContext, TrainRecord
+from trainer.user_text import all_prompt_positions
 
 # outcome of a record's activations: reused exactly, reused though the adapter moved (within
 # max_staleness), or recomputed because they were evicted / never captured / too stale
@@ -80,91 +80,6 @@ def nll_loss(logprobs: list[torch.Tensor], records: list[TrainRecord]) -> torch.
     return -torch.cat(logprobs).mean()
 
 
-# -- the prompt LM term's targets: the users' own text ------------------------------------------
-
-def _find(seq: list[int], sub: tuple[int, ...], start: int) -> int:
-    """First index >= start where `sub` occurs in `seq`, or -1."""
-    for i in range(start, len(seq) - len(sub) + 1):
-        if tuple(seq[i:i + len(sub)]) == sub:
-            return i
-    return -1
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
-@dataclass(frozen=True)
-class UserText:
-    """Where the users' own messages sit in a prompt, read off the tokenizer's chat template: from after
-    each `open` (the user header, e.g. `<|im_start|>user\\n`) up to the next `close` (e.g. `<|im_end|>`).
-    System prompts, earlier assistant turns, role headers and the generation prompt are not user text.
-    A prompt holding none of the template's marker tokens (a /v1/completions text) is all user text."""
-    open: tuple[int, ...]
-    close: tuple[int, ...]
-    markers: frozenset[int]         # the special tokens in open + close
-
-    def positions(self, prompt_ids: list[int]) -> list[int]:
-        """Indices j >= 1 of the prompt tokens that are user text (predicted from prompt[:j])."""
-        if not self.markers.intersection(prompt_ids):
-            return list(range(1, len(prompt_ids)))
-        out, j = [], _find(prompt_ids, self.open, 0)
-        while j >= 0:
-            start = j + len(self.open)
-            end = _find(prompt_ids, self.close, start) if self.close else -1
-            end = len(prompt_ids) if end < 0 else end
-            out += range(max(start, 1), end)
-            j = _find(prompt_ids, self.open, end)
-        return out
-
-    @classmethod
-    def from_tokenizer(cls, tok) -> "UserText | None":
-        """Render one user message with two contents; the template is what the renders share. None if
-        the tokenizer has no chat template or its user header has no special token to anchor on."""
-        if tok is None or not getattr(tok, "chat_template", None):
-            return None
-        render = lambda text: list(tok(tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False),
-                                       add_special_tokens=False).input_ids)
-        a, b = render("Alpha beta gamma."), render("Zulu yankee xray?")
-        head = _common_prefix(a, b)
-        tail = _common_prefix(a[head:][::-1], b[head:][::-1])
-        prefix, suffix = a[:head], a[len(a) - tail:]
-        special = set(tok.all_special_ids) | {i for i, t in getattr(tok, "added_tokens_decoder", {}).items()
-                                              if getattr(t, "special", False)}
-        named = [i for i, t in enumerate(prefix) if "user" in tok.decode([t]).lower()]
-        starts = [i for i, t in enumerate(prefix[:named[-1] + 1] if named else prefix) if t in special]
-        if not starts:
-            return None
-        ends = [i for i, t in enumerate(suffix) if t in special]
-        close = tuple(suffix[:ends[0] + 1] if ends else suffix)
-        open_ = tuple(prefix[starts[-1]:])
-        return cls(open_, close, frozenset(t for t in open_ + close if t in special))
-
-
-def all_prompt_positions(prompt_ids: list[int]) -> list[int]:
-    return list(range(1, len(prompt_ids)))
-
-
-@functools.lru_cache(maxsize=8)
-def _user_text_at(model_dir: str) -> UserText | None:
-    from transformers import AutoTokenizer
-    try:
-        return UserText.from_tokenizer(AutoTokenizer.from_pretrained(model_dir))
-    except (OSError, ValueError, TypeError, KeyError):         # no (usable) tokenizer in that folder
-        return None
-
-
-def prompt_lm_positions(model) -> Callable[[list[int]], list[int]]:
-    """The prompt LM term's target positions for the model's own tokenizer (found through its config's
-    folder): user text only; every prompt token when the folder has no chat-template tokenizer."""
-    folder = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    user = _user_text_at(folder) if folder else None
-    return user.positions if user is not None else all_prompt_positions
-
-
 def forward_backward(model, records: list[TrainRecord], adapters: dict, *, pool=None, reuse: bool = True,
                      trainer_version: int = 0, max_staleness: int = 0, checkpoint_layers: bool = False,
                      loss_fn: Callable = nll_loss, prompt_lm_weight: float = 0.0,
@@ -175,11 +90,10 @@ def forward_backward(model, records: list[TrainRecord], adapters: dict, *, pool=
     prompt_lm_weight > 0 adds that weight times the mean NLL of the prompt tokens that are the users'
     own text (whose rows the forward covers anyway: a language-model anchor with no extra forward, like
     InstructGPT's PPO-ptx mixing in pretraining data). `prompt_lm_targets(prompt_ids)` gives their
-    indices (default: `prompt_lm_positions(model)`, the user messages of the model's chat template;
-    `all_prompt_positions` for every prompt token)."""
+    indices (trainer.user_text.prompt_lm_positions(tokenizer): the user messages of the chat template;
+    default: every prompt token)."""
     device = next(model.parameters()).device
-    if prompt_lm_weight > 0 and prompt_lm_targets is None:
-        prompt_lm_targets = prompt_lm_positions(model)
+    prompt_lm_targets = prompt_lm_targets or all_prompt_positions
     plans = [plan_record(r, pool if reuse else None, trainer_version, max_staleness) for r in records]
     injection = build_injection(records, plans, pool, device) if reuse else None
     cu, ids, positions, logit_rows, targets = [0], [], [], [], []
