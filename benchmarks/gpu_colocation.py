@@ -287,13 +287,15 @@ def run(args) -> dict:
 def one_run(engine, hooks, sched, duration: float, writer: Writer, tag: str, state, burn=None) -> dict:
     before = Counter(state.trainer.totals)
     on = tag != "off" and burn is None
-    if burn is not None:
+    if burn is not None:                         # the load instead of training (earlier runs' ratings wait)
+        state.trainer.pause()
         burn.start()
     try:
         raw = drive(engine, hooks, sched, duration, writer, tag.replace(" ", "-"), on, state.trainer)
     finally:
         if burn is not None:
             burn.stop()
+            state.trainer.resume()
     out = summarize(raw, duration, before)
     if burn is not None:
         out["burn_busy_frac"] = burn.busy_s / raw["elapsed_s"]
