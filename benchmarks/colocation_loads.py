@@ -1,6 +1,9 @@
-"""Synthetic background loads for the co-location benchmark: they load either the GPU or the Python
-interpreter the way a trainer thread would, without training, so one run tells which of the two slows
-serving (GPU contention vs the engine thread waiting for the GIL).
+"""What runs beside serving in the co-location benchmark's `on` runs, and the latency summary of a run.
+
+`use_mode` switches the online trainer between modes (`thread` / `interleaved`, duty cycle, yield,
+SM share). The synthetic background loads load either the GPU or the Python interpreter the way a
+trainer thread would, without training, so one run tells which of the two slows serving (GPU
+contention vs the engine thread waiting for the GIL):
 
     burn-gpu[:duty=D]     bf16 GEMMs [2048, h] x [h, h] (compute-bound) on a stream of the lowest
                           priority, in ~10 ms bursts synced at their end, `duty` of the wall time
@@ -10,10 +13,15 @@ serving (GPU contention vs the engine thread waiting for the GIL).
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
+from collections import Counter
 
+import numpy as np
 import torch
+
+from trainer.background import TrainerThread
 
 BURST_S = 0.01
 
@@ -79,3 +87,44 @@ class Burn:
         while time.perf_counter() < end:
             for i in range(200):
                 x += i * i
+
+
+def use_mode(trainer, mode: str) -> None:
+    """`concurrency[:duty=D][:yield=N|none][:sms=F|none]`, e.g. thread:duty=0.5:sms=0.5: where and how
+    the trainer's steps run from now on (an option left out keeps the config's default)."""
+    concurrency, *options = mode.split(":")
+    opts = dict(o.split("=", 1) for o in options)
+    number = lambda key, cast: None if opts[key] == "none" else cast(opts[key])
+    config = trainer.config
+    trainer.stop()
+    trainer.config = dataclasses.replace(
+        config, concurrency=concurrency, duty_cycle=float(opts.get("duty", config.duty_cycle)),
+        yield_prefill_tokens=number("yield", int) if "yield" in opts else config.yield_prefill_tokens,
+        sm_share=number("sms", float) if "sms" in opts else config.sm_share)
+    trainer.pacing.config = trainer.config
+    trainer.thread = TrainerThread(trainer) if concurrency == "thread" else None
+    trainer.start()
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def summarize(raw: dict, duration: float, totals_before: Counter) -> dict:
+    """Latencies in ms over all requests of the run; rates over the arrival window [0, duration) s."""
+    ttft = [(ts[0] - raw["arrivals"][r]) * 1e3 for r, ts in raw["tokens"].items() if ts]
+    tbt = [(b - a) * 1e3 for ts in raw["tokens"].values() for a, b in zip(ts, ts[1:])]
+    in_window = sum(t < duration for ts in raw["tokens"].values() for t in ts)
+    w = raw["window_totals"] - totals_before   # trainer totals reached by the end of the window
+    trained = w["tokens_reuse"] + w["tokens_recompute"]
+    return {"requests": len(raw["tokens"]), "finished_in_window": sum(bool(ts) and ts[-1] < duration
+                                                                      for ts in raw["tokens"].values()),
+            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
+            "tbt_p50_ms": pct(tbt, 50), "tbt_p99_ms": pct(tbt, 99), "tbt_max_ms": max(tbt, default=0.0),
+            "tbt_samples": len(tbt), "rated": raw["rated"],
+            "out_tok_s": in_window / duration, "elapsed_s": raw["elapsed_s"], "train_steps": w["steps"],
+            "train_steps_incl_drain": (raw["final_totals"] - totals_before)["steps"],
+            "trained_tokens": trained, "trained_tok_s": trained / duration,
+            "reuse_tokens": w["tokens_reuse"], "recompute_tokens": w["tokens_recompute"],
+            "train_busy_frac": w["seconds"] / duration, "train_step_ms": w["seconds"] * 1e3 / max(w["steps"], 1),
+            "outcomes": {k[8:]: v for k, v in w.items() if k.startswith("outcome_")}}

@@ -19,7 +19,6 @@ run of the same schedule.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import random
 import tempfile
@@ -28,17 +27,15 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from benchmarks.colocation_loads import Burn
+from benchmarks.colocation_loads import Burn, summarize, use_mode
 from benchmarks.common import emit, git_commit
 from benchmarks.gpu_serving import DEVICE, make_engine
 from benchmarks.gpu_training import SHAPES
 from engine.async_engine import AsyncEngine
 from engine.sampling_params import SamplingParams
 from store.feedback_store import CompletionRecord, FeedbackStore
-from trainer.background import TrainerThread
 from trainer.config import TrainerConfig
 
 KV_GIB = {"8b": 24.0, "1b": 16.0, "tiny": 0.0625}
@@ -181,47 +178,6 @@ def drive(engine, hooks, sched: list[dict], duration: float, writer: Writer, tag
             "rated": sum(v is not None for v in rating.values()),
             "window_totals": window_totals if window_totals is not None else Counter(trainer.totals),
             "final_totals": Counter(trainer.totals)}
-
-
-def pct(xs: list[float], q: float) -> float:
-    return float(np.percentile(xs, q)) if xs else float("nan")
-
-
-def summarize(raw: dict, duration: float, totals_before: Counter) -> dict:
-    """Latencies in ms over all requests of the run; rates over the arrival window [0, duration) s."""
-    ttft = [(ts[0] - raw["arrivals"][r]) * 1e3 for r, ts in raw["tokens"].items() if ts]
-    tbt = [(b - a) * 1e3 for ts in raw["tokens"].values() for a, b in zip(ts, ts[1:])]
-    in_window = sum(t < duration for ts in raw["tokens"].values() for t in ts)
-    w = raw["window_totals"] - totals_before   # trainer totals reached by the end of the window
-    trained = w["tokens_reuse"] + w["tokens_recompute"]
-    return {"requests": len(raw["tokens"]), "finished_in_window": sum(bool(ts) and ts[-1] < duration
-                                                                      for ts in raw["tokens"].values()),
-            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
-            "tbt_p50_ms": pct(tbt, 50), "tbt_p99_ms": pct(tbt, 99), "tbt_max_ms": max(tbt, default=0.0),
-            "tbt_samples": len(tbt), "rated": raw["rated"],
-            "out_tok_s": in_window / duration, "elapsed_s": raw["elapsed_s"], "train_steps": w["steps"],
-            "train_steps_incl_drain": (raw["final_totals"] - totals_before)["steps"],
-            "trained_tokens": trained, "trained_tok_s": trained / duration,
-            "reuse_tokens": w["tokens_reuse"], "recompute_tokens": w["tokens_recompute"],
-            "train_busy_frac": w["seconds"] / duration, "train_step_ms": w["seconds"] * 1e3 / max(w["steps"], 1),
-            "outcomes": {k[8:]: v for k, v in w.items() if k.startswith("outcome_")}}
-
-
-def use_mode(trainer, mode: str) -> None:
-    """`concurrency[:duty=D][:yield=N|none][:sms=F|none]`, e.g. thread:duty=0.5:sms=0.5: where and how
-    the trainer's steps run from now on (an option left out keeps the config's default)."""
-    concurrency, *options = mode.split(":")
-    opts = dict(o.split("=", 1) for o in options)
-    number = lambda key, cast: None if opts[key] == "none" else cast(opts[key])
-    config = trainer.config
-    trainer.stop()
-    trainer.config = dataclasses.replace(
-        config, concurrency=concurrency, duty_cycle=float(opts.get("duty", config.duty_cycle)),
-        yield_prefill_tokens=number("yield", int) if "yield" in opts else config.yield_prefill_tokens,
-        sm_share=number("sms", float) if "sms" in opts else config.sm_share)
-    trainer.pacing.config = trainer.config
-    trainer.thread = TrainerThread(trainer) if concurrency == "thread" else None
-    trainer.start()
 
 
 def warm_up_training(state, hooks, engine, workload, writer: Writer) -> None:
