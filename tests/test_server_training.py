@@ -181,6 +181,26 @@ def test_pause_keeps_ratings_pending_and_resume_trains_them(server, user, admin)
     assert status(admin)["steps"] > steps
 
 
+def test_trainer_thread_behind_the_http_server(tiny_model, tmp_path):
+    """training.concurrency=thread (the default on CUDA) on the CPU: steps on the trainer thread, a version
+    goes live at an engine step boundary, rollback, and a final checkpoint at shutdown."""
+    state = tiny_state(tiny_model, tmp_path / "a.db", run_dir=tmp_path / "run", api_keys=[USER],
+                       admin_api_keys=[ADMIN], training=TrainerConfig(**TRAINING, concurrency="thread"))
+    with ServerThread(create_app(state)) as srv, client(srv.url, USER) as user, client(srv.url, ADMIN) as admin:
+        assert state.trainer.thread is not None and state.trainer.thread.alive
+        for _ in range(2):
+            train_one(user, admin, serve=complete)
+        s = wait_for(lambda: (v := status(admin))["serving_adapter_version"] == v["adapter_version"] >= 2 and v,
+                     what="the newest version live")
+        assert s["last_error"] is None and s["totals"].get("tokens_reuse", 0) > 0
+        assert state.store.get_completion(chat(user), 0).adapter_version == s["adapter_version"]
+        r = admin.post("/v1/adapters/1/activate")
+        assert r.status_code == 200 and r.json()["active"], r.text
+        assert status(admin)["serving_adapter_version"] == 1
+    assert not state.trainer.thread.alive                       # stopped at shutdown, then checkpointed
+    assert (tmp_path / "run" / "latest").read_text().strip() == "ckpt-000001"
+
+
 def test_training_config_admin_keys_and_flags(tmp_path, monkeypatch):
     from server.cli import _config, _parser
     path = tmp_path / "c.json"
