@@ -99,9 +99,10 @@ class AdapterManager:
 
     def state(self, version: int | None = None) -> AdapterState:
         """CPU fp32 copy of a kept version (default: the active one), e.g. for export_peft."""
-        return cpu_fp32(self._kept(self.version if version is None else version))
+        return cpu_fp32(self.kept(self.version if version is None else version))
 
-    def _kept(self, version: int) -> AdapterState:
+    def kept(self, version: int) -> AdapterState:
+        """The kept CPU fp32 tensors of `version` themselves (read them, never write; `state` copies)."""
         with self._lock:
             if version not in self._history:
                 raise NotFoundError(f"adapter version {version} is not kept; kept versions: {sorted(self._history)}")
@@ -135,7 +136,7 @@ class AdapterManager:
 
     def stage_kept(self, version: int) -> StagedAdapter:
         """Prepare a kept version to be served again (rollback or forward)."""
-        return self._staged(self._kept(version), version)
+        return self._staged(self.kept(version), version)
 
     @torch.no_grad()
     def _staged(self, state: AdapterState, version: int) -> StagedAdapter:

@@ -134,10 +134,9 @@ class OnlineTrainer:
 
     # -- the step hook -----------------------------------------------------------
     def maybe_step(self) -> bool:
-        """Interleaved mode, on the engine thread: `work()`, then what it published goes live."""
-        trained = self.work()
-        self.commit_published()
-        return trained
+        """Interleaved mode, on the engine thread: `work()`; a version it publishes is live on return
+        (committed under the trainer lock, see `_commit_if_interleaved`)."""
+        return self.work()
 
     def work(self) -> bool:
         """Apply a requested rollback, then train one step if allowed and feedback is waiting."""
@@ -306,7 +305,7 @@ class OnlineTrainer:
     def _apply_activation(self) -> None:
         version = self.versions.take_activation()
         with self.lock:
-            self._set_masters(self.adapters.state(version))
+            self._set_masters(self.adapters.kept(version))   # copied into the masters
             self.versions.activate(version)
             self._commit_if_interleaved()
 

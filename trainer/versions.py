@@ -37,7 +37,7 @@ class Versions:
 
     def request_activate(self, version: int) -> None:
         """Roll back (or forward) to a kept version; the trainer takes it before its next step."""
-        self.adapters.state(version)                  # NotFoundError now if the version is not kept
+        self.adapters.kept(version)                   # NotFoundError now if the version is not kept
         self.pending_activation = version
 
     def take_activation(self) -> int | None:
