@@ -141,8 +141,8 @@ def profile(fn) -> None:
     with torch_profile(activities=activities) as prof:
         fn()
         torch.cuda.synchronize() if DEVICE == "cuda" else None
-    key = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
+    key = "self_cuda_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70), flush=True)
 
 
 def ratios(res: dict) -> dict:
