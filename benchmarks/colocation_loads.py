@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from trainer.background import TrainerThread
+from trainer.pacing import StepPacing
 
 BURST_S = 0.01
 
@@ -98,10 +99,10 @@ def use_mode(trainer, mode: str) -> None:
     config = trainer.config
     trainer.stop()
     trainer.config = dataclasses.replace(
-        config, concurrency=concurrency, duty_cycle=float(opts.get("duty", config.duty_cycle)),
+        config, concurrency=concurrency, duty_cycle=float(opts["duty"]) if "duty" in opts else config.duty_cycle,
         yield_prefill_tokens=number("yield", int) if "yield" in opts else config.yield_prefill_tokens,
         sm_share=number("sms", float) if "sms" in opts else config.sm_share)
-    trainer.pacing.config = trainer.config
+    trainer.pacing = StepPacing(trainer.config, concurrency == "thread")
     trainer.thread = TrainerThread(trainer) if concurrency == "thread" else None
     trainer.start()
 

@@ -166,6 +166,7 @@ def main() -> None:
     ap.add_argument("--step-tokens", type=int, default=8192)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--pool-gib", type=float, default=44.0)
+    ap.add_argument("--skip-hf", action="store_true", help="our modes only (no HF + PEFT baseline)")
     ap.add_argument("--profile", default=None, help="also print a kernel profile of one step of this mode")
     args = ap.parse_args()
     raw = pick_records(args.sharegpt, args.step_tokens)
@@ -180,7 +181,8 @@ def main() -> None:
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
         res["after_ours_allocated_GiB"] = torch.cuda.memory_allocated() / 2 ** 30
-    for name, ckpt, per_batch in (("hf_peft", False, 1), ("hf_peft_batch4", False, 4), ("hf_peft_ckpt", True, 1)):
+    hf_modes = () if args.skip_hf else (("hf_peft", False, 1), ("hf_peft_batch4", False, 4), ("hf_peft_ckpt", True, 1))
+    for name, ckpt, per_batch in hf_modes:
         res[name] = measure(hf_peft_step(SHAPES[args.shape], raw, ckpt, per_batch), tokens, args.repeat)
         print(name, json.dumps(res[name]), flush=True)
         gc.collect()

@@ -42,6 +42,14 @@ def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _allow_calls_while_another_thread_compiles() -> None:
+    """Compiling (AOTAutograd's make_fx) raises a process-wide "FX tracing" flag for its duration;
+    by default dynamo then raises in every compiled function called meanwhile, from any thread. With
+    the trainer thread compiling its backward graphs while the engine thread serves (or the reverse),
+    that is a crash. Off: a call made during another thread's compile runs the same function eagerly."""
+    torch._dynamo.config.error_on_nested_fx_trace = False
+
+
 def _fusable(fn):
     compiled = None
 
@@ -50,6 +58,7 @@ def _fusable(fn):
         if not (FUSE and args[0].is_cuda):
             return fn(*args)
         if compiled is None:
+            _allow_calls_while_another_thread_compiles()
             compiled = torch.compile(fn, dynamic=True, fullgraph=True)
         return compiled(*args)
 

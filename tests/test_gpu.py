@@ -123,3 +123,21 @@ def test_training_attention_takes_the_flash_kernel():
         ref = ctx.attention(0, q.float(), k.float(), v.float(), 0.125)
     assert out.shape == (1000, 32, 64)
     assert float((out.float() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_fused_op_called_while_another_thread_compiles_runs_eagerly():
+    """While one thread compiles (make_fx raises a process-wide FX-tracing flag), a fused op called from
+    another thread must still run (eagerly) instead of raising: the trainer thread compiles its backward
+    graphs while the engine thread serves. The flag is raised here as a compile would."""
+    import torch.fx._symbolic_trace as fx_trace
+    from engine.layers import rms_norm
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(256, device="cuda", dtype=torch.bfloat16)
+    fused = rms_norm(x, w, 1e-5)                                 # compiled before the flag is raised
+    saved, fx_trace._is_fx_tracing_flag = fx_trace._is_fx_tracing_flag, True
+    try:
+        during = rms_norm(x, w, 1e-5)
+    finally:
+        fx_trace._is_fx_tracing_flag = saved
+    torch.testing.assert_close(during, fused, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(during, rms_norm.reference(x, w, 1e-5), rtol=0, atol=0)

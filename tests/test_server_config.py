@@ -51,6 +51,7 @@ def test_config_file_layers_and_env_keys(tmp_path, monkeypatch):
     ("[1]", "JSON object"),
     ('{"retention_days": 0}', "retention_days"),
     ('{"engine": {"block_size": 3}}', "block_size"),
+    ('{"training": {"duty_cycle": 0}}', "duty_cycle"),
 ])
 def test_config_errors_say_what_to_change(tmp_path, content, words):
     path = tmp_path / "c.json"
@@ -124,3 +125,11 @@ def test_cli_config_error_is_one_line(tmp_path, capsys):
     assert main(["serve", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "unknown engine option" in err and "Traceback" not in err
+
+
+def test_duty_cycle_default_depends_on_where_steps_run():
+    from trainer.config import TrainerConfig
+    from trainer.pacing import StepPacing
+    assert StepPacing(TrainerConfig(), threaded=True).duty_cycle == 0.25      # GPU: beside serving
+    assert StepPacing(TrainerConfig(), threaded=False).duty_cycle == 0.5      # CPU: between engine steps
+    assert StepPacing(TrainerConfig(duty_cycle=0.8), threaded=True).duty_cycle == 0.8

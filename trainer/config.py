@@ -8,6 +8,7 @@ from engine.errors import ConfigError
 
 OBJECTIVES = ("sft", "kto", "pg")
 CONCURRENCY = ("auto", "thread", "interleaved")
+DEFAULT_DUTY_THREAD, DEFAULT_DUTY_INTERLEAVED = 0.25, 0.5
 
 
 @dataclass
@@ -27,7 +28,10 @@ class TrainerConfig:
     min_records_per_step: int = 8       # wait for this many ratings before a step ...
     max_wait_s: float = 20.0            # ... or until the first of them has waited this long
     max_staleness: int = 4              # adapter versions a record's activations may lag and still be reused
-    duty_cycle: float = 0.5             # most of the wall time training steps may take while serving
+    # most of the wall time training steps may take while serving; None: 0.25 on a trainer thread (GPU:
+    # TBT p99 x0.98 of training off at half load, where 0.5 gave x1.35; BENCHMARKS.md co-location),
+    # 0.5 interleaved (CPU: the end-to-end learning runs)
+    duty_cycle: float | None = None
     # where steps run: "thread" = a trainer thread (on CUDA a low-priority stream beside serving's),
     # "interleaved" = on the engine thread between engine steps; "auto" = thread on CUDA, else interleaved
     concurrency: str = "auto"
@@ -64,14 +68,19 @@ class TrainerConfig:
             raise ConfigError("training.yield_prefill_tokens must be >= 1 (or null to never yield)")
         if self.sm_share is not None and not 0.0 < self.sm_share < 1.0:
             raise ConfigError("training.sm_share must be in (0, 1) (or null for all SMs at low priority)")
-        if not 0.0 < self.duty_cycle <= 1.0:
-            raise ConfigError("training.duty_cycle must be in (0, 1]")
+        if self.duty_cycle is not None and not 0.0 < self.duty_cycle <= 1.0:
+            raise ConfigError("training.duty_cycle must be in (0, 1] (or null for the default of the mode)")
         if not (self.prompt_lm_weight >= 0):
             raise ConfigError("training.prompt_lm_weight must be >= 0 (0 turns the prompt LM term off)")
         if self.checkpoint_every < 1 or self.max_staleness < 0:
             raise ConfigError("training.checkpoint_every must be >= 1 and max_staleness >= 0")
         if not self.run_name or "/" in self.run_name or self.run_name.startswith("."):
             raise ConfigError(f"training.run_name={self.run_name!r}: use a plain folder name")
+
+    def duty_for(self, threaded: bool) -> float:
+        if self.duty_cycle is not None:
+            return self.duty_cycle
+        return DEFAULT_DUTY_THREAD if threaded else DEFAULT_DUTY_INTERLEAVED
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainerConfig":

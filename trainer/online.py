@@ -59,11 +59,11 @@ class OnlineTrainer:
         self.unmarked: list[int] = []      # feedback seqs trained since the last durable checkpoint
         self.skipped = Counter()
         self.last: StepResult | None = None
-        self.pacing = StepPacing(config)
         self.prompt_lm_targets = prompt_lm_positions(engine.tokenizer)   # the users' message tokens
         self._saved = (0, 0)               # (version, step) of the last durable checkpoint
         threaded = config.concurrency == "thread" or (config.concurrency == "auto" and engine.device.type == "cuda")
         self.thread = TrainerThread(self) if threaded else None
+        self.pacing = StepPacing(config, threaded)
         loaded = ckpt.load_latest(self.run_dir)
         if loaded is not None:
             self._load(*loaded)

@@ -13,8 +13,9 @@ class StepPacing:
     """A duty cycle (the share of wall time steps may take while the engine serves, over a sliding
     window), a poll interval for the feedback store, and the wait for a full batch of ratings."""
 
-    def __init__(self, config: TrainerConfig):
+    def __init__(self, config: TrainerConfig, threaded: bool):
         self.config = config
+        self.duty_cycle = config.duty_for(threaded)
         self.busy_s, self.window_start = 0.0, time.monotonic()
         self.next_poll = 0.0                # no SQLite query on every look while nothing is pending
         self.waiting_since: float | None = None   # when the pending ratings started to wait for a full step
@@ -22,7 +23,7 @@ class StepPacing:
     def may_look(self, now: float, serving: bool) -> bool:
         if now - self.window_start > DUTY_WINDOW_S:           # halve the history: recent time counts most
             self.busy_s, self.window_start = self.busy_s / 2, now - DUTY_WINDOW_S / 2
-        if serving and self.busy_s > self.config.duty_cycle * (now - self.window_start):
+        if serving and self.busy_s > self.duty_cycle * (now - self.window_start):
             return False
         return now >= self.next_poll
 

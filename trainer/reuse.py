@@ -18,7 +18,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from engine.context import ForwardContext, base_module
-from engine.packing import project as project_bases
 
 
 @dataclass
@@ -51,18 +50,21 @@ def better_response_record(tokenizer, text: str, prompt_ids: list[int]) -> Train
 
 
 class InjectedLinear(torch.autograd.Function):
-    """y = W·x + b, with the rows `stored_idx` taken from `stored` instead of multiplied."""
+    """y = W·x + b, with the rows `stored_idx` taken from `stored` instead of multiplied. `stored` must
+    be the caller's own copy (a pool gather): when every row is stored it becomes y."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stored, stored_idx, fresh_idx):
         # x: [T, in], stored: [S, out] -> y: [T, out]
+        ctx.save_for_backward(weight)
         if not fresh_idx.numel():                  # every row stored, in batch order: stored is y
-            ctx.save_for_backward(weight)
-            return stored.to(x.dtype)
+            if stored.dtype != x.dtype:
+                return stored.to(x.dtype)
+            ctx.mark_dirty(stored)                 # y *is* the gathered copy: not a view, so y can be
+            return stored                          # added to in place (the LoRA delta)
         y = x.new_empty(x.shape[0], weight.shape[0])
         y.index_copy_(0, stored_idx, stored.to(y.dtype))
         y.index_copy_(0, fresh_idx, F.linear(x.index_select(0, fresh_idx), weight, bias))
-        ctx.save_for_backward(weight)
         return y
 
     @staticmethod
@@ -90,29 +92,44 @@ class TrainingContext(ForwardContext):
 
     def project(self, layer, kinds, modules, x):
         bases = tuple(base_module(m) for m in modules)
-        if self.injection is None or not self.injection.stored_idx.numel():
-            outs = project_bases(x, bases)
-        else:
-            outs = self._injected(layer, kinds, bases, x)
-        return tuple(self._add_lora(m, x, out) for m, out in zip(modules, outs))
-
-    def _injected(self, layer, kinds, bases, x):
-        inj = self.injection
-        stored = [inj.rows(layer, kind) for kind in kinds]
-        packed = getattr(bases[0], "packed", None)
-        if packed is not None and len(bases) > 1:
-            y = InjectedLinear.apply(x, packed[0], packed[1], torch.cat(stored, dim=-1), inj.stored_idx, inj.fresh_idx)
+        packed = getattr(bases[0], "packed", None) if len(bases) > 1 else None
+        if packed is not None:              # q|k|v or gate|up: one base GEMM (or injection), one LoRA
+            y = self._add_lora(modules, x, self._base(layer, kinds, packed[0], packed[1], x))
             return y.split([b.out_features for b in bases], dim=-1)
-        return tuple(InjectedLinear.apply(x, b.weight, b.bias, s, inj.stored_idx, inj.fresh_idx)
-                     for b, s in zip(bases, stored))
+        return tuple(self._add_lora((m,), x, self._base(layer, (kind,), b.weight, b.bias, x))
+                     for m, kind, b in zip(modules, kinds, bases))
 
-    def _add_lora(self, module, x, out):
-        adapter = self.adapters.get(module)
-        if adapter is None:
-            return out
-        a, b, scaling = adapter                                   # fp32 masters, used in x's dtype
-        xa = F.linear(x, a.to(x.dtype))                           # [T, r]
-        return torch.addmm(out, xa, b.to(x.dtype).t(), alpha=scaling)   # out + scaling * xa @ B^T, one GEMM
+    def _base(self, layer, kinds, weight, bias, x):
+        """x @ W^T + b for the projections `kinds` (their weights concatenated), injected rows taken
+        from the pool. Always a new tensor (the LoRA delta is added to it in place)."""
+        inj = self.injection
+        if inj is None or not inj.stored_idx.numel():
+            return F.linear(x, weight, bias)                                    # [T, out]
+        stored = [inj.rows(layer, kind) for kind in kinds]                       # gathered: copies
+        stored = stored[0] if len(stored) == 1 else torch.cat(stored, dim=-1)   # [S, out]
+        return InjectedLinear.apply(x, weight, bias, stored, inj.stored_idx, inj.fresh_idx)
+
+    def _add_lora(self, modules, x, y):
+        """y += scaling * (x @ A^T) @ B^T for every adapted module of a group sharing the input x, as
+        two GEMMs: A stacked [sum(r), in], B block-diagonal [sum(out), sum(r)] (a module without an
+        adapter gets a zero block)."""
+        adapters = [self.adapters.get(m) for m in modules]
+        if all(a is None for a in adapters):
+            return y
+        present = [ad for ad in adapters if ad is not None]
+        scalings = {scaling for _, _, scaling in present}
+        alpha = scalings.pop() if len(scalings) == 1 else 1.0      # one LoRAConfig: one scaling
+
+        def block(module, adapter):                                 # [out_i, r_i]
+            if adapter is None:
+                return y.new_zeros(base_module(module).out_features, 0)
+            _, b, scaling = adapter
+            return b.to(x.dtype) if scaling == alpha else b.to(x.dtype) * (scaling / alpha)
+
+        a_all = torch.cat([a.to(x.dtype) for a, _, _ in present])                       # [R, in]
+        blocks = [block(m, ad) for m, ad in zip(modules, adapters)]
+        b_all = blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks)            # [out, R]
+        return y.addmm_(F.linear(x, a_all), b_all.t(), alpha=alpha)                     # in place: y is ours
 
     def attention(self, layer, q, k, v, scale):
         # q: [T, n_heads, d], k/v: [T, n_kv, d]. On CUDA, SDPA's flash kernel needs 4-d [1, heads, n, d]
@@ -123,13 +140,15 @@ class TrainingContext(ForwardContext):
         groups = q.shape[1] // k.shape[1]
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)   # [T, n_heads, d]
-        def heads_first(t, start, end):                                       # [(1,) n_heads, n, d]
-            t = t[start:end].transpose(0, 1)
+        def heads_first(t):                                                   # [(1,) n_heads, n, d]
+            t = t.transpose(0, 1)
             return t.unsqueeze(0) if t.is_cuda else t
+        # split, not slicing: a slice's backward writes a zero [T, ...] gradient per record and sums them
+        lengths = [end - start for start, end in zip(self.cu_seqlens[:-1], self.cu_seqlens[1:])]
         out = []
-        for start, end in zip(self.cu_seqlens[:-1], self.cu_seqlens[1:]):   # causal within each record
-            o = F.scaled_dot_product_attention(heads_first(q, start, end), heads_first(k, start, end),
-                                               heads_first(v, start, end), is_causal=True, scale=scale)
+        for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths)):   # causal per record
+            o = F.scaled_dot_product_attention(heads_first(qi), heads_first(ki), heads_first(vi),
+                                               is_causal=True, scale=scale)
             out.append(o.reshape(o.shape[-3:]).transpose(0, 1))               # [n, n_heads, d]
         return torch.cat(out)                                                  # [T, n_heads, d]
 
