@@ -15,6 +15,7 @@ from engine.sequence import Sequence
 
 CAPTURE_MODES = ("none", "prefill", "prefill+decode")
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+GROUPS = (("q", "k", "v"), ("gate", "up"))   # one GEMM each on CUDA (engine/packing.py): one pool buffer each
 
 
 def record_key(seq: Sequence) -> tuple[str, int]:

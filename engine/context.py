@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from engine.packing import project as project_bases
+from engine.packing import packed_output
 
 
 @dataclass
@@ -59,6 +59,16 @@ class CaptureMetadata:
     pool: object                      # store.activation_pool.ActivationPool
     slot_mapping: torch.Tensor        # [T] int64
 
+    def write(self, layer: int, kinds: tuple[str, ...], packed: torch.Tensor | None,
+              outs: tuple[torch.Tensor, ...]) -> None:
+        """Base outputs [T, dim] -> pool rows: one copy when they came from one GEMM into one pool group."""
+        group = self.pool.group_buffer(layer, kinds) if packed is not None else None
+        if group is not None:
+            group.index_copy_(0, self.slot_mapping, packed)
+            return
+        for kind, out in zip(kinds, outs):
+            self.pool.buffer(layer, kind).index_copy_(0, self.slot_mapping, out)
+
 
 @dataclass
 class ServingContext(ForwardContext):
@@ -68,10 +78,12 @@ class ServingContext(ForwardContext):
     capture: CaptureMetadata | None = None
 
     def project(self, layer, kinds, modules, x):
-        outs = project_bases(x, tuple(base_module(m) for m in modules))
+        bases = tuple(base_module(m) for m in modules)
+        packed = packed_output(x, bases)                 # [T, sum(out)] when one GEMM, else None
+        outs = (packed.split([b.out_features for b in bases], dim=-1) if packed is not None
+                else tuple(b(x) for b in bases))
         if self.capture is not None:
-            for kind, out in zip(kinds, outs):          # base outputs: [T, dim] -> pool rows
-                self.capture.pool.buffer(layer, kind).index_copy_(0, self.capture.slot_mapping, out)
+            self.capture.write(layer, kinds, packed, outs)
         return tuple(add_adapter(m, x, out) for m, out in zip(modules, outs))
 
     def attention(self, layer, q, k, v, scale):

@@ -130,9 +130,9 @@ def build_engine_parts(config: EngineConfig, hf_config=None, tokenizer=None) -> 
 def build_activation_pool(config: EngineConfig, hf_config, device: torch.device, dtype: torch.dtype):
     if config.capture == "none":
         return None
-    from engine.capture import projection_dims
+    from engine.capture import GROUPS, projection_dims
     from store.activation_pool import ActivationPool, PoolLayout
     budget = memory_budget(config.activation_pool_bytes, config.activation_pool_memory_fraction, device,
                            DEFAULT_CPU_POOL_BYTES)
-    layout = PoolLayout(hf_config.num_hidden_layers, projection_dims(hf_config), dtype, device)
+    layout = PoolLayout(hf_config.num_hidden_layers, projection_dims(hf_config), dtype, device, GROUPS)
     return ActivationPool(layout, budget, config.block_size, config.activation_pool_cpu_bytes)

@@ -41,9 +41,13 @@ class ActivationPool:
         self.num_slots = num_slots_for(layout, budget_bytes, block_size)
         self.num_blocks = self.num_slots // block_size
         self.scratch_slot = self.num_slots
-        self._buffers = {(layer, kind): torch.empty(self.num_slots + 1, dim, dtype=layout.dtype,
-                                                    device=layout.device)  # [num_slots + 1, dim]
-                         for layer in range(layout.num_layers) for kind, dim in layout.dims.items()}
+        self._group_buffers = {(layer, group): torch.empty(self.num_slots + 1, layout.width(group),
+                                                           dtype=layout.dtype, device=layout.device)
+                               for layer in range(layout.num_layers) for group in layout.groups}
+        self._buffers = {}                 # (layer, kind) -> its columns of the group buffer
+        for (layer, group), buffer in self._group_buffers.items():
+            for kind, columns in zip(group, buffer.split([layout.dims[k] for k in group], dim=1)):
+                self._buffers[(layer, kind)] = columns                             # [num_slots + 1, dim]
         self._free_blocks: deque[int] = deque(range(self.num_blocks))
         self._records: OrderedDict[Hashable, ActivationRecord] = OrderedDict()  # LRU first
         self._cpu_bytes = 0
@@ -58,9 +62,13 @@ class ActivationPool:
     # -- reservation -----------------------------------------------------------
     def buffer(self, layer: int, kind: str) -> torch.Tensor:
         try:
-            return self._buffers[(layer, kind)]        # [num_slots + 1, dim]
+            return self._buffers[(layer, kind)]        # [num_slots + 1, dim] (columns of its group's buffer)
         except KeyError:
             raise InvalidRequestError(f"activation pool has no layer {layer} kind {kind!r}") from None
+
+    def group_buffer(self, layer: int, kinds: tuple[str, ...]) -> torch.Tensor | None:
+        """[num_slots + 1, sum(dims)] of `kinds` when they are one group of the layout, else None."""
+        return self._group_buffers.get((layer, tuple(kinds)))
 
     @property
     def num_free_blocks(self) -> int:
@@ -178,9 +186,14 @@ class ActivationPool:
             self._touch(record)
             return self._slot_index(record, start, stop)
 
-    def gather_slots(self, layer: int, kind: str, slots: torch.Tensor) -> torch.Tensor:
-        """Rows at `slots` [n] (from `device_slots`, of pinned records) of one layer and kind -> [n, dim], a copy."""
-        return self.buffer(layer, kind).index_select(0, slots)
+    def gather_slots(self, layer: int, kinds: tuple[str, ...], slots: torch.Tensor) -> torch.Tensor:
+        """Rows at `slots` [n] (from `device_slots`, of pinned records) of one layer, the kinds side by
+        side -> [n, sum(dims)], a copy: one gather when the kinds are a group of the layout."""
+        group = self.group_buffer(layer, kinds)
+        if group is not None:
+            return group.index_select(0, slots)
+        parts = [self.buffer(layer, kind).index_select(0, slots) for kind in kinds]    # [n, dim] each
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def would_fetch_beat_recompute(self, num_rows: int, h2d_bytes_per_s: float,
                                    flops_per_s: float, flops_per_row: float) -> bool:
@@ -278,10 +291,12 @@ class ActivationPool:
             self._side_stream.wait_stream(torch.cuda.current_stream(layout.device))
         rows, offset = {}, 0
         with torch.cuda.stream(self._side_stream) if self._cuda else nullcontext():
-            for (layer, kind), buffer in self._buffers.items():
-                dst = flat[offset:offset + n * buffer.shape[1]].view(n, buffer.shape[1])  # [n, dim]
+            for (layer, group), buffer in self._group_buffers.items():
+                dst = flat[offset:offset + n * buffer.shape[1]].view(n, buffer.shape[1])  # [n, width]
                 dst.copy_(buffer.index_select(0, index), non_blocking=self._cuda)
-                rows[(layer, kind)], offset = dst, offset + dst.numel()
+                widths = [layout.dims[kind] for kind in group]
+                rows.update({(layer, kind): part for kind, part in zip(group, dst.split(widths, dim=1))})
+                offset += dst.numel()
         copy_done = None
         if self._cuda:
             copy_done = torch.cuda.Event()

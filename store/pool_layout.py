@@ -23,6 +23,9 @@ class PoolLayout:
     dims: dict[str, int]                     # kind -> output width, e.g. {"q": 2048, "k": 512, ...}
     dtype: torch.dtype = torch.bfloat16
     device: torch.device = torch.device("cpu")
+    # kinds stored side by side in one [slots, sum(dims)] buffer per layer (the projections that run
+    # as one GEMM, e.g. ("q", "k", "v")): written and gathered as one; a kind in no group stands alone
+    groups: tuple[tuple[str, ...], ...] = ()
 
     def __post_init__(self):
         if self.num_layers < 1 or not self.dims or any(d < 1 for d in self.dims.values()):
@@ -30,6 +33,15 @@ class PoolLayout:
                               f"got num_layers={self.num_layers} dims={self.dims}")
         object.__setattr__(self, "dims", dict(self.dims))
         object.__setattr__(self, "device", torch.device(self.device))
+        grouped = [kind for group in self.groups for kind in group]
+        if len(set(grouped)) != len(grouped) or not set(grouped) <= set(self.dims):
+            raise ConfigError(f"activation pool groups {self.groups} must name each kind of {list(self.dims)} "
+                              "at most once")
+        alone = tuple((kind,) for kind in self.dims if kind not in grouped)
+        object.__setattr__(self, "groups", tuple(tuple(g) for g in self.groups if g) + alone)
+
+    def width(self, kinds: tuple[str, ...]) -> int:
+        return sum(self.dims[kind] for kind in kinds)
 
     @property
     def element_size(self) -> int:

@@ -9,7 +9,8 @@ from store.activation_pool import (ActivationMissingError, ActivationPool, PoolL
                                    fetch_beats_recompute)
 
 BS = 4
-LAYOUT = PoolLayout(num_layers=2, dims={"q": 3, "k": 2, "down": 5}, dtype=torch.float32)
+LAYOUT = PoolLayout(num_layers=2, dims={"q": 3, "k": 2, "down": 5}, dtype=torch.float32,
+                    groups=(("q", "k"),))     # q and k side by side in one buffer, as q|k|v on CUDA
 BPT = LAYOUT.bytes_per_token                   # 2 layers * 10 floats * 4 bytes = 80
 
 
@@ -65,6 +66,29 @@ def test_layout_sizes_and_buffers():
     assert (pool.num_slots + 1) * BPT <= pool.budget_bytes
     with pytest.raises(AlchemistError):
         pool.buffer(2, "q")
+
+
+def test_grouped_kinds_share_one_buffer_and_gather_as_one():
+    pool = make_pool(num_blocks=4)
+    assert LAYOUT.groups == (("q", "k"), ("down",))
+    group = pool.group_buffer(0, ("q", "k"))                                   # [17, 3 + 2]
+    assert group.shape == (17, 5) and group.is_contiguous()
+    assert pool.buffer(0, "q").data_ptr() == group.data_ptr()                  # q: columns 0..2
+    assert pool.buffer(0, "k").data_ptr() == group[:, 3:].data_ptr()           # k: columns 3..4
+    assert pool.group_buffer(0, ("k", "q")) is None and pool.group_buffer(0, ("q",)) is None
+    pool.reserve("a", 6)
+    written = capture(pool, "a", 0, 6, seed=3)
+    slots = pool.device_slots("a")
+    both = pool.gather_slots(1, ("q", "k"), slots)                             # one gather: [6, 5]
+    assert torch.equal(both, torch.cat([written[(1, "q")], written[(1, "k")]], dim=1))
+    across = pool.gather_slots(1, ("k", "down"), slots)                        # no group: a cat
+    assert torch.equal(across, torch.cat([written[(1, "k")], written[(1, "down")]], dim=1))
+    assert torch.equal(pool.gather_slots(0, ("down",), slots), written[(0, "down")])
+    group.index_copy_(0, slots[:2], torch.zeros(2, 5))                         # a packed write ...
+    assert torch.equal(pool.gather("a", 0, "k", slice(0, 2)), torch.zeros(2, 2))   # ... is each kind's
+    for bad in ((("q", "q"),), (("q", "x"),), (("q",), ("q", "k"))):
+        with pytest.raises(ConfigError, match="groups"):
+            PoolLayout(num_layers=1, dims={"q": 3, "k": 2}, groups=bad)
 
 
 def test_reserve_release_and_free_list():
@@ -305,7 +329,7 @@ def test_random_stress_keeps_invariants():
 @pytest.mark.gpu
 def test_cuda_tiers_roundtrip_exact_data():
     layout = PoolLayout(num_layers=3, dims={"q": 64, "k": 16, "gate": 96}, dtype=torch.bfloat16,
-                        device=torch.device("cuda"))
+                        device=torch.device("cuda"), groups=(("q", "k"),))
     pool = ActivationPool(layout, (4 * BS + 1) * layout.bytes_per_token, block_size=BS,
                           cpu_budget_bytes=64 * layout.bytes_per_token)
     written = {}

@@ -159,3 +159,38 @@ def test_packed_projections_train_like_separate_ones(model, targets):
         assert compare(g_pack, g_sep)["max_rel_err"] < 1e-5
     assert packed[0][0].outcomes == {"hit": len(records)} and packed[0][0].reused_rows > 0
     assert compare(packed[0][1], packed[1][1])["max_rel_err"] < 1e-5     # reuse == recompute, packed
+
+
+def test_packed_serving_captures_each_group_in_one_write_and_reuse_stays_exact():
+    """Packed q|k|v and gate|up (as on CUDA) write their base outputs into the pool as one copy per
+    group; the rows equal those of separate projections, and reuse by them equals recompute."""
+    from engine.capture import KINDS
+    from trainer.adapters import AdapterManager
+    from trainer.check_grad import build_engine, compare, perturb, serve_records, train_once
+    from trainer.lora import LoRAConfig
+    served = []
+    for pack in (False, True):
+        gen = torch.Generator().manual_seed(0)
+        engine = build_engine("tiny-qwen2", "prefill+decode", 0)
+        manager = AdapterManager(engine.runner.model, LoRAConfig(rank=4, alpha=8), generator=gen)
+        perturb(manager, gen, 1)
+        engine.adapter_version = manager.version
+        group_writes = []
+        if pack:
+            _pack_bases(engine.runner.model)
+            pool, group_buffer = engine.activation_pool, engine.activation_pool.group_buffer
+            pool.group_buffer = lambda layer, kinds: group_writes.append(kinds) or group_buffer(layer, kinds)
+        served.append((engine, manager, serve_records(engine, 0), group_writes))
+    (plain, _, plain_records, _), (packed, manager, records, group_writes) = served
+    assert set(group_writes) == {("q", "k", "v"), ("gate", "up")}
+    assert [r.response_ids for r in records] == [r.response_ids for r in plain_records]
+    for record in records:
+        for layer in range(2):
+            for kind in KINDS:
+                torch.testing.assert_close(packed.activation_pool.gather(record.key, layer, kind),
+                                           plain.activation_pool.gather(record.key, layer, kind),
+                                           rtol=1e-5, atol=1e-6)
+    (reuse, g_reuse), (recompute, g_recompute) = [train_once(packed, manager, records, r, 0) for r in (True, False)]
+    assert reuse.outcomes == {"hit": len(records)} and reuse.computed_rows == 0
+    assert abs(reuse.loss - recompute.loss) < 1e-6
+    assert compare(g_reuse, g_recompute)["max_rel_err"] < 1e-5

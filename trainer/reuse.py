@@ -77,7 +77,7 @@ class InjectedLinear(torch.autograd.Function):
 class Injection:
     stored_idx: torch.Tensor                      # [S] batch rows taken from the pool
     fresh_idx: torch.Tensor                       # [F] batch rows multiplied
-    rows: Callable[[int, str], torch.Tensor]      # (layer, kind) -> stored rows [S, dim]
+    rows: Callable[[int, tuple[str, ...]], torch.Tensor]   # (layer, kinds) -> stored rows [S, sum(dims)]
 
 
 class TrainingContext(ForwardContext):
@@ -105,8 +105,7 @@ class TrainingContext(ForwardContext):
         inj = self.injection
         if inj is None or not inj.stored_idx.numel():
             return F.linear(x, weight, bias)                                    # [T, out]
-        stored = [inj.rows(layer, kind) for kind in kinds]                       # gathered: copies
-        stored = stored[0] if len(stored) == 1 else torch.cat(stored, dim=-1)   # [S, out]
+        stored = inj.rows(layer, kinds)                  # [S, out] gathered (a copy): one per pool group
         return InjectedLinear.apply(x, weight, bias, stored, inj.stored_idx, inj.fresh_idx)
 
     def _add_lora(self, modules, x, y):

@@ -56,8 +56,8 @@ class PoolRows:
     def __init__(self, pool, slots: torch.Tensor):
         self.pool, self.slots = pool, slots                        # slots: [S] pool rows in batch order
 
-    def __call__(self, layer: int, kind: str) -> torch.Tensor:
-        return self.pool.gather_slots(layer, kind, self.slots)    # [S, dim]
+    def __call__(self, layer: int, kinds: tuple[str, ...]) -> torch.Tensor:
+        return self.pool.gather_slots(layer, kinds, self.slots)   # [S, sum(dims)]
 
 
 def build_injection(records: list[TrainRecord], plans: list[RecordPlan], pool,
