@@ -1,8 +1,9 @@
 """Capture overhead on one GPU, side by side in one run (DESIGN §6, issue 4): TTFT and decode step time
-with capture none vs prefill vs prefill+decode, 8B shape in bf16, random weights.
+with capture none vs prefill (copies in order, or on a side stream) vs prefill+decode, 8B shape in
+bf16, random weights.
 
-Three engines live at once (same shape, each its own random weights: speed does not depend on values)
-and the measurements interleave none/prefill/prefill+decode sample by sample, so drift hits all alike.
+Four engines live at once (same shape, each its own random weights: speed does not depend on values)
+and the measurements interleave the modes sample by sample, so drift hits all alike.
 TTFT = one fresh prompt alone, from add_request to its first token: wall time, and the GPU time of its
 prefill step (CUDA events on the serving stream around the step; host noise — Python, the allocator,
 GC — does not enter it); `--ttft-samples` of each, the ratio of medians and the median of the paired
@@ -25,7 +26,13 @@ from benchmarks.gpu_serving import make_engine
 from benchmarks.gpu_training import SHAPES
 from engine.sampling_params import SamplingParams
 
-MODES = ("none", "prefill", "prefill+decode")
+# capture mode, and for "prefill:side" the copies of prompt steps on a side stream (capture_stream)
+MODES = ("none", "prefill", "prefill:side", "prefill+decode")
+
+
+def engine_options(mode: str) -> dict:
+    capture, _, stream = mode.partition(":")
+    return dict(capture=capture, capture_stream=stream or "serving")
 
 
 def ttft(engine, rng: random.Random, prompt_len: int) -> tuple[float, float]:
@@ -78,7 +85,7 @@ def main() -> None:
     ap.add_argument("--pool-gib", type=float, default=8.0)
     ap.add_argument("--ttft-samples", type=int, default=40, help="TTFT samples per mode, interleaved")
     args = ap.parse_args()
-    engines = {m: make_engine(SHAPES[args.shape], kv_gib=args.kv_gib, capture=m,
+    engines = {m: make_engine(SHAPES[args.shape], kv_gib=args.kv_gib, **engine_options(m),
                               activation_pool_bytes=int(args.pool_gib * (1 << 30)))
                for m in MODES}
     rng = random.Random(0)

@@ -32,6 +32,10 @@ class EngineConfig:
     max_waiting: int = 1024              # bounded waiting queue; beyond it: OverloadedError (429)
     capture: str = "prefill"             # none | prefill | prefill+decode: activations kept for training
     capture_fraction: float = 1.0        # share of requests recorded (deterministic in the request id)
+    # where eager (prompt) steps copy captured rows into the pool on CUDA: "serving" = in order on the
+    # serving stream; "side" = on a side stream that overlaps the copies with the next GEMMs (joined
+    # before the step ends). Decode CUDA graphs always copy in order.
+    capture_stream: str = "serving"
     activation_pool_bytes: int | None = None        # None: 1 GiB on CPU, a fraction of free memory on CUDA
     activation_pool_memory_fraction: float = 0.1    # of free device memory (CUDA), taken before the KV cache
     activation_pool_cpu_bytes: int = 0              # pinned-CPU tier for evicted records (0 = drop)
@@ -57,6 +61,8 @@ class EngineConfig:
             raise ConfigError("num_kv_blocks must be >= 1 (or leave it unset to size from memory)")
         if self.capture not in ("none", "prefill", "prefill+decode"):
             raise ConfigError(f"capture={self.capture!r}: use none, prefill or prefill+decode")
+        if self.capture_stream not in ("serving", "side"):
+            raise ConfigError(f"capture_stream={self.capture_stream!r}: use serving or side")
         if not 0.0 <= self.capture_fraction <= 1.0:
             raise ConfigError("capture_fraction must be in [0, 1]")
         if not 0.0 < self.activation_pool_memory_fraction < 0.9:

@@ -58,16 +58,31 @@ class CaptureMetadata:
     """Rows of this forward to record into the activation pool ([T] slots; scratch = not recorded)."""
     pool: object                      # store.activation_pool.ActivationPool
     slot_mapping: torch.Tensor        # [T] int64
+    side_stream: torch.cuda.Stream | None = None   # copy there, overlapping the next GEMMs; join() after
 
     def write(self, layer: int, kinds: tuple[str, ...], packed: torch.Tensor | None,
               outs: tuple[torch.Tensor, ...]) -> None:
         """Base outputs [T, dim] -> pool rows: one copy when they came from one GEMM into one pool group."""
         group = self.pool.group_buffer(layer, kinds) if packed is not None else None
-        if group is not None:
-            group.index_copy_(0, self.slot_mapping, packed)
+        copies = [(group, packed)] if group is not None else \
+            [(self.pool.buffer(layer, kind), out) for kind, out in zip(kinds, outs)]
+        if self.side_stream is None:
+            for dst, src in copies:
+                dst.index_copy_(0, self.slot_mapping, src)
             return
-        for kind, out in zip(kinds, outs):
-            self.pool.buffer(layer, kind).index_copy_(0, self.slot_mapping, out)
+        self.side_stream.wait_stream(torch.cuda.current_stream())     # the outputs are computed
+        with torch.cuda.stream(self.side_stream):
+            for dst, src in copies:
+                dst.index_copy_(0, self.slot_mapping, src)
+        for _, src in copies:                   # the allocator may not reuse them before the copy ran
+            src.record_stream(self.side_stream)
+        self.slot_mapping.record_stream(self.side_stream)
+
+    def join(self) -> None:
+        """After the forward: the serving stream waits for the side-stream copies (so the step's sync
+        covers them, and anything that reads the pool after it sees the rows)."""
+        if self.side_stream is not None:
+            torch.cuda.current_stream().wait_stream(self.side_stream)
 
 
 @dataclass

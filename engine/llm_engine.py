@@ -51,7 +51,8 @@ class LLMEngine:
             parts.model, parts.hf_config, parts.num_blocks, config.block_size, parts.device, parts.dtype,
             use_cuda_graphs=parts.device.type == "cuda" and not config.enforce_eager,
             cuda_graph_max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs),
-            max_blocks_per_seq=-(-self.max_model_len // config.block_size), capture=self.capture)
+            max_blocks_per_seq=-(-self.max_model_len // config.block_size), capture=self.capture,
+            capture_on_side_stream=config.capture_stream == "side")
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
         self._text_states: dict[int, SequenceTextState] = {}

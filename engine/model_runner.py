@@ -16,7 +16,7 @@ from engine.sequence import Sequence
 class ModelRunner:
     def __init__(self, model, hf_config, num_blocks: int, block_size: int, device: torch.device,
                  dtype: torch.dtype, use_cuda_graphs: bool, cuda_graph_max_batch: int, max_blocks_per_seq: int,
-                 capture=None):
+                 capture=None, capture_on_side_stream: bool = False):
         self.model = model
         self.capture = capture              # engine.capture.CaptureManager or None
         self.device, self.dtype = device, dtype
@@ -37,6 +37,8 @@ class ModelRunner:
         # serving runs on a stream of the highest priority: a trainer on a low-priority stream of the same
         # GPU takes only the SMs serving leaves free (the block scheduler prefers high-priority work)
         self.stream = torch.cuda.Stream(device, priority=-100) if device.type == "cuda" else None
+        side = capture is not None and capture_on_side_stream and device.type == "cuda"
+        self.capture_stream = torch.cuda.Stream(device, priority=-100) if side else None
         # held while decode graphs are captured; a trainer thread holds it for each step, so no other
         # thread's CUDA calls invalidate a capture
         self.graph_capture_lock = threading.Lock()
@@ -91,7 +93,8 @@ class ModelRunner:
         ctx = ServingContext(attn=meta, kv_caches=self.kv_caches, block_size=bs)
         capture_slots = self.capture.slot_mapping(batch) if self.capture is not None else None
         if capture_slots is not None:
-            ctx.capture = CaptureMetadata(self.capture.pool, self._to_device(capture_slots, torch.int64))
+            ctx.capture = CaptureMetadata(self.capture.pool, self._to_device(capture_slots, torch.int64),
+                                          self.capture_stream)
         return (self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64),
                 ctx, logits_idx)
 
@@ -141,6 +144,8 @@ class ModelRunner:
             logits = self.graphs.run(input_ids, positions, ctx)
         else:
             hidden = self.model(input_ids, positions, ctx)                       # [T, h]
+            if ctx.capture is not None:
+                ctx.capture.join()
             idx = torch.tensor(logits_idx, dtype=torch.int64).to(self.device)
             logits = self.model.compute_logits(hidden.index_select(0, idx))      # [S, V]
         if not sampling_seqs:

@@ -52,6 +52,7 @@ def test_config_file_layers_and_env_keys(tmp_path, monkeypatch):
     ('{"retention_days": 0}', "retention_days"),
     ('{"engine": {"block_size": 3}}', "block_size"),
     ('{"training": {"duty_cycle": 0}}', "duty_cycle"),
+    ('{"engine": {"capture_stream": "fast"}}', "capture_stream"),
 ])
 def test_config_errors_say_what_to_change(tmp_path, content, words):
     path = tmp_path / "c.json"
