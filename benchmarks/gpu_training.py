@@ -18,6 +18,7 @@ from benchmarks.common import LLAMA_1B, LLAMA_8B, emit, git_commit, timed
 from benchmarks.gpu_serving import DEVICE, make_engine
 from engine.sampling_params import SamplingParams
 from trainer.adapters import AdapterManager
+from trainer.attention import varlen_applies
 from trainer.lora import LoRAConfig
 from trainer.reuse import TrainRecord
 from trainer.step import forward_backward
@@ -72,10 +73,10 @@ def measure(fn, tokens: int, repeat: int) -> dict:
     return {"step_s": secs, "tok_s": tokens / secs, "peak_extra_GiB": peak / 2 ** 30}
 
 
-def ours(engine, manager, records, reuse: bool, checkpoint_layers: bool):
+def ours(engine, manager, records, reuse: bool, checkpoint_layers: bool, attention: str = "auto"):
     adapters = manager.training_adapters(manager.masters())
     return lambda: forward_backward(engine.runner.model, records, adapters, pool=engine.activation_pool,
-                                    reuse=reuse, checkpoint_layers=checkpoint_layers)
+                                    reuse=reuse, checkpoint_layers=checkpoint_layers, attention=attention)
 
 
 def hf_peft_step(shape: dict, raw, checkpointing: bool, per_batch: int = 1):
@@ -127,7 +128,11 @@ def run_ours(args, raw, tokens: int, res: dict) -> None:
             "reuse_prefill_decode_ckpt": ours(engine, manager, full, True, True),
             "reuse_prefill_ckpt": ours(engine, manager, prefill_only, True, True),
             "recompute": ours(engine, manager, full, False, False),
-            "recompute_ckpt": ours(engine, manager, full, False, True)}
+            "recompute_ckpt": ours(engine, manager, full, False, True),
+            # the same two main modes with SDPA once per record (what "auto" does where varlen is missing)
+            "reuse_prefill_decode_per_record": ours(engine, manager, full, True, False, "per_record"),
+            "recompute_per_record": ours(engine, manager, full, False, False, "per_record")}
+    res["varlen_attention"] = varlen_applies(torch.empty(0, device=DEVICE, dtype=torch.bfloat16))
     for name, fn in runs.items():
         res[name] = measure(fn, tokens, args.repeat)
         print(name, json.dumps(res[name]), flush=True)

@@ -36,9 +36,10 @@ def test_matches_hf_perplexity(smollm2):
 def test_adapter_changes_perplexity_only_when_nonzero(smollm2):
     _, parts = smollm2
     layer = parts.model.model.layers[0].self_attn.q_proj
-    a = torch.randn(4, layer.in_features) * 0.1
+    gen = torch.Generator().manual_seed(0)           # not the global RNG: other tests move it
+    a = torch.randn(4, layer.in_features, generator=gen) * 0.1
     zero = {layer: (a, torch.zeros(layer.out_features, 4), 2.0)}
-    big = {layer: (a, torch.randn(layer.out_features, 4), 2.0)}
+    big = {layer: (a, torch.randn(layer.out_features, 4, generator=gen), 2.0)}
     base = perplexity(parts.model, parts.tokenizer, HELDOUT_TEXTS[:2])
     assert perplexity(parts.model, parts.tokenizer, HELDOUT_TEXTS[:2], zero) == pytest.approx(base, rel=1e-6)
     assert abs(perplexity(parts.model, parts.tokenizer, HELDOUT_TEXTS[:2], big) - base) / base > 1e-3

@@ -18,6 +18,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from engine.context import ForwardContext, base_module
+from engine.errors import ConfigError
+from trainer.attention import KINDS as ATTENTION_KINDS, causal_attention
 
 
 @dataclass
@@ -83,8 +85,11 @@ class Injection:
 class TrainingContext(ForwardContext):
     def __init__(self, cu_seqlens: list[int], adapters: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, float]],
                  injection: Injection | None = None, checkpoint_layers: bool = False,
-                 between_layers: Callable[[], None] | None = None):
+                 between_layers: Callable[[], None] | None = None, attention: str = "auto"):
+        if attention not in ATTENTION_KINDS:
+            raise ConfigError(f"training attention={attention!r}: use one of {ATTENTION_KINDS}")
         self.cu_seqlens = cu_seqlens
+        self.attention_kind = attention           # trainer.attention: auto | varlen | per_record
         self.adapters = adapters
         self.injection = injection
         self.checkpoint_layers = checkpoint_layers
@@ -131,25 +136,7 @@ class TrainingContext(ForwardContext):
         return y.addmm_(F.linear(x, a_all), b_all.t(), alpha=alpha)                     # in place: y is ours
 
     def attention(self, layer, q, k, v, scale):
-        # q: [T, n_heads, d], k/v: [T, n_kv, d]. On CUDA, SDPA's flash kernel needs 4-d [1, heads, n, d]
-        # inputs and equal head counts; anything else falls back to the math kernel, which keeps
-        # [n_heads, n, n] probabilities for backward (quadratic memory and time). On the CPU, 3-d
-        # inputs keep the math kernel: the reference (the CPU flash kernel's blocked softmax rounds
-        # differently, which moved reuse-vs-recompute losses of SmolLM2 from equal to 2 ulps apart).
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)   # [T, n_heads, d]
-        def heads_first(t):                                                   # [(1,) n_heads, n, d]
-            t = t.transpose(0, 1)
-            return t.unsqueeze(0) if t.is_cuda else t
-        # split, not slicing: a slice's backward writes a zero [T, ...] gradient per record and sums them
-        lengths = [end - start for start, end in zip(self.cu_seqlens[:-1], self.cu_seqlens[1:])]
-        out = []
-        for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths)):   # causal per record
-            o = F.scaled_dot_product_attention(heads_first(qi), heads_first(ki), heads_first(vi),
-                                               is_causal=True, scale=scale)
-            out.append(o.reshape(o.shape[-3:]).transpose(0, 1))               # [n, n_heads, d]
-        return torch.cat(out)                                                  # [T, n_heads, d]
+        return causal_attention(q, k, v, self.cu_seqlens, scale, self.attention_kind)   # [T, n_heads, d]
 
     def call_layer(self, layer, *args):
         if self.between_layers is not None:

@@ -1,0 +1,75 @@
+"""Causal attention over a training batch of packed records (each record attends only within itself).
+
+Two implementations of one function:
+- `per_record`: SDPA once per record. On CUDA, SDPA's flash kernel needs 4-d [1, heads, n, d] inputs
+  and equal head counts (anything else falls back to the math kernel, which keeps [heads, n, n]
+  probabilities for backward: quadratic memory). On the CPU, 3-d inputs keep the math kernel: the
+  reference (the CPU flash kernel's blocked softmax rounds differently, which moved reuse-vs-recompute
+  losses of SmolLM2 from equal to 2 ulps apart).
+- `varlen`: one flash-attention call per layer over the whole batch (torch.nn.attention.varlen, with
+  cu_seqlens; GQA without repeating k/v), CUDA and 16-bit only. Fewer calls matter more than flops
+  here: each per-record cuDNN call costs ~190 µs of host time, and the trainer's host time is what
+  slows a co-located engine thread (BENCHMARKS.md).
+`causal_attention(..., kind="auto")` takes varlen where this torch offers it (the signature with
+`window_size`, `enable_gqa` and `scale`) and the inputs qualify, else per record.
+"""
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+KINDS = ("auto", "varlen", "per_record")
+
+
+@lru_cache(maxsize=1)
+def varlen_function():
+    """torch's varlen_attn if its signature is the one used here, else None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn if {"window_size", "enable_gqa", "scale"} <= set(params) else None
+
+
+def varlen_applies(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and varlen_function() is not None
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], scale: float,
+                     kind: str = "auto") -> torch.Tensor:
+    """q: [T, n_heads, d], k/v: [T, n_kv, d], records at [cu_seqlens[i], cu_seqlens[i+1]) -> [T, n_heads, d]."""
+    if kind == "varlen" or (kind == "auto" and varlen_applies(q)):
+        return varlen(q, k, v, cu_seqlens, scale)
+    return per_record(q, k, v, cu_seqlens, scale)
+
+
+def varlen(q, k, v, cu_seqlens: list[int], scale: float) -> torch.Tensor:
+    fn = varlen_function()
+    if fn is None:
+        raise RuntimeError("this torch has no torch.nn.attention.varlen.varlen_attn with window_size/enable_gqa/scale")
+    cu = torch.tensor(cu_seqlens, dtype=torch.int32).to(q.device, non_blocking=True)    # [B + 1]
+    longest = max(end - start for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]))
+    return fn(q, k, v, cu, cu, longest, longest, scale=scale, window_size=(-1, 0),
+              enable_gqa=k.shape[1] != q.shape[1])
+
+
+def per_record(q, k, v, cu_seqlens: list[int], scale: float) -> torch.Tensor:
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)   # [T, n_heads, d]
+
+    def heads_first(t):                                                   # [(1,) n_heads, n, d]
+        t = t.transpose(0, 1)
+        return t.unsqueeze(0) if t.is_cuda else t
+    # split, not slicing: a slice's backward writes a zero [T, ...] gradient per record and sums them
+    lengths = [end - start for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+    out = []
+    for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths)):   # causal per record
+        o = F.scaled_dot_product_attention(heads_first(qi), heads_first(ki), heads_first(vi),
+                                           is_causal=True, scale=scale)
+        out.append(o.reshape(o.shape[-3:]).transpose(0, 1))               # [n, n_heads, d]
+    return torch.cat(out)                                                  # [T, n_heads, d]
