@@ -40,18 +40,19 @@ def varlen_applies(q: torch.Tensor) -> bool:
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], scale: float,
-                     kind: str = "auto") -> torch.Tensor:
-    """q: [T, n_heads, d], k/v: [T, n_kv, d], records at [cu_seqlens[i], cu_seqlens[i+1]) -> [T, n_heads, d]."""
+                     kind: str = "auto", cu_device: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [T, n_heads, d], k/v: [T, n_kv, d], records at [cu_seqlens[i], cu_seqlens[i+1]) -> [T, n_heads, d].
+    `cu_device`: cu_seqlens as an int32 tensor on q's device (varlen; made here if not given)."""
     if kind == "varlen" or (kind == "auto" and varlen_applies(q)):
-        return varlen(q, k, v, cu_seqlens, scale)
+        return varlen(q, k, v, cu_seqlens, scale, cu_device)
     return per_record(q, k, v, cu_seqlens, scale)
 
 
-def varlen(q, k, v, cu_seqlens: list[int], scale: float) -> torch.Tensor:
+def varlen(q, k, v, cu_seqlens: list[int], scale: float, cu_device: torch.Tensor | None = None) -> torch.Tensor:
     fn = varlen_function()
     if fn is None:
         raise RuntimeError("this torch has no torch.nn.attention.varlen.varlen_attn with window_size/enable_gqa/scale")
-    cu = torch.tensor(cu_seqlens, dtype=torch.int32).to(q.device, non_blocking=True)    # [B + 1]
+    cu = cu_device if cu_device is not None else torch.tensor(cu_seqlens, dtype=torch.int32, device=q.device)
     longest = max(end - start for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]))
     return fn(q, k, v, cu, cu, longest, longest, scale=scale, window_size=(-1, 0),
               enable_gqa=k.shape[1] != q.shape[1])

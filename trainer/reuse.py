@@ -90,6 +90,7 @@ class TrainingContext(ForwardContext):
             raise ConfigError(f"training attention={attention!r}: use one of {ATTENTION_KINDS}")
         self.cu_seqlens = cu_seqlens
         self.attention_kind = attention           # trainer.attention: auto | varlen | per_record
+        self._cu_device: torch.Tensor | None = None
         self.adapters = adapters
         self.injection = injection
         self.checkpoint_layers = checkpoint_layers
@@ -136,7 +137,9 @@ class TrainingContext(ForwardContext):
         return y.addmm_(F.linear(x, a_all), b_all.t(), alpha=alpha)                     # in place: y is ours
 
     def attention(self, layer, q, k, v, scale):
-        return causal_attention(q, k, v, self.cu_seqlens, scale, self.attention_kind)   # [T, n_heads, d]
+        if self._cu_device is None and q.is_cuda:             # made once per step, used by every layer
+            self._cu_device = torch.tensor(self.cu_seqlens, dtype=torch.int32, device=q.device)   # [B + 1]
+        return causal_attention(q, k, v, self.cu_seqlens, scale, self.attention_kind, self._cu_device)
 
     def call_layer(self, layer, *args):
         if self.between_layers is not None:
