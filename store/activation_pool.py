@@ -134,6 +134,14 @@ class ActivationPool:
         with self._lock:
             self._require(key).pinned = True
 
+    def pin_if_present(self, key: Hashable) -> bool:
+        """Pin the record if the pool holds it (one lookup under the lock); False if it does not."""
+        with self._lock:
+            record = self._records.get(key)
+            if record is not None:
+                record.pinned = True
+            return record is not None
+
     def unpin(self, key: Hashable) -> None:
         with self._lock:
             self._require(key).pinned = False

@@ -247,6 +247,15 @@ def test_drop_without_cpu_budget_then_gather_raises():
         pool.gather("never", 0, "q")
 
 
+def test_pin_if_present_pins_held_records_and_ignores_others():
+    pool = make_pool(num_blocks=2)
+    pool.reserve("a", 4)
+    assert pool.pin_if_present("a") and pool.get("a").pinned
+    assert not pool.pin_if_present("gone") and pool.get("gone") is None     # no record made, no error
+    assert pool.reserve("b", 4) is not None and pool.reserve("c", 4) is None   # "a" pinned: not evicted
+    assert pool.get("a").tier == "device"
+
+
 def test_pinned_never_evicted_and_reserve_none_when_full():
     pool = make_pool(num_blocks=3)
     for key in "abc":

@@ -8,6 +8,7 @@ B: [out, r]). Masters, history entries and files hold fp32; the serving tensors 
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -31,6 +32,18 @@ def cpu_fp32(state: AdapterState) -> AdapterState:
     def copy(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to("cpu", torch.float32, copy=True)
     return {name: (copy(a), copy(b)) for name, (a, b) in state.items()}
+
+
+@torch.no_grad()
+def cap_update(params: list[torch.Tensor], before: list[torch.Tensor], max_norm: float) -> bool:
+    """Scale the update params - before down to norm `max_norm` if it is larger; True if it was."""
+    deltas = [p - b for p, b in zip(params, before)]
+    norm = math.sqrt(sum(float(d.pow(2).sum()) for d in deltas))
+    if norm <= max_norm:
+        return False
+    for p, b, d in zip(params, before, deltas):
+        p.copy_(b + d * (max_norm / norm))
+    return True
 
 
 def check_state(state: AdapterState, shapes: dict[str, tuple[torch.Size, torch.Size]]) -> None:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import ConfigError, NotFoundError
+from engine.errors import ConfigError
 from trainer import checkpoint as ckpt
-from trainer.adapters import AdapterManager, check_state
+from trainer.adapters import AdapterManager, cap_update, check_state
 from trainer.background import TrainerThread, yield_gate
 from trainer.config import TrainerConfig
 from trainer.lora import LoRAConfig
@@ -195,9 +195,8 @@ class OnlineTrainer:
         return record.weight > 0 if self.config.objective == "sft" else record.weight != 0
 
     def _release(self, key) -> None:
-        pool = self.engine.activation_pool
-        if pool is not None and key is not None and pool.get(key) is not None:
-            pool.release(key)
+        if self.engine.activation_pool is not None and key is not None:
+            self.engine.activation_pool.release(key)
 
     # -- one optimizer step ------------------------------------------------------
     def _loss(self, logprobs: list[torch.Tensor], records: list[TrainRecord]) -> torch.Tensor:
@@ -238,14 +237,8 @@ class OnlineTrainer:
         """On the trainer thread: yield to prompt-heavy engine steps between layers."""
         return yield_gate(self.engine, self.config.yield_prefill_tokens) if self.thread is not None else None
 
-    @torch.no_grad()
     def _cap_update(self, params, before) -> None:
-        deltas = [p - b for p, b in zip(params, before)]
-        norm = math.sqrt(sum(float(d.pow(2).sum()) for d in deltas))
-        if norm > self.config.max_update_norm:
-            scale = self.config.max_update_norm / norm
-            for p, b, d in zip(params, before, deltas):
-                p.copy_(b + d * scale)
+        if cap_update(params, before, self.config.max_update_norm):
             self.skipped["update_capped"] += 1
 
     # -- control (server thread) ---------------------------------------------------
@@ -257,12 +250,8 @@ class OnlineTrainer:
             self.thread.wake()
 
     def _pin(self, key) -> None:
-        pool = self.engine.activation_pool
-        try:
-            if pool is not None and key is not None and pool.get(key) is not None:
-                pool.pin(key)
-        except NotFoundError:                   # trained and released meanwhile: nothing to keep
-            pass
+        if self.engine.activation_pool is not None and key is not None:   # gone (trained, evicted): nothing to keep
+            self.engine.activation_pool.pin_if_present(key)
 
     def step_or_pause(self) -> bool:
         """The engine's step hook: in interleaved mode `maybe_step`, in thread mode only
