@@ -252,8 +252,9 @@ def test_pin_if_present_pins_held_records_and_ignores_others():
     pool.reserve("a", 4)
     assert pool.pin_if_present("a") and pool.get("a").pinned
     assert not pool.pin_if_present("gone") and pool.get("gone") is None     # no record made, no error
-    assert pool.reserve("b", 4) is not None and pool.reserve("c", 4) is None   # "a" pinned: not evicted
-    assert pool.get("a").tier == "device"
+    pool.reserve("b", 4)
+    pool.reserve("c", 4)                        # full: evicts the unpinned "b", not the older pinned "a"
+    assert pool.get("a").tier == "device" and pool.get("b").tier == "dropped"
 
 
 def test_pinned_never_evicted_and_reserve_none_when_full():
