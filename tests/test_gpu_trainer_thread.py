@@ -74,3 +74,23 @@ def test_trainer_thread_trains_beside_cuda_graph_decode(tmp_path, sm_share):
     finally:
         trainer.stop()
         torch.cuda.set_stream(torch.cuda.default_stream())
+
+
+def test_trainer_start_compiles_the_training_graphs_before_serving(tmp_path):
+    """OnlineTrainer's init runs a tiny warm-up step on CUDA, so the first real training step (beside
+    serving) compiles nothing: a compile holds the interpreter for seconds while the engine serves."""
+    from torch._dynamo.utils import counters
+
+    from trainer.reuse import TrainRecord
+    from trainer.step import forward_backward
+    torch._dynamo.reset()                     # forget graphs earlier tests compiled
+    engine, store = cuda_engine(), FeedbackStore(tmp_path / "f.db")
+    trainer = OnlineTrainer(TrainerConfig(lora_rank=4, lora_alpha=8.0), engine, store, tmp_path / "run")
+    assert all(t.grad is None for pair in trainer.masters.values() for t in pair)   # warm-up left no grads
+    compiled = counters["stats"]["unique_graphs"]
+    rng = random.Random(0)
+    records = [TrainRecord(None, [rng.randrange(1000) for _ in range(n)], [rng.randrange(1000) for _ in range(9)],
+                           [0.0] * 9) for n in (40, 130)]
+    forward_backward(engine.runner.model, records, trainer._adapter_map(), reuse=False)
+    torch.cuda.synchronize()
+    assert counters["stats"]["unique_graphs"] == compiled

@@ -28,7 +28,7 @@ from trainer.lora import LoRAConfig
 from trainer.objectives import RunningMean, batch_loss
 from trainer.pacing import StepPacing
 from trainer.reuse import TrainRecord, better_response_record
-from trainer.step import StepResult, forward_backward
+from trainer.step import StepResult, forward_backward, warm_up
 from trainer.user_text import prompt_lm_positions
 from trainer.versions import Versions
 
@@ -68,6 +68,8 @@ class OnlineTrainer:
         if loaded is not None:
             self._load(*loaded)
         self.versions.commit()             # before the engine serves: the resumed version is live
+        warm_up(engine.runner.model, self._adapter_map(), engine.hf_config.vocab_size, engine.device)
+        self.optimizer.zero_grad(set_to_none=True)
         if engine.device.type == "cuda":   # adapters made on this thread's stream: ready before serving's
             torch.cuda.synchronize(engine.device)
 

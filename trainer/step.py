@@ -75,6 +75,16 @@ def build_injection(records: list[TrainRecord], plans: list[RecordPlan], pool,
     return Injection(as_index(stored), as_index(fresh), PoolRows(pool, slots))
 
 
+def warm_up(model, adapters: dict, vocab_size: int, device: torch.device) -> None:
+    """One tiny recompute step (forward and backward, 12 tokens) so the fused ops' training graphs are
+    compiled now, before serving: compiling them at the first real step would hold the interpreter for
+    seconds while the engine serves. Leaves gradients on the adapters' tensors: the caller clears them."""
+    if device.type != "cuda":                # fused ops are compiled on CUDA only (engine/layers.py)
+        return
+    ids = [i % vocab_size for i in range(1, 13)]
+    forward_backward(model, [TrainRecord(None, ids[:8], ids[8:], [0.0] * 4)], adapters, reuse=False)
+
+
 def nll_loss(logprobs: list[torch.Tensor], records: list[TrainRecord]) -> torch.Tensor:
     """Mean negative log-likelihood over all response tokens (the check-grad objective)."""
     return -torch.cat(logprobs).mean()
