@@ -128,4 +128,25 @@ def summarize(raw: dict, duration: float, totals_before: Counter) -> dict:
             "trained_tokens": trained, "trained_tok_s": trained / duration,
             "reuse_tokens": w["tokens_reuse"], "recompute_tokens": w["tokens_recompute"],
             "train_busy_frac": w["seconds"] / duration, "train_step_ms": w["seconds"] * 1e3 / max(w["steps"], 1),
-            "outcomes": {k[8:]: v for k, v in w.items() if k.startswith("outcome_")}}
+            "outcomes": {k[8:]: v for k, v in w.items() if k.startswith("outcome_")},
+            **engine_steps(raw.get("steps", []))}
+
+
+def engine_steps(steps: list[tuple[float, float, int, bool]]) -> dict:
+    """Where TBT goes: engine step times (decode-only vs with prompt tokens; decode-only split by whether
+    a training step was under way), the host gap between steps, and the slowest iterations."""
+    if not steps:
+        return {}
+    ms = lambda xs: {"p50": pct(xs, 50), "p99": pct(xs, 99), "n": len(xs)}
+    dur = [(end - start) * 1e3 for start, end, _, _ in steps]
+    decode = [d for d, (_, _, p, _) in zip(dur, steps) if p == 0]
+    gaps = [(b[0] - a[1]) * 1e3 for a, b in zip(steps, steps[1:])]
+    slowest = sorted(range(len(steps) - 1), key=lambda i: steps[i + 1][1] - steps[i][1], reverse=True)[:8]
+    return {"engine_step_ms": {
+        "decode": ms(decode), "with_prompt": ms([d for d, s in zip(dur, steps) if s[2] > 0]),
+        "decode_while_training": ms([d for d, s in zip(dur, steps) if s[2] == 0 and s[3]]),
+        "decode_while_idle": ms([d for d, s in zip(dur, steps) if s[2] == 0 and not s[3]]),
+        "gap_between_steps": ms(gaps)},
+        "slowest_iterations": [{"t_s": steps[i + 1][0], "ms": (steps[i + 1][1] - steps[i][1]) * 1e3,
+                                "gap_ms": gaps[i], "prompt_tokens": steps[i + 1][2], "training": steps[i + 1][3]}
+                               for i in slowest]}

@@ -148,6 +148,7 @@ def drive(engine, hooks, sched: list[dict], duration: float, writer: Writer, tag
     salt, vocab = random.Random(tag), engine.hf_config.vocab_size
     rating = {r: s["rating"] if with_feedback else None for r, s in zip(ids, sched)}
     i, t0, window_totals, next_print = 0, time.perf_counter(), None, 10.0
+    steps = []                                   # (start s, end s, prompt tokens, a training step was under way)
     now = 0.0
     while now < duration or engine.has_unfinished():
         while i < len(sched) and sched[i]["t"] <= now:
@@ -163,8 +164,10 @@ def drive(engine, hooks, sched: list[dict], duration: float, writer: Writer, tag
             nxt = sched[i]["t"] if i < len(sched) else duration
             time.sleep(min(max(nxt - now, 0.0), 0.5))
         else:
+            start = time.perf_counter()
             deltas = engine.step()               # returns after the step's host sync
             t = time.perf_counter() - t0
+            steps.append((start - t0, t, engine.step_signal.last_prefill_tokens, trainer.lock.locked()))
             for d in deltas:
                 tokens[d.request_id].extend([t] * len(d.token_ids))
                 if d.finished:
@@ -174,7 +177,7 @@ def drive(engine, hooks, sched: list[dict], duration: float, writer: Writer, tag
             next_print += 10.0
             print(f"[{tag}] t {now:.0f}s arrived {i} running {len(engine.scheduler.running)} waiting "
                   f"{len(engine.scheduler.waiting)} train steps {trainer.totals['steps']}", flush=True)
-    return {"tokens": tokens, "arrivals": {r: s["t"] for r, s in zip(ids, sched)}, "elapsed_s": now,
+    return {"tokens": tokens, "arrivals": {r: s["t"] for r, s in zip(ids, sched)}, "elapsed_s": now, "steps": steps,
             "rated": sum(v is not None for v in rating.values()),
             "window_totals": window_totals if window_totals is not None else Counter(trainer.totals),
             "final_totals": Counter(trainer.totals)}

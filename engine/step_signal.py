@@ -9,8 +9,10 @@ class StepSignal:
     def __init__(self):
         self._cond = threading.Condition()
         self.prefill_tokens = 0                # prompt tokens of the step in flight (0 between steps)
+        self.last_prefill_tokens = 0           # ... of the latest step, kept after it ended (diagnostics)
 
     def begin(self, prefill_tokens: int) -> None:
+        self.last_prefill_tokens = prefill_tokens
         if prefill_tokens:
             with self._cond:
                 self.prefill_tokens = prefill_tokens

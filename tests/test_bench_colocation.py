@@ -35,6 +35,10 @@ def test_colocation_tiny_cpu(tmp_path, one_thread):
         for m in ("ttft", "tbt"):
             assert run[f"{m}_p99_ms"] >= run[f"{m}_p50_ms"] > 0
         assert run["out_tok_s"] > 0 and run["tbt_samples"] > 0
+        steps = run["engine_step_ms"]                           # where TBT goes, per engine step
+        assert steps["decode"]["n"] + steps["with_prompt"]["n"] == steps["gap_between_steps"]["n"] + 1 > 1
+        assert steps["decode_while_training"]["n"] + steps["decode_while_idle"]["n"] == steps["decode"]["n"]
+        assert 1 <= len(run["slowest_iterations"]) <= 8 and run["slowest_iterations"][0]["ms"] > 0
     assert off["train_steps"] == 0 and off["trained_tokens"] == 0 and off["rated"] == 0
     burn = res["on burn-python:duty=0.5"]                      # a synthetic load: nothing rated or trained
     assert burn["rated"] == 0 and burn["train_steps"] == 0 and 0 < burn["burn_busy_frac"] <= 1
