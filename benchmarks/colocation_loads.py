@@ -14,6 +14,7 @@ contention vs the engine thread waiting for the GIL):
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 import time
 from collections import Counter
@@ -91,7 +92,7 @@ class Burn:
 
 
 def use_mode(trainer, mode: str) -> None:
-    """`concurrency[:duty=D][:yield=N|none][:sms=F|none]`, e.g. thread:duty=0.5:sms=0.5: where and how
+    """`concurrency[:duty=D][:yield=N|none][:sms=F|none][:switch=MS]`, e.g. thread:duty=0.5:sms=0.5: where and how
     the trainer's steps run from now on (an option left out keeps the config's default)."""
     concurrency, *options = mode.split(":")
     opts = dict(o.split("=", 1) for o in options)
@@ -101,7 +102,9 @@ def use_mode(trainer, mode: str) -> None:
     trainer.config = dataclasses.replace(
         config, concurrency=concurrency, duty_cycle=float(opts["duty"]) if "duty" in opts else config.duty_cycle,
         yield_prefill_tokens=number("yield", int) if "yield" in opts else config.yield_prefill_tokens,
-        sm_share=number("sms", float) if "sms" in opts else config.sm_share)
+        sm_share=number("sms", float) if "sms" in opts else config.sm_share,
+        switch_interval_ms=float(opts.get("switch", config.switch_interval_ms)))
+    sys.setswitchinterval(trainer.config.switch_interval_ms / 1e3)   # the thread only ever lowers it
     trainer.pacing = StepPacing(trainer.config, concurrency == "thread")
     trainer.thread = TrainerThread(trainer) if concurrency == "thread" else None
     trainer.start()

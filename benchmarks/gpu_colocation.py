@@ -280,7 +280,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--objective", default="kto", help="kto: every +1/-1 rating trains (sft: only +1)")
     ap.add_argument("--modes", type=lambda v: v.split(","), default=["thread:duty=0.5", "interleaved:duty=0.5"],
-                    help="`on` runs, each concurrency[:duty=D][:yield=N|none][:sms=F|none] "
+                    help="`on` runs, each concurrency[:duty=D][:yield=N|none][:sms=F|none][:switch=MS] "
                          "(concurrency: thread | interleaved; training config defaults for options left out), "
                          "or burn-gpu[:duty=D] / burn-python[:duty=D]: a synthetic load, no training "
                          "(benchmarks/colocation_loads.py)")

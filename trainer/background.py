@@ -11,8 +11,8 @@ training work is queued when such a step starts.
 
 The thread holds the runner's `graph_capture_lock` for each unit of work, so decode CUDA graphs are never
 captured while it issues CUDA calls. While it runs, the interpreter's thread switch interval is at most
-SWITCH_INTERVAL_S: a thread waiting for the GIL (the engine's, between kernel launches) gets it within that
-time instead of CPython's default 5 ms.
+`training.switch_interval_ms`: a thread waiting for the GIL (the engine's, between kernel launches) gets it
+within that time instead of CPython's default 5 ms.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ import torch
 
 log = logging.getLogger("alchemist.trainer")
 IDLE_WAIT_S = 0.05          # after a look that trained nothing, look again this late unless woken
-SWITCH_INTERVAL_S = 0.0005
 LOWEST_PRIORITY = 0         # CUDA stream priorities: lower numbers run first; 0 is the lowest
 
 
@@ -43,7 +42,7 @@ class TrainerThread:
     def start(self) -> None:
         if self.alive:
             return
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+        sys.setswitchinterval(min(sys.getswitchinterval(), self.trainer.config.switch_interval_ms / 1e3))
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="alchemist-trainer", daemon=True)
         self._thread.start()

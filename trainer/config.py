@@ -42,6 +42,9 @@ class TrainerConfig:
     # thread mode on CUDA: the share of the GPU's SMs the trainer's kernels may use (a CUDA green
     # context; serving keeps the rest free for its kernels); None: all SMs, at the lowest stream priority
     sm_share: float | None = None
+    # thread mode: the interpreter's thread switch interval while the trainer thread runs (CPython's
+    # default is 5 ms): the engine thread waits at most this long for the GIL each time it needs it back
+    switch_interval_ms: float = 0.5
     checkpoint_every: int = 10          # steps; also on shutdown
     run_name: str = "default"
     kto_beta: float = 0.1
@@ -66,6 +69,8 @@ class TrainerConfig:
             raise ConfigError(f"training.concurrency={self.concurrency!r}: use one of {CONCURRENCY}")
         if self.yield_prefill_tokens is not None and self.yield_prefill_tokens < 1:
             raise ConfigError("training.yield_prefill_tokens must be >= 1 (or null to never yield)")
+        if not 0.0 < self.switch_interval_ms <= 5.0:
+            raise ConfigError("training.switch_interval_ms must be in (0, 5] (CPython's default is 5)")
         if self.sm_share is not None and not 0.0 < self.sm_share < 1.0:
             raise ConfigError("training.sm_share must be in (0, 1) (or null for all SMs at low priority)")
         if self.duty_cycle is not None and not 0.0 < self.duty_cycle <= 1.0:
