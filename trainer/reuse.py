@@ -131,7 +131,8 @@ class TrainingContext(ForwardContext):
             _, b, scaling = adapter
             return b.to(x.dtype) if scaling == alpha else b.to(x.dtype) * (scaling / alpha)
 
-        a_all = torch.cat([a.to(x.dtype) for a, _, _ in present])                       # [R, in]
+        a_parts = [a.to(x.dtype) for a, _, _ in present]
+        a_all = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts)                  # [R, in]
         blocks = [block(m, ad) for m, ad in zip(modules, adapters)]
         b_all = blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks)            # [out, R]
         return y.addmm_(F.linear(x, a_all), b_all.t(), alpha=alpha)                     # in place: y is ours
