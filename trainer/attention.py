@@ -8,8 +8,8 @@ Two implementations of one function:
   losses of SmolLM2 from equal to 2 ulps apart).
 - `varlen`: one flash-attention call per layer over the whole batch (torch.nn.attention.varlen, with
   cu_seqlens; GQA without repeating k/v), CUDA and 16-bit only. Fewer calls matter more than flops
-  here: each per-record cuDNN call costs ~190 µs of host time, and the trainer's host time is what
-  slows a co-located engine thread (BENCHMARKS.md).
+  here: each per-record cuDNN call costs ~80 µs of host time forward and ~110 µs backward, and the
+  trainer's host time is what slows a co-located engine thread (BENCHMARKS.md).
 `causal_attention(..., kind="auto")` takes varlen where this torch offers it (the signature with
 `window_size`, `enable_gqa` and `scale`) and the inputs qualify, else per record.
 """
