@@ -16,12 +16,16 @@ Two implementations of one function:
 from __future__ import annotations
 
 import inspect
+import logging
+import threading
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
 KINDS = ("auto", "varlen", "per_record")
+log = logging.getLogger("alchemist.trainer")
+_varlen_failed = threading.Event()    # set once if this process's varlen call failed: "auto" stops trying
 
 
 @lru_cache(maxsize=1)
@@ -36,15 +40,22 @@ def varlen_function():
 
 
 def varlen_applies(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and varlen_function() is not None
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and varlen_function() is not None
+            and not _varlen_failed.is_set())
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], scale: float,
                      kind: str = "auto", cu_device: torch.Tensor | None = None) -> torch.Tensor:
     """q: [T, n_heads, d], k/v: [T, n_kv, d], records at [cu_seqlens[i], cu_seqlens[i+1]) -> [T, n_heads, d].
     `cu_device`: cu_seqlens as an int32 tensor on q's device (varlen; made here if not given)."""
-    if kind == "varlen" or (kind == "auto" and varlen_applies(q)):
+    if kind == "varlen":
         return varlen(q, k, v, cu_seqlens, scale, cu_device)
+    if kind == "auto" and varlen_applies(q):
+        try:
+            return varlen(q, k, v, cu_seqlens, scale, cu_device)
+        except (RuntimeError, NotImplementedError, TypeError) as err:   # e.g. no kernel for this GPU
+            log.warning("varlen attention failed (%s); training uses SDPA per record from now on", err)
+            _varlen_failed.set()
     return per_record(q, k, v, cu_seqlens, scale)
 
 
