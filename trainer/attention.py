@@ -54,9 +54,17 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         try:
             return varlen(q, k, v, cu_seqlens, scale, cu_device)
         except (RuntimeError, NotImplementedError, TypeError) as err:   # e.g. no kernel for this GPU
-            log.warning("varlen attention failed (%s); training uses SDPA per record from now on", err)
-            _varlen_failed.set()
+            disable_varlen(err)
     return per_record(q, k, v, cu_seqlens, scale)
+
+
+def disable_varlen(err: Exception) -> bool:
+    """'auto' uses SDPA per record from now on; False if varlen was not in use anyway."""
+    if varlen_function() is None or _varlen_failed.is_set():
+        return False
+    log.warning("varlen attention failed (%s); training uses SDPA per record from now on", err)
+    _varlen_failed.set()
+    return True
 
 
 def varlen(q, k, v, cu_seqlens: list[int], scale: float, cu_device: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trainer.reuse import Injection, TrainingContext, TrainRecord
+from trainer.attention import disable_varlen
 from trainer.user_text import all_prompt_positions
 
 # outcome of a record's activations: reused exactly, reused though the adapter moved (within
@@ -82,7 +83,13 @@ def warm_up(model, adapters: dict, vocab_size: int, device: torch.device) -> Non
     if device.type != "cuda":                # fused ops are compiled on CUDA only (engine/layers.py)
         return
     ids = [i % vocab_size for i in range(1, 13)]
-    forward_backward(model, [TrainRecord(None, ids[:8], ids[8:], [0.0] * 4)], adapters, reuse=False)
+    records = [TrainRecord(None, ids[:8], ids[8:], [0.0] * 4)]
+    try:
+        forward_backward(model, records, adapters, reuse=False)
+    except (RuntimeError, NotImplementedError) as err:     # varlen attention's backward, say: do without it
+        if not disable_varlen(err):
+            raise
+        forward_backward(model, records, adapters, reuse=False)
 
 
 def nll_loss(logprobs: list[torch.Tensor], records: list[TrainRecord]) -> torch.Tensor:
