@@ -29,8 +29,8 @@ class TrainerConfig:
     max_wait_s: float = 20.0            # ... or until the first of them has waited this long
     max_staleness: int = 4              # adapter versions a record's activations may lag and still be reused
     # most of the wall time training steps may take while serving; None: 0.25 on a trainer thread (GPU:
-    # TBT p99 x0.98 of training off at half load, where 0.5 gave x1.35; BENCHMARKS.md co-location),
-    # 0.5 interleaved (CPU: the end-to-end learning runs)
+    # TBT p99 0.98-1.49x of training off over four runs at half load, 1.35-1.37x at 0.5; BENCHMARKS.md
+    # co-location), 0.5 interleaved (CPU: the end-to-end learning runs)
     duty_cycle: float | None = None
     # where steps run: "thread" = a trainer thread (on CUDA a low-priority stream beside serving's),
     # "interleaved" = on the engine thread between engine steps; "auto" = thread on CUDA, else interleaved
