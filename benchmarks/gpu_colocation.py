@@ -14,7 +14,7 @@ no feedback: no steps), then per `--modes` entry (concurrency:duty_cycle) one wa
 run of the same schedule.
 
     python -m benchmarks.gpu_colocation --out DIR [--sharegpt .bench/sharegpt.json] [--shape 8b|1b|tiny]
-        [--modes thread:duty=0.5,thread:duty=0.5:yield=none:sms=0.5,interleaved:duty=0.5]
+        [--modes thread,thread:duty=0.5,thread:switch=0.1,thread:sms=0.5,interleaved,burn-python]
 """
 from __future__ import annotations
 
@@ -279,7 +279,7 @@ def parse_args(argv=None):
     ap.add_argument("--feedback", type=float, default=0.3, help="share of answers rated in the `on` run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--objective", default="kto", help="kto: every +1/-1 rating trains (sft: only +1)")
-    ap.add_argument("--modes", type=lambda v: v.split(","), default=["thread:duty=0.5", "interleaved:duty=0.5"],
+    ap.add_argument("--modes", type=lambda v: v.split(","), default=["thread", "thread:duty=0.5"],
                     help="`on` runs, each concurrency[:duty=D][:yield=N|none][:sms=F|none][:switch=MS] "
                          "(concurrency: thread | interleaved; training config defaults for options left out), "
                          "or burn-gpu[:duty=D] / burn-python[:duty=D]: a synthetic load, no training "
