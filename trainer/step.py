@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer.reuse import Injection, TrainingContext, TrainRecord
 from trainer.attention import disable_varlen
+from trainer.reuse import Injection, TrainingContext, TrainRecord
 from trainer.user_text import all_prompt_positions
 
 # outcome of a record's activations: reused exactly, reused though the adapter moved (within
