@@ -76,11 +76,11 @@ class CaptureMetadata:
                 dst.index_copy_(0, self.slot_mapping, src)
         for _, src in copies:                   # the allocator may not reuse them before the copy ran
             src.record_stream(self.side_stream)
-        self.slot_mapping.record_stream(self.side_stream)
 
     def join(self) -> None:
         """After the forward: the serving stream waits for the side-stream copies (so the step's sync
-        covers them, and anything that reads the pool after it sees the rows)."""
+        covers them, and anything that reads the pool after it sees the rows). `slot_mapping` outlives
+        this wait, so it needs no record_stream."""
         if self.side_stream is not None:
             torch.cuda.current_stream().wait_stream(self.side_stream)
 

@@ -27,21 +27,19 @@ def pack_linears(linears: list[nn.Linear]) -> None:
     linears[0].packed = (weight, bias)
 
 
-def packed_output(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> torch.Tensor | None:
-    """x @ [W_1; W_2; ...]^T as one GEMM -> [T, sum(out)] when the projections are packed and
-    unwrapped; None otherwise."""
+def packed_weights(linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight [sum(out), in], bias) of projections packed together and unwrapped; None otherwise."""
     packed = getattr(linears[0], "packed", None)
     if packed is None or len(linears) < 2 or not all(type(lin) is nn.Linear for lin in linears):
         return None
-    return F.linear(x, packed[0], packed[1])
+    return packed
 
 
-def project(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
-    """x @ W_i^T for each projection, as one GEMM when they are packed and unwrapped."""
-    out = packed_output(x, linears)
-    if out is not None:
-        return out.split([lin.out_features for lin in linears], dim=-1)
-    return tuple(lin(x) for lin in linears)
+def packed_output(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> torch.Tensor | None:
+    """x @ [W_1; W_2; ...]^T as one GEMM -> [T, sum(out)] when the projections are packed and
+    unwrapped; None otherwise."""
+    packed = packed_weights(linears)
+    return None if packed is None else F.linear(x, packed[0], packed[1])
 
 
 def pack_model(model: nn.Module) -> None:

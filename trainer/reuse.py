@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from engine.context import ForwardContext, base_module
 from engine.errors import ConfigError
+from engine.packing import packed_weights
 from trainer.attention import KINDS as ATTENTION_KINDS, causal_attention
 
 
@@ -98,7 +99,7 @@ class TrainingContext(ForwardContext):
 
     def project(self, layer, kinds, modules, x):
         bases = tuple(base_module(m) for m in modules)
-        packed = getattr(bases[0], "packed", None) if len(bases) > 1 else None
+        packed = packed_weights(bases)
         if packed is not None:              # q|k|v or gate|up: one base GEMM (or injection), one LoRA
             y = self._add_lora(modules, x, self._base(layer, kinds, packed[0], packed[1], x))
             return y.split([b.out_features for b in bases], dim=-1)
