@@ -5,14 +5,15 @@ import torch
 import torch.nn.functional as F
 
 from engine.context import ServingContext
+from engine.rows import copy_rows_
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """k, v: [T, n_kv, d] into caches [num_blocks, block_size, n_kv, d] at `slot_mapping` [T]."""
     n_kv, d = k.shape[1], k.shape[2]
-    k_cache.view(-1, n_kv, d).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, n_kv, d).index_copy_(0, slot_mapping, v)
+    copy_rows_(k_cache.view(-1, n_kv, d), slot_mapping, k)
+    copy_rows_(v_cache.view(-1, n_kv, d), slot_mapping, v)
 
 
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from engine.packing import packed_output
+from engine.rows import copy_rows_
 
 
 @dataclass
@@ -68,12 +69,12 @@ class CaptureMetadata:
             [(self.pool.buffer(layer, kind), out) for kind, out in zip(kinds, outs)]
         if self.side_stream is None:
             for dst, src in copies:
-                dst.index_copy_(0, self.slot_mapping, src)
+                copy_rows_(dst, self.slot_mapping, src)
             return
         self.side_stream.wait_stream(torch.cuda.current_stream())     # the outputs are computed
         with torch.cuda.stream(self.side_stream):
             for dst, src in copies:
-                dst.index_copy_(0, self.slot_mapping, src)
+                copy_rows_(dst, self.slot_mapping, src)
         for _, src in copies:                   # the allocator may not reuse them before the copy ran
             src.record_stream(self.side_stream)
 

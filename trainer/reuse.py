@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from engine.context import ForwardContext, base_module
 from engine.errors import ConfigError
 from engine.packing import packed_weights
+from engine.rows import copy_rows_
 from trainer.attention import KINDS as ATTENTION_KINDS, causal_attention
 
 
@@ -66,8 +67,8 @@ class InjectedLinear(torch.autograd.Function):
             ctx.mark_dirty(stored)                 # y *is* the gathered copy: not a view, so y can be
             return stored                          # added to in place (the LoRA delta)
         y = x.new_empty(x.shape[0], weight.shape[0])
-        y.index_copy_(0, stored_idx, stored.to(y.dtype))
-        y.index_copy_(0, fresh_idx, F.linear(x.index_select(0, fresh_idx), weight, bias))
+        copy_rows_(y, stored_idx, stored.to(y.dtype))
+        copy_rows_(y, fresh_idx, F.linear(x.index_select(0, fresh_idx), weight, bias))
         return y
 
     @staticmethod
