@@ -1,12 +1,15 @@
 """Row scatters as 8-byte words: `index_copy_` moves one element per GPU thread, so bf16 rows move in
 2-byte pieces at a fraction of the memory bandwidth; the same rows viewed as int64 words move 4x
-fewer, 4x wider elements. Used wherever serving or training scatters whole rows (KV cache, capture
-into the activation pool, injected rows of a training forward)."""
+fewer, 4x wider elements. That pays for wide rows (H200, 1024 rows, benchmarks/gpu_row_copy.py:
+1.4x at 12 KiB, 2.3x at 56 KiB) and loses for narrow ones (a 2 KiB KV row: 2x slower), so rows
+under MIN_WORD_ROW_BYTES keep `index_copy_`. Used wherever serving or training scatters whole rows
+(KV cache, capture into the activation pool, injected rows of a training forward)."""
 from __future__ import annotations
 
 import torch
 
 WORD = torch.int64
+MIN_WORD_ROW_BYTES = 8192
 
 
 def as_words(t: torch.Tensor) -> torch.Tensor | None:
@@ -21,7 +24,8 @@ def as_words(t: torch.Tensor) -> torch.Tensor | None:
 
 def copy_rows_(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """dst[index[i]] = src[i] for every i along dim 0 (what `dst.index_copy_(0, index, src)` does)."""
-    if dst.dtype == src.dtype and dst.shape[1:] == src.shape[1:]:
+    row_bytes = src[0].numel() * src.element_size() if src.shape[0] else 0
+    if dst.dtype == src.dtype and dst.shape[1:] == src.shape[1:] and row_bytes >= MIN_WORD_ROW_BYTES:
         wide_dst, wide_src = as_words(dst), as_words(src)
         if wide_dst is not None and wide_src is not None:
             wide_dst.index_copy_(0, index, wide_src)
