@@ -122,7 +122,7 @@ class Writer:
         self.futures = []
 
     def finished(self, seq, rating: int | None) -> None:
-        rec = CompletionRecord(seq.request_id, seq.index, list(seq.prompt_token_ids), list(seq.output_token_ids),
+        rec = CompletionRecord(*seq.record_key, list(seq.prompt_token_ids), list(seq.output_token_ids),
                                list(seq.logprobs), seq.adapter_version, None, time.time(), seq.finish_reason)
         self.futures.append(self.pool.submit(self._write, rec, rating))
 

@@ -24,6 +24,7 @@ class _Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter_version: int
+    first_choice: tuple[str, int] | None
     sink: "_Sink"
 
 
@@ -78,7 +79,8 @@ class AsyncEngine:
         return len(self._sinks)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       adapter_version: int = 0) -> AsyncIterator[SeqDelta]:
+                       adapter_version: int = 0, first_choice: tuple[str, int] | None = None
+                       ) -> AsyncIterator[SeqDelta]:
         """Yield deltas of every choice of the request until all are finished; abort on cancel."""
         if self.dead is not None:
             raise EngineDeadError(f"the engine stopped: {self.dead}")
@@ -87,7 +89,7 @@ class AsyncEngine:
             raise OverloadedError(f"{len(self._sinks)} requests are queued; retry shortly", retry_after=1.0)
         sink = _Sink(asyncio.get_running_loop())
         self._sinks[request_id] = sink
-        self._submit(_Add(request_id, prompt_token_ids, params, adapter_version, sink))
+        self._submit(_Add(request_id, prompt_token_ids, params, adapter_version, first_choice, sink))
         remaining = params.n
         try:
             while remaining:
@@ -120,7 +122,8 @@ class AsyncEngine:
                 self.engine.abort_request(cmd.request_id)
                 continue
             try:
-                self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.adapter_version)
+                self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.adapter_version,
+                                        cmd.first_choice)
             except AlchemistError as err:
                 cmd.sink.put(err)
 

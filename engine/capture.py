@@ -19,7 +19,7 @@ GROUPS = (("q", "k", "v"), ("gate", "up"))   # one GEMM each on CUDA (engine/pac
 
 
 def record_key(seq: Sequence) -> tuple[str, int]:
-    return (seq.request_id, seq.index)
+    return seq.record_key                # (response id, choice index), as the feedback names it
 
 
 def projection_dims(hf_config) -> dict[str, int]:

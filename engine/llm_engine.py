@@ -84,7 +84,10 @@ class LLMEngine:
                     f"{bm.num_blocks * bm.block_size}", param="max_tokens")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    adapter_version: int = 0) -> list[Sequence]:
+                    adapter_version: int = 0, first_choice: tuple[str, int] | None = None) -> list[Sequence]:
+        """`first_choice`: (response id, choice index) of the request's first choice where the API answer
+        is not this request alone (a /v1/completions call with several prompts); choice i is keyed
+        (response id, index + i) for its activation record and its feedback."""
         self.validate_request(prompt_token_ids, params)
         if request_id in self.request_seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
@@ -92,8 +95,9 @@ class LLMEngine:
         seqs: list[Sequence] = []
         for i in range(params.n):
             seed = base_seed if i == 0 else hash((base_seed, i)) & 0xFFFFFFFF
+            key = None if first_choice is None else (first_choice[0], first_choice[1] + i)
             seq = Sequence(next(self._seq_ids), request_id, i, prompt_token_ids, params, seed,
-                           adapter_version, prefix_parent=seqs[0] if seqs else None)
+                           adapter_version, prefix_parent=seqs[0] if seqs else None, record_key=key)
             self.scheduler.add(seq)
             self._text_states[seq.seq_id] = SequenceTextState(seq, self.tokenizer)
             seqs.append(seq)

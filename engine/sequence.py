@@ -26,10 +26,12 @@ class Sequence:
 
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
                  params: SamplingParams, seed: int, adapter_version: int = 0,
-                 prefix_parent: "Sequence | None" = None):
+                 prefix_parent: "Sequence | None" = None, record_key: tuple[str, int] | None = None):
         self.seq_id = seq_id
         self.request_id = request_id
         self.index = index                      # choice index within the request (n > 1)
+        # (response id, choice index) of the API's answer: keys its activation record and its feedback
+        self.record_key = record_key if record_key is not None else (request_id, index)
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params

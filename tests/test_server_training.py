@@ -153,6 +153,25 @@ def test_feedback_trains_publishes_and_shows_in_status_and_metrics(server, user,
     assert all(x.labels["model_name"] == server.state.model_name for n in METRICS for x in samples[n])
 
 
+def test_each_prompt_of_a_multi_prompt_completion_trains_by_reuse(server, user, admin):
+    """/v1/completions with several prompts: choice p*n + i of the answer keys both its feedback and its
+    activation record, so a rating of the second prompt's answer trains on that prompt's captured rows."""
+    texts = [f"{next(MESSAGE_NUMBERS)} is the number that starts this prompt, long enough for two blocks"
+             for _ in range(2)]
+    r = user.post("/v1/completions", json={"prompt": texts, "max_tokens": 4, "temperature": 1.0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert sorted(c["index"] for c in body["choices"]) == [0, 1]
+    steps = status(admin)["steps"]
+    r = user.post("/feedback", json={"id": body["id"], "choice_index": 1, "rating": 1})
+    assert r.status_code == 201, r.text
+    s = wait_for(lambda: (s := status(admin))["steps"] > steps and s["pending_feedback"] == 0 and s,
+                 what="a training step")
+    assert s["last_step"]["outcomes"] == {"hit": 1}
+    record = server.state.store.get_completion(body["id"], 1)
+    assert record.prompt_token_ids[-3:] == server.state.tokenizer(texts[1]).input_ids[-3:]
+
+
 def test_rollback_through_the_admin_api(server, user, admin):
     while status(admin)["adapter_version"] < 2:
         train_one(user, admin)

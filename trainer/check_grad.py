@@ -66,7 +66,7 @@ def serve_records(engine: LLMEngine, seed: int, num: int = 6, shared_prefix: int
                 engine.step()
     while engine.has_unfinished():
         engine.step()
-    return [TrainRecord((s.request_id, s.index), s.prompt_token_ids, s.output_token_ids, s.logprobs) for s in seqs]
+    return [TrainRecord(s.record_key, s.prompt_token_ids, s.output_token_ids, s.logprobs) for s in seqs]
 
 
 def compare(grads_a: list[torch.Tensor], grads_b: list[torch.Tensor]) -> dict:
