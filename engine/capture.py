@@ -2,7 +2,7 @@
 
 Modes: `none`, `prefill` (prompt rows), `prefill+decode` (prompt rows and every decoded row that a
 training forward over [prompt | response] needs). Policy: every request while the pool has room
-(unpinned records are evicted LRU by the pool). A record is keyed by (request id, choice index)
+(unpinned records are evicted LRU by the pool). A record is keyed by (response id, choice index)
 and its rows carry the adapter version that produced them.
 """
 from __future__ import annotations

@@ -6,6 +6,8 @@ under MIN_WORD_ROW_BYTES keep `index_copy_`. Used wherever serving or training s
 (KV cache, capture into the activation pool, injected rows of a training forward)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 WORD = torch.int64
@@ -24,7 +26,7 @@ def as_words(t: torch.Tensor) -> torch.Tensor | None:
 
 def copy_rows_(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """dst[index[i]] = src[i] for every i along dim 0 (what `dst.index_copy_(0, index, src)` does)."""
-    row_bytes = src[0].numel() * src.element_size() if src.shape[0] else 0
+    row_bytes = math.prod(src.shape[1:]) * src.element_size()
     if dst.dtype == src.dtype and dst.shape[1:] == src.shape[1:] and row_bytes >= MIN_WORD_ROW_BYTES:
         wide_dst, wide_src = as_words(dst), as_words(src)
         if wide_dst is not None and wide_src is not None:
