@@ -93,11 +93,14 @@ def main() -> None:
         ttft(engines[m], rng, args.prompt_len)
         decode_step(engines[m], rng, args.batch, 128, 8)
     samples = {m: {"ttft": [], "ttft_gpu": [], "decode": []} for m in MODES}
+    steps = lambda m: dict(engines[m].capture.steps) if engines[m].capture else {}   # one run of slots or not
+    before = {m: steps(m) for m in MODES}
     for _ in range(args.ttft_samples):                     # none, prefill, prefill+decode, none, ...
         for m in MODES:
             wall, gpu = ttft(engines[m], rng, args.prompt_len)
             samples[m]["ttft"].append(wall)
             samples[m]["ttft_gpu"].append(gpu)
+    ttft_steps = {m: {k: n - before[m][k] for k, n in steps(m).items()} for m in MODES}
     for r in range(args.rounds):
         for m in MODES:
             samples[m]["decode"].append(decode_step(engines[m], rng, args.batch, 128, args.steps))
@@ -112,6 +115,7 @@ def main() -> None:
         res[m] = {"ttft_ms": ms(samples[m]["ttft"]), "ttft_gpu_ms": ms(samples[m]["ttft_gpu"]),
                   "ttft_ms_quartiles": [q * 1e3 for q in statistics.quantiles(samples[m]["ttft"], n=4)],
                   "decode_step_ms": ms(samples[m]["decode"]),
+                  "ttft_capture_steps": ttft_steps[m],           # written in place (one_run) or copied
                   "pool": engines[m].activation_pool.stats() if engines[m].activation_pool else None}
     for m in MODES[1:]:
         paired = lambda key: statistics.median(a / b for a, b in zip(samples[m][key], samples["none"][key]) if b)

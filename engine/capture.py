@@ -39,6 +39,7 @@ class CaptureManager:
         self.fraction = fraction
         self.captures_decode = mode == "prefill+decode"
         self._pending: dict[tuple[str, int], tuple[int, int]] = {}   # key -> rows written this step
+        self.steps = {"one_run": 0, "scattered": 0}    # steps whose recorded rows are one run of slots, or not
 
     def limit(self, seq: Sequence) -> int:
         """Positions [0, limit) are recorded: the prompt, or every position a training forward uses."""
@@ -92,6 +93,15 @@ class CaptureManager:
             slots += [scratch] * (start + n - end)
             self._pending[key] = (first - record.offset, end - record.offset)
         return slots if self._pending else None
+
+    def run_start(self, slots: list[int]) -> int | None:
+        """The first slot when a step's `slots` are first, first + 1, ... (every row recorded, one run):
+        an eager forward's projections then write the pool rows directly. None otherwise."""
+        first, count = slots[0], len(slots)
+        one_run = (first + count <= self.pool.scratch_slot and slots[-1] == first + count - 1
+                   and slots == list(range(first, first + count)))
+        self.steps["one_run" if one_run else "scattered"] += 1
+        return first if one_run else None
 
     def commit(self, adapter_version: int) -> None:
         """After the step: the rows written this step extend each record's contiguous capture."""

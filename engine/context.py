@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from engine.packing import packed_output
+from engine.packing import linear_into, packed_weights
 from engine.rows import copy_rows_
 
 
@@ -60,6 +60,19 @@ class CaptureMetadata:
     pool: object                      # store.activation_pool.ActivationPool
     slot_mapping: torch.Tensor        # [T] int64
     side_stream: torch.cuda.Stream | None = None   # copy there, overlapping the next GEMMs; join() after
+    first_slot: int | None = None     # every row goes to slots first_slot + [0, T): projections write there
+
+    def destination(self, layer: int, kinds: tuple[str, ...], x: torch.Tensor) -> torch.Tensor | None:
+        """The pool rows [T, sum(dims)] that the projections `kinds` of x [T, in] write directly (no
+        copy) when every row of this forward is recorded in one run of slots; None otherwise."""
+        if self.first_slot is None:
+            return None
+        buffer = self.pool.group_buffer(layer, kinds)
+        if buffer is None and len(kinds) == 1:
+            buffer = self.pool.buffer(layer, kinds[0])
+        if buffer is None or buffer.dtype != x.dtype or buffer.device != x.device:
+            return None
+        return buffer[self.first_slot:self.first_slot + x.shape[0]]
 
     def write(self, layer: int, kinds: tuple[str, ...], packed: torch.Tensor | None,
               outs: tuple[torch.Tensor, ...]) -> None:
@@ -95,11 +108,18 @@ class ServingContext(ForwardContext):
 
     def project(self, layer, kinds, modules, x):
         bases = tuple(base_module(m) for m in modules)
-        packed = packed_output(x, bases)                 # [T, sum(out)] when one GEMM, else None
-        outs = (packed.split([b.out_features for b in bases], dim=-1) if packed is not None
-                else tuple(b(x) for b in bases))
-        if self.capture is not None:
-            self.capture.write(layer, kinds, packed, outs)
+        sizes = [b.out_features for b in bases]
+        capture = self.capture
+        dest = capture.destination(layer, kinds, x) if capture is not None else None   # [T, sum(sizes)]
+        weights = packed_weights(bases)
+        packed = None if weights is None else linear_into(x, weights[0], weights[1], dest)   # one GEMM
+        if packed is not None:
+            outs = packed.split(sizes, dim=-1)
+        else:
+            parts = dest.split(sizes, dim=-1) if dest is not None else [None] * len(bases)
+            outs = tuple(linear_into(x, b.weight, b.bias, part) for b, part in zip(bases, parts))
+        if capture is not None and dest is None:
+            capture.write(layer, kinds, packed, outs)
         return tuple(add_adapter(m, x, out) for m, out in zip(modules, outs))
 
     def attention(self, layer, q, k, v, scale):

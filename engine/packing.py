@@ -35,11 +35,14 @@ def packed_weights(linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, torch.
     return packed
 
 
-def packed_output(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> torch.Tensor | None:
-    """x @ [W_1; W_2; ...]^T as one GEMM -> [T, sum(out)] when the projections are packed and
-    unwrapped; None otherwise."""
-    packed = packed_weights(linears)
-    return None if packed is None else F.linear(x, packed[0], packed[1])
+def linear_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T + b -> [T, out_features]; written into `out` (e.g. activation-pool rows) when given."""
+    if out is None:
+        return F.linear(x, weight, bias)
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
 
 
 def pack_model(model: nn.Module) -> None:

@@ -3,7 +3,9 @@
 Device tier: per layer and group of kinds (`PoolLayout.groups`, e.g. q|k|v) one tensor
 `[num_slots + 1, sum(dims)]`; each kind is a column slice of it. The last row (`scratch_slot`)
 takes every row that must not be recorded, so a capture is one unconditional row scatter
-(`engine.rows.copy_rows_`) with no host sync. Slots are handed out in blocks of `block_size` from a free list, like a KV cache; the
+(`engine.rows.copy_rows_`) with no host sync, or none at all when a step records one run of slots
+(the projections write the pool directly). Slots are handed out in blocks of `block_size` from a
+free list (`store.free_blocks`: runs of consecutive blocks where it can), like a KV cache; the
 slot of position p is `blocks[p // bs] * bs + p % bs`. The scratch row counts against the budget.
 
 Eviction is LRU over unpinned device records: their captured rows move to the CPU tier when its
@@ -20,12 +22,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import Hashable
 
 import torch
 
 from engine.errors import ConfigError, ConflictError, InvalidRequestError
+from store.free_blocks import FreeBlocks
 from store.pool_eviction import TierEviction
 from store.pool_layout import (TIERS, ActivationMissingError, ActivationRecord, PoolLayout,
                                num_slots_for, resolve_positions, fetch_beats_recompute)
@@ -50,7 +53,7 @@ class ActivationPool(TierEviction):
         for (layer, group), buffer in self._group_buffers.items():
             for kind, columns in zip(group, buffer.split([layout.dims[k] for k in group], dim=1)):
                 self._buffers[(layer, kind)] = columns                             # [num_slots + 1, dim]
-        self._free_blocks: deque[int] = deque(range(self.num_blocks))
+        self._free_blocks = FreeBlocks(self.num_blocks)      # runs of consecutive blocks where possible
         self._records: OrderedDict[Hashable, ActivationRecord] = OrderedDict()  # LRU first
         self._cpu_bytes = 0
         self._index_cache: dict[Hashable, tuple[int, int, torch.Tensor]] = {}
@@ -103,7 +106,7 @@ class ActivationPool(TierEviction):
             if not self._make_room(needed, exclude=key):
                 record.capture_stopped = True
                 return False
-            record.blocks.extend(self._take_blocks(needed))
+            record.blocks.extend(self._take_blocks(needed, after=record.blocks[-1] if record.blocks else None))
             record.num_tokens = num_tokens
             return True
 
@@ -238,8 +241,8 @@ class ActivationPool(TierEviction):
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _take_blocks(self, count: int) -> list[int]:
-        blocks = [self._free_blocks.popleft() for _ in range(count)]
+    def _take_blocks(self, count: int, after: int | None = None) -> list[int]:
+        blocks = self._free_blocks.take(count, after)
         for block in blocks:
             event = self._block_ready.pop(block, None)
             if event is not None:   # later writes to this block wait for its D2H copy (GPU-side)
@@ -251,7 +254,7 @@ class ActivationPool(TierEviction):
         for block in record.blocks:
             if copy_done is not None:
                 self._block_ready[block] = copy_done
-            self._free_blocks.append(block)
+            self._free_blocks.put(block)
         if record.tier == "cpu":
             self._cpu_bytes -= record.captured * self.layout.bytes_per_token
         record.blocks, record.cpu_rows = [], None

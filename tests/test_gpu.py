@@ -143,9 +143,10 @@ def test_fused_op_called_while_another_thread_compiles_runs_eagerly():
     torch.testing.assert_close(during, rms_norm.reference(x, w, 1e-5), rtol=0, atol=0)
 
 
-def test_side_stream_capture_writes_the_same_pool_rows():
+def test_side_stream_and_in_place_capture_write_the_same_pool_rows():
     """capture_stream=side (prompt steps copy captured rows on a side stream, joined before the step
-    ends) records exactly the rows the in-order copies record, packed groups included."""
+    ends) and steps whose rows are one run of slots (projections write the pool in place) record
+    exactly the rows the in-order copies record, packed groups included."""
     from benchmarks.common import llama_config
     from engine.capture import KINDS
     from engine.config import EngineConfig
@@ -160,22 +161,29 @@ def test_side_stream_capture_writes_the_same_pool_rows():
     prompts = [[rng.randrange(1000) for _ in range(n)] for n in (300, 40, 700, 77)]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, detokenize=False)
     pools, outs = [], []
-    for stream in ("serving", "side"):
+    for variant in ("copy", "serving", "side"):
+        stream = "side" if variant == "side" else "serving"
         cfg = EngineConfig(load_format="random", device="cuda", dtype="bfloat16", num_kv_blocks=256,
                            cuda_graph_max_batch=8, seed=0, capture="prefill", capture_stream=stream,
                            activation_pool_bytes=256 << 20, max_num_batched_tokens=256)
         engine = LLMEngine(cfg, build_engine_parts(cfg, hf_config=llama_config(shape)))
         assert (engine.runner.capture_stream is not None) == (stream == "side")
+        if variant == "copy":
+            engine.capture.run_start = lambda slots: None           # every step copies its rows
         outs.append([s[0].output_token_ids for s in engine.generate(prompts, params)])
         pools.append(engine.activation_pool)
-    assert outs[0] == outs[1]
+        if variant == "serving":
+            assert engine.capture.steps["one_run"] > 0              # some steps wrote in place
+    assert outs[0] == outs[1] == outs[2]
     keys = [k for k in pools[0]._records]
-    assert len(keys) == len(prompts) and sorted(keys) == sorted(pools[1]._records)
-    for key in keys:
-        assert pools[0].get(key).captured == pools[1].get(key).captured > 0
-        for layer in range(2):
-            for kind in KINDS:
-                assert torch.equal(pools[0].gather(key, layer, kind), pools[1].gather(key, layer, kind))
+    assert len(keys) == len(prompts)
+    for pool in pools[1:]:
+        assert sorted(keys) == sorted(pool._records)
+        for key in keys:
+            assert pools[0].get(key).captured == pool.get(key).captured > 0
+            for layer in range(2):
+                for kind in KINDS:
+                    assert torch.equal(pools[0].gather(key, layer, kind), pool.gather(key, layer, kind))
 
 
 def test_varlen_training_attention_matches_per_record():

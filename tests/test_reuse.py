@@ -161,13 +161,17 @@ def test_packed_projections_train_like_separate_ones(model, targets):
     assert compare(packed[0][1], packed[1][1])["max_rel_err"] < 1e-5     # reuse == recompute, packed
 
 
-def test_packed_serving_captures_each_group_in_one_write_and_reuse_stays_exact():
+def test_packed_serving_captures_each_group_in_one_write_and_reuse_stays_exact(monkeypatch):
     """Packed q|k|v and gate|up (as on CUDA) write their base outputs into the pool as one copy per
     group; the rows equal those of separate projections, and reuse by them equals recompute."""
     from engine.capture import KINDS
+    from engine.context import CaptureMetadata
     from trainer.adapters import AdapterManager
     from trainer.check_grad import build_engine, compare, perturb, serve_records, train_once
     from trainer.lora import LoRAConfig
+    writes, write = [], CaptureMetadata.write
+    monkeypatch.setattr(CaptureMetadata, "write", lambda self, layer, kinds, packed, outs:
+                        writes.append((kinds, packed is not None)) or write(self, layer, kinds, packed, outs))
     served = []
     for pack in (False, True):
         gen = torch.Generator().manual_seed(0)
@@ -175,14 +179,13 @@ def test_packed_serving_captures_each_group_in_one_write_and_reuse_stays_exact()
         manager = AdapterManager(engine.runner.model, LoRAConfig(rank=4, alpha=8), generator=gen)
         perturb(manager, gen, 1)
         engine.adapter_version = manager.version
-        group_writes = []
+        engine.capture.run_start = lambda slots: None             # the copying path (not in place)
+        writes.clear()
         if pack:
             _pack_bases(engine.runner.model)
-            pool, group_buffer = engine.activation_pool, engine.activation_pool.group_buffer
-            pool.group_buffer = lambda layer, kinds: group_writes.append(kinds) or group_buffer(layer, kinds)
-        served.append((engine, manager, serve_records(engine, 0), group_writes))
-    (plain, _, plain_records, _), (packed, manager, records, group_writes) = served
-    assert set(group_writes) == {("q", "k", "v"), ("gate", "up")}
+        served.append((engine, manager, serve_records(engine, 0)))
+    (plain, _, plain_records), (packed, manager, records) = served
+    assert set(writes) == {(("q", "k", "v"), True), (("gate", "up"), True), (("o",), False), (("down",), False)}
     assert [r.response_ids for r in records] == [r.response_ids for r in plain_records]
     for record in records:
         for layer in range(2):
@@ -191,6 +194,41 @@ def test_packed_serving_captures_each_group_in_one_write_and_reuse_stays_exact()
                                            plain.activation_pool.gather(record.key, layer, kind),
                                            rtol=1e-5, atol=1e-6)
     (reuse, g_reuse), (recompute, g_recompute) = [train_once(packed, manager, records, r, 0) for r in (True, False)]
+    assert reuse.outcomes == {"hit": len(records)} and reuse.computed_rows == 0
+    assert abs(reuse.loss - recompute.loss) < 1e-6
+    assert compare(g_reuse, g_recompute)["max_rel_err"] < 1e-5
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_steps_recording_one_run_of_slots_write_the_pool_in_place(pack):
+    """A step whose recorded rows are one run of pool slots lets the projections write their outputs
+    straight into the pool (no copy); the rows equal those of the copying path, and reuse stays exact."""
+    from engine.capture import KINDS, CaptureManager
+    from trainer.adapters import AdapterManager
+    from trainer.check_grad import build_engine, compare, perturb, serve_records, train_once
+    from trainer.lora import LoRAConfig
+    served = []
+    for in_place in (False, True):
+        gen = torch.Generator().manual_seed(0)
+        engine = build_engine("tiny-llama", "prefill+decode", 0)
+        manager = AdapterManager(engine.runner.model, LoRAConfig(rank=4, alpha=8), generator=gen)
+        perturb(manager, gen, 1)
+        engine.adapter_version = manager.version
+        if pack:
+            _pack_bases(engine.runner.model)
+        if not in_place:                                           # every step copies its rows
+            engine.capture.run_start = lambda slots: None
+        served.append((engine, manager, serve_records(engine, 0)))
+    (copied, _, copied_records), (direct, manager, records) = served
+    assert direct.capture.steps["one_run"] > 0 and direct.capture.steps["scattered"] > 0
+    assert isinstance(direct.capture, CaptureManager)
+    for record in records:
+        for layer in range(2):
+            for kind in KINDS:
+                torch.testing.assert_close(direct.activation_pool.gather(record.key, layer, kind),
+                                           copied.activation_pool.gather(record.key, layer, kind),
+                                           rtol=0, atol=0)
+    (reuse, g_reuse), (recompute, g_recompute) = [train_once(direct, manager, records, r, 0) for r in (True, False)]
     assert reuse.outcomes == {"hit": len(records)} and reuse.computed_rows == 0
     assert abs(reuse.loss - recompute.loss) < 1e-6
     assert compare(g_reuse, g_recompute)["max_rel_err"] < 1e-5
