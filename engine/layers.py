@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 FUSE = os.environ.get("ALCHEMIST_FUSE", "1") != "0"
+FUSED_RECOMPILE_LIMIT = 64      # compiled variants allowed per fused op (dynamo's default is 8)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -50,6 +51,20 @@ def _allow_calls_while_another_thread_compiles() -> None:
     torch._dynamo.config.error_on_nested_fx_trace = False
 
 
+def _allow_every_variant() -> None:
+    """A fused op is compiled once per kind of call — grad mode, inference-mode tensors, views of a
+    bigger buffer, one row or more, dtype — and serving plus training together reach dynamo's default
+    limit of 8 (on the H200 the trainer-thread test hit it); with fullgraph=True the next kind raised
+    FailOnRecompileLimitHit inside the step that met it. The kinds are few and fixed: allow them all."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FUSED_RECOMPILE_LIMIT)
+
+
+def compile_fused(fn, backend: str = "inductor"):
+    _allow_calls_while_another_thread_compiles()
+    _allow_every_variant()
+    return torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
+
+
 def _fusable(fn):
     compiled = None
 
@@ -58,8 +73,7 @@ def _fusable(fn):
         if not (FUSE and args[0].is_cuda):
             return fn(*args)
         if compiled is None:
-            _allow_calls_while_another_thread_compiles()
-            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+            compiled = compile_fused(fn)
         return compiled(*args)
 
     run.__name__ = fn.__name__.lstrip("_")
