@@ -61,7 +61,7 @@ class SamplingParams:
             raise bad("top_logprobs", f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", "seed must be an integer")
-        if self.capture not in (None, True, False):
+        if not (self.capture is None or isinstance(self.capture, bool)):
             raise bad("capture", "capture must be true, false or absent")
 
     @property
