@@ -41,8 +41,9 @@ from trainer.config import TrainerConfig
 KV_GIB = {"8b": 24.0, "1b": 16.0, "tiny": 0.0625}
 
 
-def params(max_tokens: int) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+def params(max_tokens: int, capture: bool | None = None) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False,
+                          capture=capture)
 
 
 def load_workload(path: str, vocab: int) -> list[tuple[list[int], int]]:
@@ -101,8 +102,11 @@ def capacity(engine, workload, n: int) -> dict:
     return {"requests": n, "seconds": secs, "req_s": n / secs, "out_tok_s": out / secs, "seqs": seqs}
 
 
-def schedule(workload, rate: float, duration: float, seed: int, feedback_share: float) -> list[dict]:
-    """Poisson arrivals over [0, duration) s, the workload in file order; rated share and ratings seeded."""
+def schedule(workload, rate: float, duration: float, seed: int, feedback_share: float,
+             opt_in: bool = False) -> list[dict]:
+    """Poisson arrivals over [0, duration) s, the workload in file order; rated share and ratings seeded.
+    `opt_in`: the requests that will be rated ask to be captured, the others not (a client that knows
+    which answers it will ask feedback for); else the server's policy decides."""
     rng, t, out = random.Random(seed), 0.0, []
     while True:
         t += rng.expovariate(rate)
@@ -111,7 +115,7 @@ def schedule(workload, rate: float, duration: float, seed: int, feedback_share: 
         prompt, max_tokens = workload[len(out) % len(workload)]
         rated = rng.random() < feedback_share
         out.append({"t": t, "prompt": prompt, "max_tokens": max_tokens,
-                    "rating": rng.choice((1, -1)) if rated else None})
+                    "rating": rng.choice((1, -1)) if rated else None, "capture": rated if opt_in else None})
 
 
 class Writer:
@@ -153,7 +157,8 @@ def drive(engine, hooks, sched: list[dict], duration: float, writer: Writer, tag
     while now < duration or engine.has_unfinished():
         while i < len(sched) and sched[i]["t"] <= now:
             prompt = [salt.randrange(vocab)] + sched[i]["prompt"][1:]
-            engine.add_request(ids[i], prompt, params(sched[i]["max_tokens"]), engine.adapter_version)
+            engine.add_request(ids[i], prompt, params(sched[i]["max_tokens"], sched[i]["capture"]),
+                               engine.adapter_version)
             tokens[ids[i]] = []
             i += 1
         for hook in hooks:                       # what the server's engine thread runs between steps
@@ -219,7 +224,7 @@ def run(args) -> dict:
         print(f"capacity {cap['req_s']:.2f} req/s ({cap['out_tok_s']:.0f} out tok/s); open loop at {rate:.2f} req/s",
               flush=True)
         writer = Writer(state)
-        sched = schedule(workload, rate, args.duration, args.seed, args.feedback)
+        sched = schedule(workload, rate, args.duration, args.seed, args.feedback, args.opt_in)
         res = {"capacity": cap, "rate_req_s": rate, "scheduled_requests": len(sched)}
         use_mode(state.trainer, next((m for m in args.modes if not m.startswith("burn-")), "interleaved"))
         warm_up_training(state, hooks, engine, workload, writer)
@@ -277,6 +282,8 @@ def parse_args(argv=None):
     ap.add_argument("--load", type=float, default=0.5, help="request rate as a share of measured capacity")
     ap.add_argument("--capacity-requests", type=int, default=128)
     ap.add_argument("--feedback", type=float, default=0.3, help="share of answers rated in the `on` run")
+    ap.add_argument("--opt-in", action="store_true",
+                    help="capture only the requests that will be rated (request `capture`), in `off` and `on`")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--objective", default="kto", help="kto: every +1/-1 rating trains (sft: only +1)")
     ap.add_argument("--modes", type=lambda v: v.split(","), default=["thread", "thread:duty=0.5"],

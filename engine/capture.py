@@ -1,8 +1,9 @@
 """Which rows of a serving step are recorded into the activation pool (DESIGN §3), host side.
 
 Modes: `none`, `prefill` (prompt rows), `prefill+decode` (prompt rows and every decoded row that a
-training forward over [prompt | response] needs). Policy: every request while the pool has room
-(unpinned records are evicted LRU by the pool). A record is keyed by (response id, choice index)
+training forward over [prompt | response] needs). Policy: a request's own `capture` (true / false),
+else every request while the pool has room, or a deterministic share (`capture_fraction`); unpinned
+records are evicted LRU by the pool. A record is keyed by (response id, choice index)
 and its rows carry the adapter version that produced them.
 """
 from __future__ import annotations
@@ -48,7 +49,10 @@ class CaptureManager:
         return seq.num_prompt_tokens
 
     def sampled(self, seq: Sequence) -> bool:
-        """The capture policy: every request while the pool has room, or a deterministic share of them."""
+        """The capture policy: what the request asked for (`capture: true/false`), else every request
+        while the pool has room, or a deterministic share of them (`capture_fraction`; 0 = opt-in only)."""
+        if seq.params.capture is not None:
+            return seq.params.capture
         if self.fraction >= 1.0:
             return True
         return zlib.crc32(seq.request_id.encode()) / 0xFFFFFFFF < self.fraction

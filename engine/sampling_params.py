@@ -26,6 +26,7 @@ class SamplingParams:
     logprobs: int | None = None          # None: none; 0: sampled token only; k: plus top-k
     include_stop_str_in_output: bool = False
     detokenize: bool = True
+    capture: bool | None = None          # record activations for training: yes / no / None = server policy
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
@@ -60,6 +61,8 @@ class SamplingParams:
             raise bad("top_logprobs", f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", "seed must be an integer")
+        if not (self.capture is None or isinstance(self.capture, bool)):
+            raise bad("capture", "capture must be true, false or absent")
 
     @property
     def greedy(self) -> bool:

@@ -65,6 +65,7 @@ class _SamplingBody(_Body):
     repetition_penalty: float | None = None
     ignore_eos: StrictBool = False
     stop_token_ids: list[TokenId] | None = None
+    capture: StrictBool | None = None      # Alchemist: record activations for training (None: server policy)
 
     @property
     def include_usage(self) -> bool:
@@ -84,7 +85,7 @@ class _SamplingBody(_Body):
             frequency_penalty=pick(self.frequency_penalty, 0.0),
             repetition_penalty=pick(self.repetition_penalty, 1.0), stop=stop,
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
-            logprobs=logprobs)
+            logprobs=logprobs, capture=self.capture)
 
 
 class ChatCompletionRequest(_SamplingBody):

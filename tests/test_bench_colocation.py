@@ -49,3 +49,13 @@ def test_colocation_tiny_cpu(tmp_path, one_thread):
         assert run["trained_tok_s"] == pytest.approx(run["trained_tokens"] / 3)
         assert run["tbt_samples"] == off["tbt_samples"]          # same schedule, same output lengths
         assert all(math.isfinite(v) and v > 0 for v in run["ratio_on_off"].values())
+
+
+def test_opt_in_schedule_captures_exactly_the_requests_to_be_rated():
+    workload = [([1, 2, 3], 4)] * 5
+    plain = gpu_colocation.schedule(workload, 50.0, 2.0, 0, 0.3)
+    opted = gpu_colocation.schedule(workload, 50.0, 2.0, 0, 0.3, opt_in=True)
+    assert [s["rating"] for s in plain] == [s["rating"] for s in opted]        # same seeded schedule
+    assert all(s["capture"] is None for s in plain)
+    assert [s["capture"] for s in opted] == [s["rating"] is not None for s in opted]
+    assert 0 < sum(s["capture"] for s in opted) < len(opted)

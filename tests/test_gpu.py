@@ -196,7 +196,7 @@ def test_varlen_training_attention_matches_per_record():
                                      generator=gen).requires_grad_(True)
     q, k, v = make(32), make(8), make(8)
     if not varlen_applies(q):
-        pytest.skip(f"torch {torch.__version__} has no varlen_attn with window_size/enable_gqa/scale")
+        pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn we can call")
     results = []
     for kind in ("varlen", "per_record"):
         out = causal_attention(q, k, v, cu, 0.125, kind)                  # [T, 32, 64]

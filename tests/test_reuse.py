@@ -94,6 +94,23 @@ def test_capture_fraction_records_a_deterministic_share():
     assert 5 < sum(recorded) < 35
 
 
+def test_a_request_opts_in_or_out_of_capture():
+    """`capture` on a request overrides the server's policy both ways: with capture_fraction 0 (opt-in
+    only) just the requests asking are recorded; with 1.0, one asking not to be is not."""
+    from trainer.check_grad import build_engine
+    from engine.sampling_params import SamplingParams
+    engine = build_engine("tiny-llama", "prefill", seed=0)
+    engine.capture.fraction = 0.0
+    asks = [True, None, False, True]
+    seqs = [engine.generate([[5 + i, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True,
+                                                                capture=ask))[0][0] for i, ask in enumerate(asks)]
+    assert [engine.activation_pool.get(s.record_key) is not None for s in seqs] == [True, False, False, True]
+    engine.capture.fraction = 1.0
+    seqs = [engine.generate([[50 + i, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True,
+                                                                 capture=ask))[0][0] for i, ask in enumerate(asks)]
+    assert [engine.activation_pool.get(s.record_key) is not None for s in seqs] == [True, True, False, True]
+
+
 def test_prefix_cache_hits_still_reuse_the_rows_they_computed():
     """Requests sharing a system prompt hit the prefix cache; their records start after the hit and
     training recomputes only those first rows."""

@@ -172,6 +172,21 @@ def test_each_prompt_of_a_multi_prompt_completion_trains_by_reuse(server, user, 
     assert record.prompt_token_ids[-3:] == server.state.tokenizer(texts[1]).input_ids[-3:]
 
 
+def test_a_request_chooses_whether_it_is_captured(server, user):
+    """`capture` in a request body (an Alchemist extra): false keeps its activations out of the pool,
+    true records them whatever the server's capture_fraction; anything else is a 400."""
+    bad = user.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "capture": "yes"})
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error", bad.text
+    ids = {}
+    for ask in (False, True):
+        text = f"{next(MESSAGE_NUMBERS)} is the number that starts this prompt, long enough for two blocks"
+        r = user.post("/v1/completions", json={"prompt": text, "max_tokens": 2, "capture": ask})
+        assert r.status_code == 200, r.text
+        ids[ask] = r.json()["id"]
+    pool = server.state.llm.activation_pool
+    assert pool.get((ids[True], 0)) is not None and pool.get((ids[False], 0)) is None
+
+
 def test_rollback_through_the_admin_api(server, user, admin):
     while status(admin)["adapter_version"] < 2:
         train_one(user, admin)

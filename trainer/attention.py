@@ -7,16 +7,19 @@ Two implementations of one function:
   reference (the CPU flash kernel's blocked softmax rounds differently, which moved reuse-vs-recompute
   losses of SmolLM2 from equal to 2 ulps apart).
 - `varlen`: one flash-attention call per layer over the whole batch (torch.nn.attention.varlen, with
-  cu_seqlens; GQA without repeating k/v), CUDA and 16-bit only. Fewer calls matter more than flops
+  cu_seqlens), CUDA and 16-bit only. Two signatures of it exist: causal by `window_size`, with
+  `enable_gqa` and `scale` (torch 2.13: GQA without repeating k/v), and an earlier one causal by
+  `is_causal` (k/v heads repeated for GQA; without a `scale` argument only the default 1/sqrt(d)). Fewer calls matter more than flops
   here: each per-record cuDNN call costs ~80 µs of host time forward and ~110 µs backward, and the
   trainer's host time is what slows a co-located engine thread (BENCHMARKS.md).
-`causal_attention(..., kind="auto")` takes varlen where this torch offers it (the signature with
-`window_size`, `enable_gqa` and `scale`) and the inputs qualify, else per record.
+`causal_attention(..., kind="auto")` takes varlen where this torch offers it and the inputs qualify,
+else per record.
 """
 from __future__ import annotations
 
 import inspect
 import logging
+import math
 import threading
 from functools import lru_cache
 
@@ -30,13 +33,28 @@ _varlen_failed = threading.Event()    # set once if this process's varlen call f
 
 @lru_cache(maxsize=1)
 def varlen_function():
-    """torch's varlen_attn if its signature is the one used here, else None."""
+    """(q, k, v, cu, longest, scale) -> causal attention [T, n_heads, d] over torch's varlen_attn,
+    whichever of its signatures this torch has; None without one."""
     try:
-        from torch.nn.attention.varlen import varlen_attn
+        from torch.nn.attention import varlen as module
     except ImportError:
         return None
-    params = inspect.signature(varlen_attn).parameters
-    return varlen_attn if {"window_size", "enable_gqa", "scale"} <= set(params) else None
+    params = set(inspect.signature(module.varlen_attn).parameters)
+    if {"window_size", "enable_gqa", "scale"} <= params:
+        def call_window_size(q, k, v, cu, longest, scale):
+            return module.varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, window_size=(-1, 0),
+                                      enable_gqa=k.shape[1] != q.shape[1])
+        return call_window_size
+    if "is_causal" not in params:
+        return None
+
+    def call_is_causal(q, k, v, cu, longest, scale):
+        extra = {"scale": scale} if "scale" in params else {}
+        if not extra and not math.isclose(scale, q.shape[-1] ** -0.5, rel_tol=1e-6):
+            raise NotImplementedError(f"this torch's varlen_attn has no scale argument; scale {scale} is not 1/sqrt(d)")
+        k, v = repeat_kv(k, v, q.shape[1])
+        return module.varlen_attn(q, k, v, cu, cu, longest, longest, is_causal=True, **extra)
+    return call_is_causal
 
 
 def varlen_applies(q: torch.Tensor) -> bool:
@@ -70,17 +88,22 @@ def disable_varlen(err: Exception) -> bool:
 def varlen(q, k, v, cu_seqlens: list[int], scale: float, cu_device: torch.Tensor | None = None) -> torch.Tensor:
     fn = varlen_function()
     if fn is None:
-        raise RuntimeError("this torch has no torch.nn.attention.varlen.varlen_attn with window_size/enable_gqa/scale")
+        raise RuntimeError("this torch has no torch.nn.attention.varlen.varlen_attn")
     cu = cu_device if cu_device is not None else torch.tensor(cu_seqlens, dtype=torch.int32, device=q.device)
     longest = max(end - start for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]))
-    return fn(q, k, v, cu, cu, longest, longest, scale=scale, window_size=(-1, 0),
-              enable_gqa=k.shape[1] != q.shape[1])
+    return fn(q, k, v, cu, longest, scale)
+
+
+def repeat_kv(k: torch.Tensor, v: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v [T, n_kv, d] -> [T, num_heads, d]: query head h reads kv head h // (num_heads / n_kv)."""
+    groups = num_heads // k.shape[1]
+    if groups == 1:
+        return k, v
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
 
 
 def per_record(q, k, v, cu_seqlens: list[int], scale: float) -> torch.Tensor:
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)   # [T, n_heads, d]
+    k, v = repeat_kv(k, v, q.shape[1])                                    # [T, n_heads, d]
 
     def heads_first(t):                                                   # [(1,) n_heads, n, d]
         t = t.transpose(0, 1)
