@@ -30,29 +30,15 @@ from pathlib import Path
 import torch
 
 from benchmarks.colocation_loads import Burn, summarize, use_mode
+from benchmarks.colocation_workload import load_workload, params, schedule
 from benchmarks.common import emit, git_commit
 from benchmarks.gpu_serving import DEVICE, make_engine
 from benchmarks.gpu_training import SHAPES
 from engine.async_engine import AsyncEngine
-from engine.sampling_params import SamplingParams
 from store.feedback_store import CompletionRecord, FeedbackStore
 from trainer.config import TrainerConfig
 
 KV_GIB = {"8b": 24.0, "1b": 16.0, "tiny": 0.0625}
-
-
-def params(max_tokens: int, capture: bool | None = None) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False,
-                          capture=capture)
-
-
-def load_workload(path: str, vocab: int) -> list[tuple[list[int], int]]:
-    """(prompt: last 1024 ids mod vocab, max_tokens: min(len(response), 256)) per ShareGPT record."""
-    out = []
-    for r in json.load(open(path)):
-        if r["prompt"] and r["response"]:
-            out.append(([t % vocab for t in r["prompt"][-1024:]], min(len(r["response"]), 256)))
-    return out
 
 
 def build(args, tmp: Path):
@@ -100,22 +86,6 @@ def capacity(engine, workload, n: int) -> dict:
     secs = time.perf_counter() - t
     out = sum(len(s[0].output_token_ids) for s in seqs)
     return {"requests": n, "seconds": secs, "req_s": n / secs, "out_tok_s": out / secs, "seqs": seqs}
-
-
-def schedule(workload, rate: float, duration: float, seed: int, feedback_share: float,
-             opt_in: bool = False) -> list[dict]:
-    """Poisson arrivals over [0, duration) s, the workload in file order; rated share and ratings seeded.
-    `opt_in`: the requests that will be rated ask to be captured, the others not (a client that knows
-    which answers it will ask feedback for); else the server's policy decides."""
-    rng, t, out = random.Random(seed), 0.0, []
-    while True:
-        t += rng.expovariate(rate)
-        if t >= duration:
-            return out
-        prompt, max_tokens = workload[len(out) % len(workload)]
-        rated = rng.random() < feedback_share
-        out.append({"t": t, "prompt": prompt, "max_tokens": max_tokens,
-                    "rating": rng.choice((1, -1)) if rated else None, "capture": rated if opt_in else None})
 
 
 class Writer:

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from benchmarks import gpu_colocation
+from benchmarks import colocation_workload, gpu_colocation
 
 
 @pytest.fixture
@@ -53,8 +53,8 @@ def test_colocation_tiny_cpu(tmp_path, one_thread):
 
 def test_opt_in_schedule_captures_exactly_the_requests_to_be_rated():
     workload = [([1, 2, 3], 4)] * 5
-    plain = gpu_colocation.schedule(workload, 50.0, 2.0, 0, 0.3)
-    opted = gpu_colocation.schedule(workload, 50.0, 2.0, 0, 0.3, opt_in=True)
+    plain = colocation_workload.schedule(workload, 50.0, 2.0, 0, 0.3)
+    opted = colocation_workload.schedule(workload, 50.0, 2.0, 0, 0.3, opt_in=True)
     assert [s["rating"] for s in plain] == [s["rating"] for s in opted]        # same seeded schedule
     assert all(s["capture"] is None for s in plain)
     assert [s["capture"] for s in opted] == [s["rating"] is not None for s in opted]

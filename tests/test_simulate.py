@@ -13,8 +13,8 @@ from server.app import create_app
 from server.cli import main as cli_main
 from server.testing import ServerThread, make_tiny_model, tiny_state
 from trainer.prompts import CATEGORIES, PROMPTS, prompt_order
-from trainer.simulate import (CONCISE_MAX_WORDS, RATERS, parse_metrics, rate, rate_complete,
-                              reuse_hit_rate, rolling)
+from trainer.simulate import CONCISE_MAX_WORDS, RATERS, rate, rate_complete
+from trainer.simulate_report import parse_metrics, reuse_hit_rate, rolling
 
 KEY = "sk-simulate-test"
 
