@@ -4,7 +4,8 @@ Device tier: per layer and group of kinds (`PoolLayout.groups`, e.g. q|k|v) one 
 `[num_slots + 1, sum(dims)]`; each kind is a column slice of it. The last row (`scratch_slot`)
 takes every row that must not be recorded, so a capture is one unconditional row scatter
 (`engine.rows.copy_rows_`) with no host sync. Slots are handed out in blocks of `block_size` from a
-free list, like a KV cache; the slot of position p is `blocks[p // bs] * bs + p % bs`. The scratch row counts against the budget.
+free list, like a KV cache; the slot of position p is `blocks[p // bs] * bs + p % bs`. The scratch
+row counts against the budget.
 
 Eviction is LRU over unpinned device records: their captured rows move to the CPU tier when its
 budget allows (dropping older unpinned CPU records to make room), else the record is dropped. A
