@@ -50,6 +50,30 @@ def copy_bandwidth(nbytes: int = 4 << 30, iters: int = 10) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
+def event_time(fn, iters: int = 50, graph: bool = False) -> float:
+    """Seconds per call of `fn` on the GPU (CUDA events, after 5 warm-up calls); `graph`: `iters` calls
+    captured in one CUDA graph and its replay timed, so launch gaps are left out."""
+    for _ in range(5):
+        fn()
+    if graph:                       # launch gaps out: capture `iters` calls, time the replay
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(iters):
+                fn()
+        fn = g.replay
+        iters_run, fn_calls = iters, 1
+    else:
+        iters_run, fn_calls = iters, iters
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    start.record()
+    for _ in range(fn_calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters_run / 1e3
+
+
 def matmul_tflops(n: int = 8192, iters: int = 10) -> float:
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)

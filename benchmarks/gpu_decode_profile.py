@@ -12,31 +12,9 @@ import time
 
 import torch
 
-from benchmarks.common import LLAMA_1B, LLAMA_8B, copy_bandwidth, emit, git_commit
+from benchmarks.common import LLAMA_1B, LLAMA_8B, copy_bandwidth, emit, event_time, git_commit
 from benchmarks.gpu_serving import _last_logits, hf_twin, make_engine
 from engine.sampling_params import SamplingParams
-
-
-def event_time(fn, iters: int = 50, graph: bool = False) -> float:
-    for _ in range(5):
-        fn()
-    if graph:                       # launch gaps out: capture `iters` calls, time the replay
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(iters):
-                fn()
-        fn = g.replay
-        iters_run, fn_calls = iters, 1
-    else:
-        iters_run, fn_calls = iters, iters
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    fn()
-    start.record()
-    for _ in range(fn_calls):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters_run / 1e3
 
 
 def step_breakdown(engine) -> dict:

@@ -10,19 +10,8 @@ import argparse
 
 import torch
 
-from benchmarks.common import emit, git_commit
+from benchmarks.common import emit, event_time, git_commit
 from engine.rows import as_words
-
-
-def time_ms(fn, repeat: int = 50) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    fn()
-    start.record()
-    for _ in range(repeat):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / repeat
 
 
 def main() -> None:
@@ -36,9 +25,9 @@ def main() -> None:
     for name, width in (("qkv", 6144), ("gate_up", 28672), ("kv_row", 1024)):
         dst = torch.empty(args.slots, width, dtype=torch.bfloat16, device="cuda")
         src = torch.randn(args.rows, width, dtype=torch.bfloat16, device="cuda")
-        elementwise = time_ms(lambda: dst.index_copy_(0, index, src))
-        words = time_ms(lambda: as_words(dst).index_copy_(0, index, as_words(src)))
-        contiguous = time_ms(lambda: dst[:args.rows].copy_(src))
+        elementwise = event_time(lambda: dst.index_copy_(0, index, src)) * 1e3
+        words = event_time(lambda: as_words(dst).index_copy_(0, index, as_words(src))) * 1e3
+        contiguous = event_time(lambda: dst[:args.rows].copy_(src)) * 1e3
         moved = 2 * src.numel() * src.element_size()                    # read + write, bytes
         result[name] = {"index_copy_bf16_ms": elementwise, "index_copy_words_ms": words,
                         "slice_copy_ms": contiguous, "speedup_words": elementwise / words,

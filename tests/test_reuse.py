@@ -156,15 +156,10 @@ def test_packed_projections_train_like_separate_ones(model, targets):
     """With q|k|v and gate|up packed (as on CUDA) a training step runs one base GEMM or injection per
     group and one LoRA pair (A stacked, B block-diagonal; zero blocks for modules without an adapter):
     same loss and LoRA gradients as the separate projections, by reuse and by recompute."""
-    from trainer.adapters import AdapterManager
-    from trainer.check_grad import build_engine, compare, perturb, serve_records, train_once
+    from trainer.check_grad import adapted_engine, compare, serve_records, train_once
     from trainer.lora import ALL_PROJECTIONS, LoRAConfig
-    gen = torch.Generator().manual_seed(0)
-    engine = build_engine(model, "prefill", 0)
-    manager = AdapterManager(engine.runner.model, LoRAConfig(rank=4, alpha=8, targets=targets or ALL_PROJECTIONS),
-                             generator=gen)
-    perturb(manager, gen, 1)
-    engine.adapter_version = manager.version
+    engine, manager = adapted_engine(model, "prefill", 0, torch.Generator().manual_seed(0),
+                                     lora=LoRAConfig(rank=4, alpha=8, targets=targets or ALL_PROJECTIONS))
     records = serve_records(engine, 0)
     separate = [train_once(engine, manager, records, reuse, 0) for reuse in (True, False)]
     _pack_bases(engine.runner.model)
@@ -183,19 +178,13 @@ def test_packed_serving_captures_each_group_in_one_write_and_reuse_stays_exact(m
     group; the rows equal those of separate projections, and reuse by them equals recompute."""
     from engine.capture import KINDS
     from engine.context import CaptureMetadata
-    from trainer.adapters import AdapterManager
-    from trainer.check_grad import build_engine, compare, perturb, serve_records, train_once
-    from trainer.lora import LoRAConfig
+    from trainer.check_grad import adapted_engine, compare, serve_records, train_once
     writes, write = [], CaptureMetadata.write
     monkeypatch.setattr(CaptureMetadata, "write", lambda self, layer, kinds, packed, outs:
                         writes.append((kinds, packed is not None)) or write(self, layer, kinds, packed, outs))
     served = []
     for pack in (False, True):
-        gen = torch.Generator().manual_seed(0)
-        engine = build_engine("tiny-qwen2", "prefill+decode", 0)
-        manager = AdapterManager(engine.runner.model, LoRAConfig(rank=4, alpha=8), generator=gen)
-        perturb(manager, gen, 1)
-        engine.adapter_version = manager.version
+        engine, manager = adapted_engine("tiny-qwen2", "prefill+decode", 0, torch.Generator().manual_seed(0))
         engine.capture.run_start = lambda slots: None             # the copying path (not in place)
         writes.clear()
         if pack:
@@ -221,16 +210,10 @@ def test_steps_recording_one_run_of_slots_write_the_pool_in_place(pack):
     """A step whose recorded rows are one run of pool slots lets the projections write their outputs
     straight into the pool (no copy); the rows equal those of the copying path, and reuse stays exact."""
     from engine.capture import KINDS, CaptureManager
-    from trainer.adapters import AdapterManager
-    from trainer.check_grad import build_engine, compare, perturb, serve_records, train_once
-    from trainer.lora import LoRAConfig
+    from trainer.check_grad import adapted_engine, compare, serve_records, train_once
     served = []
     for in_place in (False, True):
-        gen = torch.Generator().manual_seed(0)
-        engine = build_engine("tiny-llama", "prefill+decode", 0)
-        manager = AdapterManager(engine.runner.model, LoRAConfig(rank=4, alpha=8), generator=gen)
-        perturb(manager, gen, 1)
-        engine.adapter_version = manager.version
+        engine, manager = adapted_engine("tiny-llama", "prefill+decode", 0, torch.Generator().manual_seed(0))
         if pack:
             _pack_bases(engine.runner.model)
         if not in_place:                                           # every step copies its rows
@@ -255,26 +238,13 @@ def test_steps_recording_one_run_of_slots_write_the_pool_in_place(pack):
 def test_checkpointed_layers_give_the_same_step(pack):
     """Per-layer activation checkpointing (the low-memory modes) recomputes each layer in backward —
     injected rows, in-place LoRA adds and all — and gives the same loss and LoRA gradients."""
-    from trainer.adapters import AdapterManager
-    from trainer.check_grad import build_engine, compare, perturb, serve_records
-    from trainer.lora import LoRAConfig
-    from trainer.step import forward_backward
-    gen = torch.Generator().manual_seed(0)
-    engine = build_engine("tiny-llama", "prefill", 0)
-    manager = AdapterManager(engine.runner.model, LoRAConfig(rank=4, alpha=8), generator=gen)
-    perturb(manager, gen, 1)
-    engine.adapter_version = manager.version
+    from trainer.check_grad import adapted_engine, compare, serve_records, train_once
+    engine, manager = adapted_engine("tiny-llama", "prefill", 0, torch.Generator().manual_seed(0))
     records = serve_records(engine, 0)
     if pack:
         _pack_bases(engine.runner.model)
-    results = {}
-    for reuse in (True, False):
-        for ckpt in (False, True):
-            masters = manager.masters()
-            res = forward_backward(engine.runner.model, records, manager.training_adapters(masters),
-                                   pool=engine.activation_pool, reuse=reuse, trainer_version=manager.version,
-                                   checkpoint_layers=ckpt)
-            results[reuse, ckpt] = (res, [t.grad for pair in masters.values() for t in pair])
+    results = {(reuse, ckpt): train_once(engine, manager, records, reuse, 0, checkpoint_layers=ckpt)
+               for reuse in (True, False) for ckpt in (False, True)}
     assert results[True, True][0].reused_rows > 0
     for reuse in (True, False):
         (plain, g_plain), (ckpt, g_ckpt) = results[reuse, False], results[reuse, True]

@@ -78,11 +78,23 @@ def compare(grads_a: list[torch.Tensor], grads_b: list[torch.Tensor]) -> dict:
             "cosine": float(torch.nn.functional.cosine_similarity(flat_a, flat_b, dim=0))}
 
 
-def train_once(engine, manager, records, reuse: bool, max_staleness: int):
+def adapted_engine(model: str, capture: str, seed: int, gen: torch.Generator, dtype: str = "float32",
+                   pool_bytes: int = 256 << 20, lora: LoRAConfig | None = None):
+    """(engine, adapter manager) with LoRA on the engine's model, perturbed away from zero (version 1)
+    and live in the engine."""
+    engine = build_engine(model, capture, seed, dtype, pool_bytes)
+    manager = AdapterManager(engine.runner.model, lora or LoRAConfig(rank=4, alpha=8), generator=gen)
+    perturb(manager, gen, 1)
+    engine.adapter_version = manager.version
+    return engine, manager
+
+
+def train_once(engine, manager, records, reuse: bool, max_staleness: int, checkpoint_layers: bool = False):
     masters = manager.masters()
     adapters = manager.training_adapters(masters)
     result = forward_backward(engine.runner.model, records, adapters, pool=engine.activation_pool, reuse=reuse,
-                              trainer_version=manager.version, max_staleness=max_staleness)
+                              trainer_version=manager.version, max_staleness=max_staleness,
+                              checkpoint_layers=checkpoint_layers)
     return result, [t.grad for pair in masters.values() for t in pair]
 
 
@@ -91,10 +103,7 @@ def run_check(model: str = "tiny-llama", capture: str = "prefill", staleness: in
               shared_prefix: int = 0) -> dict:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    engine = build_engine(model, capture, seed, dtype, pool_bytes)
-    manager = AdapterManager(engine.runner.model, LoRAConfig(rank=4, alpha=8), generator=gen)
-    perturb(manager, gen, 1)
-    engine.adapter_version = manager.version
+    engine, manager = adapted_engine(model, capture, seed, gen, dtype, pool_bytes)
     records = serve_records(engine, seed, shared_prefix=shared_prefix)
     for k in range(staleness):                     # the adapter moves on after serving
         perturb(manager, gen, manager.version + 1)
