@@ -41,8 +41,9 @@ def _records_attention(query, key, value, cu_seq_q, causal, scale=None):
 
 
 def test_varlen_adapts_to_both_signatures_of_torchs_varlen_attn(monkeypatch):
-    """torch 2.13's varlen_attn (window_size, enable_gqa, scale) and the earlier one (is_causal, no GQA,
-    no scale) are both called so that the result is per-record causal attention, GQA included."""
+    """Every signature torch's varlen_attn has had — window_size + enable_gqa + scale (2.13), window_size +
+    scale without GQA, is_causal without GQA or scale (the first) — is called so that the result is
+    per-record causal attention, GQA included."""
     import torch.nn.attention.varlen as module
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(30, heads, 8, generator=gen) for heads in (4, 2, 2))
@@ -60,7 +61,13 @@ def test_varlen_adapts_to_both_signatures_of_torchs_varlen_attn(monkeypatch):
         calls.append(("old", is_causal, key.shape[1], max_q))
         return _records_attention(query, key, value, cu_seq_q, is_causal)
 
-    for fake, expected_call in ((new, ("new", (-1, 0), True, 12)), (old, ("old", True, 4, 12))):
+    def middle(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+               window_size=(-1, -1)):
+        calls.append(("middle", window_size, key.shape[1], max_q))
+        return _records_attention(query, key, value, cu_seq_q, window_size == (-1, 0), scale)
+
+    for fake, expected_call in ((new, ("new", (-1, 0), True, 12)), (middle, ("middle", (-1, 0), 4, 12)),
+                                (old, ("old", True, 4, 12))):
         monkeypatch.setattr(module, "varlen_attn", fake)
         attention.varlen_function.cache_clear()
         for scale in (default_scale, 0.3):

@@ -41,21 +41,27 @@ def varlen_function():
     except ImportError:
         return None
     params = set(inspect.signature(module.varlen_attn).parameters)
-    if {"window_size", "enable_gqa", "scale"} <= params:
-        def call_window_size(q, k, v, cu, longest, scale):
-            return module.varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, window_size=(-1, 0),
-                                      enable_gqa=k.shape[1] != q.shape[1])
-        return call_window_size
-    if "is_causal" not in params:
+    if "window_size" in params:                                  # torch >= 2.11: (-1, 0) is causal
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:                                  # the first signature
+        causal = {"is_causal": True}
+    else:
         return None
+    takes_scale, takes_gqa = "scale" in params, "enable_gqa" in params
 
-    def call_is_causal(q, k, v, cu, longest, scale):
-        extra = {"scale": scale} if "scale" in params else {}
-        if not extra and not math.isclose(scale, q.shape[-1] ** -0.5, rel_tol=1e-6):
+    def call(q, k, v, cu, longest, scale):
+        extra = dict(causal)
+        if takes_scale:
+            extra["scale"] = scale
+        elif not math.isclose(scale, q.shape[-1] ** -0.5, rel_tol=1e-6):
             raise NotImplementedError(f"this torch's varlen_attn has no scale argument; scale {scale} is not 1/sqrt(d)")
-        k, v = repeat_kv(k, v, q.shape[1])
-        return module.varlen_attn(q, k, v, cu, cu, longest, longest, is_causal=True, **extra)
-    return call_is_causal
+        if k.shape[1] != q.shape[1]:
+            if takes_gqa:
+                extra["enable_gqa"] = True
+            else:
+                k, v = repeat_kv(k, v, q.shape[1])
+        return module.varlen_attn(q, k, v, cu, cu, longest, longest, **extra)
+    return call
 
 
 def varlen_applies(q: torch.Tensor) -> bool:
