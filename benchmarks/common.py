@@ -103,6 +103,24 @@ def timed(fn, warmup: int = 1, repeat: int = 5):
     return statistics.median(times), result
 
 
+def kernel_times(fn, calls: int) -> dict[str, tuple[float, float]]:
+    """CUDA kernel name -> (µs per call of fn, launches per call of fn), over `calls` calls (on a
+    machine without CUDA: CPU operator self time instead)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    out = {}
+    for event in prof.key_averages():
+        total = (getattr(event, "device_time_total", None) or event.cuda_time_total) if cuda else event.self_cpu_time_total
+        if total:
+            out[event.key] = (total / calls, event.count / calls)
+    return out
+
+
 def emit(results: dict, out_dir: str | None, name: str) -> None:
     text = json.dumps(results, indent=2)
     print(text)

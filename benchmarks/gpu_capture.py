@@ -1,16 +1,20 @@
 """Capture overhead on one GPU, side by side in one run (DESIGN §6, issue 4): TTFT and decode step time
-with capture none vs prefill (copies in order, or on a side stream) vs prefill+decode, 8B shape in
-bf16, random weights.
+with capture none vs prefill vs prefill+decode (and, in `--modes`, `prefill:side`: the copies on a side
+stream), 8B shape in bf16, random weights.
 
-Four engines live at once (same shape, each its own random weights: speed does not depend on values)
-and the measurements interleave the modes sample by sample, so drift hits all alike.
+One engine per mode lives at once (same shape, each its own random weights: speed does not depend on
+values) and the measurements interleave the modes sample by sample, in a rotating order, so drift and
+position hit all alike. `--control` adds a second capture-none engine: its ratio to none is the noise
+floor of the method (an A/A comparison). `--profile N` adds, per mode, the CUDA kernel time of N more
+TTFT prompts under torch.profiler, and the kernels whose time differs most from none's.
 TTFT = one fresh prompt alone, from add_request to its first token: wall time, and the GPU time of its
 prefill step (CUDA events on the serving stream around the step; host noise — Python, the allocator,
 GC — does not enter it); `--ttft-samples` of each, the ratio of medians and the median of the paired
 per-sample ratios. Decode step = the median step of a batch of `--batch` sequences once every
 prefill is done.
 
-    python -m benchmarks.gpu_capture --out DIR [--shape 8b] [--rounds 5] [--ttft-samples 40]
+    python -m benchmarks.gpu_capture --out DIR [--shape 8b] [--rounds 5] [--ttft-samples 40] [--control]
+        [--profile 4] [--modes none,prefill,prefill+decode]
 """
 from __future__ import annotations
 
@@ -21,18 +25,34 @@ import time
 
 import torch
 
-from benchmarks.common import emit, git_commit
+from benchmarks.common import emit, git_commit, kernel_times
 from benchmarks.gpu_serving import make_engine
 from benchmarks.gpu_training import SHAPES
 from engine.sampling_params import SamplingParams
 
-# capture mode, and for "prefill:side" the copies of prompt steps on a side stream (capture_stream)
-MODES = ("none", "prefill", "prefill:side", "prefill+decode")
+# capture mode[:variant]; "prefill:side" copies prompt steps' rows on a side stream (capture_stream),
+# "none:control" is a second engine without capture (the A/A noise floor)
+MODES = ("none", "prefill", "prefill:side", "prefill+decode", "none:control")
 
 
 def engine_options(mode: str) -> dict:
-    capture, _, stream = mode.partition(":")
-    return dict(capture=capture, capture_stream=stream or "serving")
+    capture, _, variant = mode.partition(":")
+    return dict(capture=capture, capture_stream="side" if variant == "side" else "serving")
+
+
+def kernel_diff(engines: dict, rng: random.Random, prompt_len: int, prompts: int) -> dict:
+    """Per mode: CUDA kernel ms and launches per TTFT prompt, and the 12 kernels whose time differs
+    most from capture none's."""
+    times = {m: kernel_times(lambda: ttft(engine, rng, prompt_len), prompts) for m, engine in engines.items()}
+    out = {}
+    for m, kernels in times.items():
+        base = times["none"]
+        delta = {k: kernels.get(k, (0, 0))[0] - base.get(k, (0, 0))[0] for k in set(kernels) | set(base)}
+        top = sorted(delta, key=lambda k: -abs(delta[k]))[:12]
+        out[m] = {"kernel_ms": sum(t for t, _ in kernels.values()) / 1e3,
+                  "launches": sum(n for _, n in kernels.values()),
+                  "vs_none_us": {k[:90]: [round(delta[k], 1), kernels.get(k, (0, 0))[1]] for k in top}}
+    return out
 
 
 def ttft(engine, rng: random.Random, prompt_len: int) -> tuple[float, float]:
@@ -84,40 +104,47 @@ def main() -> None:
     ap.add_argument("--kv-gib", type=float, default=4.0)
     ap.add_argument("--pool-gib", type=float, default=8.0)
     ap.add_argument("--ttft-samples", type=int, default=40, help="TTFT samples per mode, interleaved")
+    ap.add_argument("--modes", default="none,prefill,prefill+decode", help=f"from {','.join(MODES)}")
+    ap.add_argument("--control", action="store_true", help="add none:control, a second engine without capture")
+    ap.add_argument("--profile", type=int, default=0, help="profile this many more TTFT prompts per mode")
     args = ap.parse_args()
+    modes = list(dict.fromkeys(["none"] + args.modes.split(",") + (["none:control"] if args.control else [])))
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        ap.error(f"unknown modes {sorted(unknown)}; choose from {MODES}")
     engines = {m: make_engine(SHAPES[args.shape], kv_gib=args.kv_gib, **engine_options(m),
                               activation_pool_bytes=int(args.pool_gib * (1 << 30)))
-               for m in MODES}
+               for m in modes}
     rng = random.Random(0)
-    for m in MODES:                                        # warm-up: compile, CUDA graphs, pool pages
+    for m in modes:                                        # warm-up: compile, CUDA graphs, pool pages
         ttft(engines[m], rng, args.prompt_len)
         decode_step(engines[m], rng, args.batch, 128, 8)
-    samples = {m: {"ttft": [], "ttft_gpu": [], "decode": []} for m in MODES}
+    samples = {m: {"ttft": [], "ttft_gpu": [], "decode": []} for m in modes}
     steps = lambda m: dict(engines[m].capture.steps) if engines[m].capture else {}   # one run of slots or not
-    before = {m: steps(m) for m in MODES}
-    for _ in range(args.ttft_samples):                     # none, prefill, prefill+decode, none, ...
-        for m in MODES:
+    before = {m: steps(m) for m in modes}
+    for i in range(args.ttft_samples):                     # every mode once per sample, order rotating
+        for m in modes[i % len(modes):] + modes[:i % len(modes)]:
             wall, gpu = ttft(engines[m], rng, args.prompt_len)
             samples[m]["ttft"].append(wall)
             samples[m]["ttft_gpu"].append(gpu)
-    ttft_steps = {m: {k: n - before[m][k] for k, n in steps(m).items()} for m in MODES}
+    ttft_steps = {m: {k: n - before[m][k] for k, n in steps(m).items()} for m in modes}
     for r in range(args.rounds):
-        for m in MODES:
+        for m in modes:
             samples[m]["decode"].append(decode_step(engines[m], rng, args.batch, 128, args.steps))
-        print(f"round {r}: " + ", ".join(f"{m} decode {samples[m]['decode'][-1] * 1e3:.3f} ms" for m in MODES),
+        print(f"round {r}: " + ", ".join(f"{m} decode {samples[m]['decode'][-1] * 1e3:.3f} ms" for m in modes),
               flush=True)
     res = {"commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "shape": args.shape,
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "prompt_len": args.prompt_len, "decode_batch": args.batch, "rounds": args.rounds,
            "ttft_samples": args.ttft_samples}
     ms = lambda xs: statistics.median(xs) * 1e3
-    for m in MODES:
+    for m in modes:
         res[m] = {"ttft_ms": ms(samples[m]["ttft"]), "ttft_gpu_ms": ms(samples[m]["ttft_gpu"]),
                   "ttft_ms_quartiles": [q * 1e3 for q in statistics.quantiles(samples[m]["ttft"], n=4)],
                   "decode_step_ms": ms(samples[m]["decode"]),
                   "ttft_capture_steps": ttft_steps[m],           # written in place (one_run) or copied
                   "pool": engines[m].activation_pool.stats() if engines[m].activation_pool else None}
-    for m in MODES[1:]:
+    for m in modes[1:]:
         paired = lambda key: statistics.median(a / b for a, b in zip(samples[m][key], samples["none"][key]) if b)
         res[f"{m}_vs_none"] = {"ttft": res[m]["ttft_ms"] / res["none"]["ttft_ms"],
                                "ttft_paired": paired("ttft"),
@@ -125,6 +152,8 @@ def main() -> None:
                                if res["none"]["ttft_gpu_ms"] else None,
                                "ttft_gpu_paired": paired("ttft_gpu") if res["none"]["ttft_gpu_ms"] else None,
                                "decode_step": res[m]["decode_step_ms"] / res["none"]["decode_step_ms"]}
+    if args.profile:
+        res["kernels"] = kernel_diff(engines, rng, args.prompt_len, args.profile)
     emit(res, args.out, "gpu_capture")
 
 
