@@ -115,7 +115,10 @@ def kernel_times(fn, calls: int) -> dict[str, tuple[float, float]]:
             torch.cuda.synchronize()
     out = {}
     for event in prof.key_averages():
-        total = (getattr(event, "device_time_total", None) or event.cuda_time_total) if cuda else event.self_cpu_time_total
+        total = event.self_cpu_time_total
+        if cuda:     # named cuda_time_total before torch 2.4
+            total = getattr(event, "device_time_total", None)
+            total = event.cuda_time_total if total is None else total
         if total:
             out[event.key] = (total / calls, event.count / calls)
     return out
