@@ -1,6 +1,6 @@
 """Capture overhead on one GPU, side by side in one run (DESIGN §6, issue 4): TTFT and decode step time
 with capture none vs prefill vs prefill+decode (and, in `--modes`, `prefill:side`: the copies on a side
-stream), 8B shape in bf16, random weights.
+stream, and `prefill:copy`: rows always copied, never written in place), 8B shape in bf16, random weights.
 
 One engine per mode lives at once (same shape, each its own random weights: speed does not depend on
 values) and the measurements interleave the modes sample by sample, in a rotating order, so drift and
@@ -31,8 +31,9 @@ from benchmarks.gpu_training import SHAPES
 from engine.sampling_params import SamplingParams
 
 # capture mode[:variant]; "prefill:side" copies prompt steps' rows on a side stream (capture_stream),
+# "prefill:copy" copies every step's rows (never lets the projections write the pool in place),
 # "none:control" is a second engine without capture (the A/A noise floor)
-MODES = ("none", "prefill", "prefill:side", "prefill+decode", "none:control")
+MODES = ("none", "prefill", "prefill:side", "prefill:copy", "prefill+decode", "none:control")
 
 
 def engine_options(mode: str) -> dict:
@@ -115,6 +116,9 @@ def main() -> None:
     engines = {m: make_engine(SHAPES[args.shape], kv_gib=args.kv_gib, **engine_options(m),
                               activation_pool_bytes=int(args.pool_gib * (1 << 30)))
                for m in modes}
+    for m in modes:
+        if m.endswith(":copy"):
+            engines[m].capture.run_start = lambda slots: None    # no step is written in place
     rng = random.Random(0)
     for m in modes:                                        # warm-up: compile, CUDA graphs, pool pages
         ttft(engines[m], rng, args.prompt_len)
