@@ -1,6 +1,7 @@
 """Shared benchmark helpers: model shapes, device ceilings, timing, reporting."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -122,6 +123,29 @@ def kernel_times(fn, calls: int) -> dict[str, tuple[float, float]]:
         if total:
             out[event.key] = (total / calls, event.count / calls)
     return out
+
+
+class GcClock:
+    """Seconds the interpreter spent in garbage collection, and collections per generation, while
+    registered (`with GcClock() as clock:`); read `seconds` before and after a region to attribute."""
+
+    def __init__(self):
+        self.seconds, self.collections, self._start = 0.0, [0, 0, 0], None
+
+    def __enter__(self) -> "GcClock":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self.collections[info["generation"]] += 1
+            self._start = None
 
 
 def emit(results: dict, out_dir: str | None, name: str) -> None:

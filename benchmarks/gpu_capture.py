@@ -19,13 +19,14 @@ prefill is done.
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import statistics
 import time
 
 import torch
 
-from benchmarks.common import emit, git_commit, kernel_times
+from benchmarks.common import GcClock, emit, git_commit, kernel_times
 from benchmarks.gpu_serving import make_engine
 from benchmarks.gpu_training import SHAPES
 from engine.sampling_params import SamplingParams
@@ -108,6 +109,8 @@ def main() -> None:
     ap.add_argument("--modes", default="none,prefill,prefill+decode", help=f"from {','.join(MODES)}")
     ap.add_argument("--control", action="store_true", help="add none:control, a second engine without capture")
     ap.add_argument("--profile", type=int, default=0, help="profile this many more TTFT prompts per mode")
+    ap.add_argument("--gc-freeze", action="store_true",
+                    help="gc.freeze() after warm-up, as `alchemist serve` does (startup objects leave the collector)")
     args = ap.parse_args()
     modes = list(dict.fromkeys(["none"] + args.modes.split(",") + (["none:control"] if args.control else [])))
     unknown = set(modes) - set(MODES)
@@ -123,14 +126,20 @@ def main() -> None:
     for m in modes:                                        # warm-up: compile, CUDA graphs, pool pages
         ttft(engines[m], rng, args.prompt_len)
         decode_step(engines[m], rng, args.batch, 128, 8)
-    samples = {m: {"ttft": [], "ttft_gpu": [], "decode": []} for m in modes}
+    if args.gc_freeze:
+        gc.collect()
+        gc.freeze()
+    samples = {m: {"ttft": [], "ttft_gpu": [], "decode": [], "gc": []} for m in modes}
     steps = lambda m: dict(engines[m].capture.steps) if engines[m].capture else {}   # one run of slots or not
     before = {m: steps(m) for m in modes}
-    for i in range(args.ttft_samples):                     # every mode once per sample, order rotating
-        for m in modes[i % len(modes):] + modes[:i % len(modes)]:
-            wall, gpu = ttft(engines[m], rng, args.prompt_len)
-            samples[m]["ttft"].append(wall)
-            samples[m]["ttft_gpu"].append(gpu)
+    with GcClock() as clock:
+        for i in range(args.ttft_samples):                 # every mode once per sample, order rotating
+            for m in modes[i % len(modes):] + modes[:i % len(modes)]:
+                gc_before = clock.seconds
+                wall, gpu = ttft(engines[m], rng, args.prompt_len)
+                samples[m]["ttft"].append(wall)
+                samples[m]["ttft_gpu"].append(gpu)
+                samples[m]["gc"].append(clock.seconds - gc_before)
     ttft_steps = {m: {k: n - before[m][k] for k, n in steps(m).items()} for m in modes}
     for r in range(args.rounds):
         for m in modes:
@@ -140,12 +149,14 @@ def main() -> None:
     res = {"commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "shape": args.shape,
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "prompt_len": args.prompt_len, "decode_batch": args.batch, "rounds": args.rounds,
-           "ttft_samples": args.ttft_samples}
+           "ttft_samples": args.ttft_samples, "gc_freeze": args.gc_freeze}
     ms = lambda xs: statistics.median(xs) * 1e3
     for m in modes:
         res[m] = {"ttft_ms": ms(samples[m]["ttft"]), "ttft_gpu_ms": ms(samples[m]["ttft_gpu"]),
                   "ttft_ms_quartiles": [q * 1e3 for q in statistics.quantiles(samples[m]["ttft"], n=4)],
                   "decode_step_ms": ms(samples[m]["decode"]),
+                  "ttft_gc_ms": {"total": sum(samples[m]["gc"]) * 1e3, "max": max(samples[m]["gc"]) * 1e3,
+                                 "samples_with_gc": sum(1 for g in samples[m]["gc"] if g)},
                   "ttft_capture_steps": ttft_steps[m],           # written in place (one_run) or copied
                   "pool": engines[m].activation_pool.stats() if engines[m].activation_pool else None}
     for m in modes[1:]:
