@@ -6,7 +6,8 @@ One engine per mode lives at once (same shape, each its own random weights: spee
 values) and the measurements interleave the modes sample by sample, in a rotating order, so drift and
 position hit all alike. `--control` adds a second capture-none engine: its ratio to none is the noise
 floor of the method (an A/A comparison). `--profile N` adds, per mode, the CUDA kernel time of N more
-TTFT prompts under torch.profiler, and the kernels whose time differs most from none's.
+TTFT prompts under torch.profiler, and the kernels whose time differs most from none's; `--phases N`
+the host time of each step phase (benchmarks.step_phases) over N more.
 TTFT = one fresh prompt alone, from add_request to its first token: wall time, and the GPU time of its
 prefill step (CUDA events on the serving stream around the step; host noise — Python, the allocator,
 GC — does not enter it); `--ttft-samples` of each, the ratio of medians and the median of the paired
@@ -19,7 +20,6 @@ prefill is done.
 from __future__ import annotations
 
 import argparse
-import gc
 import random
 import statistics
 import time
@@ -27,6 +27,7 @@ import time
 import torch
 
 from benchmarks.common import GcClock, emit, git_commit, kernel_times
+from benchmarks.step_phases import StepPhases
 from benchmarks.gpu_serving import make_engine
 from benchmarks.gpu_training import SHAPES
 from engine.sampling_params import SamplingParams
@@ -109,8 +110,7 @@ def main() -> None:
     ap.add_argument("--modes", default="none,prefill,prefill+decode", help=f"from {','.join(MODES)}")
     ap.add_argument("--control", action="store_true", help="add none:control, a second engine without capture")
     ap.add_argument("--profile", type=int, default=0, help="profile this many more TTFT prompts per mode")
-    ap.add_argument("--gc-freeze", action="store_true",
-                    help="gc.freeze() after warm-up, as `alchemist serve` does (startup objects leave the collector)")
+    ap.add_argument("--phases", type=int, default=0, help="host time of the step phases over this many more TTFT prompts")
     args = ap.parse_args()
     modes = list(dict.fromkeys(["none"] + args.modes.split(",") + (["none:control"] if args.control else [])))
     unknown = set(modes) - set(MODES)
@@ -126,9 +126,6 @@ def main() -> None:
     for m in modes:                                        # warm-up: compile, CUDA graphs, pool pages
         ttft(engines[m], rng, args.prompt_len)
         decode_step(engines[m], rng, args.batch, 128, 8)
-    if args.gc_freeze:
-        gc.collect()
-        gc.freeze()
     samples = {m: {"ttft": [], "ttft_gpu": [], "decode": [], "gc": []} for m in modes}
     steps = lambda m: dict(engines[m].capture.steps) if engines[m].capture else {}   # one run of slots or not
     before = {m: steps(m) for m in modes}
@@ -149,7 +146,7 @@ def main() -> None:
     res = {"commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "shape": args.shape,
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "prompt_len": args.prompt_len, "decode_batch": args.batch, "rounds": args.rounds,
-           "ttft_samples": args.ttft_samples, "gc_freeze": args.gc_freeze}
+           "ttft_samples": args.ttft_samples}
     ms = lambda xs: statistics.median(xs) * 1e3
     for m in modes:
         res[m] = {"ttft_ms": ms(samples[m]["ttft"]), "ttft_gpu_ms": ms(samples[m]["ttft_gpu"]),
@@ -167,6 +164,11 @@ def main() -> None:
                                if res["none"]["ttft_gpu_ms"] else None,
                                "ttft_gpu_paired": paired("ttft_gpu") if res["none"]["ttft_gpu_ms"] else None,
                                "decode_step": res[m]["decode_step_ms"] / res["none"]["decode_step_ms"]}
+    for m in modes if args.phases else ():
+        with StepPhases(engines[m]) as phases:
+            for _ in range(args.phases):
+                ttft(engines[m], rng, args.prompt_len)
+        res[m]["ttft_phases_ms"] = phases.medians_ms()
     if args.profile:
         res["kernels"] = kernel_diff(engines, rng, args.prompt_len, args.profile)
     emit(res, args.out, "gpu_capture")

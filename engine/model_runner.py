@@ -147,7 +147,7 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, ctx)                       # [T, h]
             if ctx.capture is not None:
                 ctx.capture.join()
-            idx = torch.tensor(logits_idx, dtype=torch.int64).to(self.device)
+            idx = self._to_device(logits_idx, torch.int64)     # pinned, no host sync before the LM head
             logits = self.model.compute_logits(hidden.index_select(0, idx))      # [S, V]
         if not sampling_seqs:
             return [None] * len(batch.seqs)
