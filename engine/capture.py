@@ -70,8 +70,9 @@ class CaptureManager:
         rows = upto - record.offset
         return record.num_tokens >= rows or self.pool.extend(key, rows)
 
-    def slot_mapping(self, batch: ScheduledBatch) -> list[int] | None:
-        """Pool slot of every token of the batch (scratch where not recorded); None if none is.
+    def slot_mapping(self, batch: ScheduledBatch) -> list[int] | range | None:
+        """Pool slot of every token of the batch (scratch where not recorded); None if none is; a
+        range when the batch is one sequence whose rows all go to one run of slots (no list built).
 
         Two passes: every reservation first (a reservation may evict another record), then slots
         only for records still on the device tier, so no two rows of a step share a slot.
@@ -84,6 +85,9 @@ class CaptureManager:
         scratch = self.pool.scratch_slot
         slots: list[int] = []
         self._pending.clear()
+        run = self._one_run(batch, ranges)
+        if run is not None:
+            return run
         for seq, n, span in zip(batch.seqs, batch.num_new_tokens, ranges):
             key = record_key(seq)
             record = self.pool.get(key) if span is not None else None
@@ -98,12 +102,27 @@ class CaptureManager:
             self._pending[key] = (first - record.offset, end - record.offset)
         return slots if self._pending else None
 
-    def run_start(self, slots: list[int]) -> int | None:
+    def _one_run(self, batch: ScheduledBatch, ranges: list) -> range | None:
+        """Slots of a one-sequence step that records every row of it into consecutive slots; else None."""
+        if len(batch.seqs) != 1 or ranges[0] is None:
+            return None
+        seq, (start, end) = batch.seqs[0], ranges[0]
+        key = record_key(seq)
+        record = self.pool.get(key)
+        if record is None or start < record.offset or end - start != batch.num_new_tokens[0]:
+            return None
+        first = self.pool.slot_run(key, start - record.offset, end - start)
+        if first is None:
+            return None
+        self._pending[key] = (start - record.offset, end - record.offset)
+        return range(first, first + end - start)
+
+    def run_start(self, slots: list[int] | range) -> int | None:
         """The first slot when a step's `slots` are first, first + 1, ... (every row recorded, one run):
         an eager forward's projections then write the pool rows directly. None otherwise."""
         first, count = slots[0], len(slots)
         one_run = (first + count <= self.pool.scratch_slot and slots[-1] == first + count - 1
-                   and slots == list(range(first, first + count)))
+                   and (isinstance(slots, range) or slots == list(range(first, first + count))))
         self.steps["one_run" if one_run else "scattered"] += 1
         return first if one_run else None
 

@@ -17,7 +17,7 @@ from engine.rows import copy_rows_
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor        # [T] int64: KV cache slot of each new token
+    slot_mapping: torch.Tensor | None  # [T] int64; None when first_slot is set (made on demand): KV cache slot of each new token
     query_start_loc: torch.Tensor     # [B+1] int32: cu_seqlens of the new tokens
     seq_lens: torch.Tensor            # [B] int32: context length of each sequence after this step
     block_tables: torch.Tensor        # [B, max_blocks] int32 (padded with 0)
@@ -58,7 +58,7 @@ class ForwardContext:
 class CaptureMetadata:
     """Rows of this forward to record into the activation pool ([T] slots; scratch = not recorded)."""
     pool: object                      # store.activation_pool.ActivationPool
-    slot_mapping: torch.Tensor        # [T] int64
+    slot_mapping: torch.Tensor | None  # [T] int64; None when first_slot is set (made on demand)
     side_stream: torch.cuda.Stream | None = None   # copy there, overlapping the next GEMMs; join() after
     first_slot: int | None = None     # every row goes to slots first_slot + [0, T): projections write there
 
@@ -67,10 +67,8 @@ class CaptureMetadata:
         copy) when every row of this forward is recorded in one run of slots; None otherwise."""
         if self.first_slot is None:
             return None
-        buffer = self.pool.group_buffer(layer, kinds)
-        if buffer is None and len(kinds) == 1:
-            buffer = self.pool.buffer(layer, kinds[0])
-        if buffer is None or buffer.dtype != x.dtype or buffer.device != x.device:
+        buffer = self.pool.direct_buffers.get((layer, kinds))
+        if buffer is None or buffer.dtype != x.dtype:
             return None
         return buffer[self.first_slot:self.first_slot + x.shape[0]]
 
@@ -80,6 +78,9 @@ class CaptureMetadata:
         group = self.pool.group_buffer(layer, kinds) if packed is not None else None
         copies = [(group, packed)] if group is not None else \
             [(self.pool.buffer(layer, kind), out) for kind, out in zip(kinds, outs)]
+        if self.slot_mapping is None:               # one run of slots, but this group is not written in place
+            self.slot_mapping = torch.arange(self.first_slot, self.first_slot + outs[0].shape[0],
+                                             device=outs[0].device)
         if self.side_stream is None:
             for dst, src in copies:
                 copy_rows_(dst, self.slot_mapping, src)

@@ -94,8 +94,8 @@ class ModelRunner:
         capture_slots = self.capture.slot_mapping(batch) if self.capture is not None else None
         if capture_slots is not None:
             first_slot = self.capture.run_start(capture_slots) if self.capture_stream is None else None
-            ctx.capture = CaptureMetadata(self.capture.pool, self._to_device(capture_slots, torch.int64),
-                                          self.capture_stream, first_slot)
+            slot_mapping = self._to_device(capture_slots, torch.int64) if first_slot is None else None
+            ctx.capture = CaptureMetadata(self.capture.pool, slot_mapping, self.capture_stream, first_slot)
         return (self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64),
                 ctx, logits_idx)
 

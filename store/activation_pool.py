@@ -53,6 +53,9 @@ class ActivationPool(TierEviction):
         for (layer, group), buffer in self._group_buffers.items():
             for kind, columns in zip(group, buffer.split([layout.dims[k] for k in group], dim=1)):
                 self._buffers[(layer, kind)] = columns                             # [num_slots + 1, dim]
+        # (layer, kinds) -> the rows projections `kinds` write in place: a group's buffer, or one kind's
+        self.direct_buffers = {**{(layer, (kind,)): b for (layer, kind), b in self._buffers.items()},
+                               **self._group_buffers}
         self._free_blocks = FreeBlocks(self.num_blocks)      # runs of consecutive blocks where possible
         self._records: OrderedDict[Hashable, ActivationRecord] = OrderedDict()  # LRU first
         self._cpu_bytes = 0
@@ -119,6 +122,20 @@ class ActivationPool(TierEviction):
             bs = self.block_size
             return [record.blocks[p // bs] * bs + p % bs if p < end else self.scratch_slot
                     for p in range(start, start + count)]
+
+    def slot_run(self, key: Hashable, start: int, count: int) -> int | None:
+        """The slot of row `start` when rows [start, start + count) are reserved on the device in
+        consecutive slots (`slot_mapping` would be first, first + 1, ...), else None; O(blocks)."""
+        with self._lock:
+            record = self._require(key)
+            if count < 1 or start < 0 or record.tier != "device" or start + count > record.num_tokens:
+                return None
+            bs = self.block_size
+            first_block, last_block = start // bs, (start + count - 1) // bs
+            blocks = record.blocks[first_block:last_block + 1]
+            if any(b != blocks[0] + i for i, b in enumerate(blocks)):
+                return None
+            return blocks[0] * bs + start % bs
 
     def mark_captured(self, key: Hashable, upto: int, version: int) -> int:
         """Rows [captured, upto) were written under adapter `version`; returns the new `captured`.

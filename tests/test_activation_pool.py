@@ -120,6 +120,24 @@ def test_slot_mapping_and_scratch_beyond_reservation():
         pool.slot_mapping("nope", 0, 1)
 
 
+def test_slot_run_is_the_first_slot_only_when_slot_mapping_is_one_run():
+    pool = make_pool(num_blocks=6)
+    pool.reserve("x", 1)                                   # block 0 taken: "a" gets blocks 1, 2
+    pool.reserve("a", 2 * BS)
+    pool.reserve("y", 1)
+    pool.extend("a", 3 * BS)                               # block 4 follows block 3 ("y"): not a run
+    assert pool.get("a").blocks == [1, 2, 4]
+    seen = set()
+    for start, count in ((0, 2 * BS), (1, BS), (BS + 1, BS - 1), (2 * BS, BS), (0, 3 * BS), (BS, BS + 1),
+                         (0, 3 * BS + 1), (0, 0)):
+        slots = pool.slot_mapping("a", start, count)
+        one_run = (count > 0 and pool.scratch_slot not in slots
+                   and slots == list(range(slots[0], slots[0] + count)))
+        assert pool.slot_run("a", start, count) == (slots[0] if one_run else None), (start, count)
+        seen.add(one_run)
+    assert seen == {True, False}
+
+
 def test_index_copy_then_gather_returns_written_rows():
     pool = make_pool(num_blocks=4)
     pool.reserve("other", 3)
