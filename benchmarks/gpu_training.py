@@ -1,9 +1,11 @@
 """Training throughput and memory on one GPU, side by side in one run (DESIGN §6, issue 4):
 reuse (prefill captured), reuse (prefill+decode captured), own recompute, own recompute with
 activation checkpointing, reuse with checkpointing, and HF transformers + PEFT, on the same ShareGPT
-records (~8k tokens per step), LoRA r16 on all projections, 8B shape in bf16.
+records (~8k tokens per step), LoRA r16 on all projections, 8B shape in bf16. The `_compiled` modes run
+each layer's forward and backward as one torch.compile'd graph (trainer.compiled_layer).
 
     python -m benchmarks.gpu_training --out DIR [--sharegpt .bench/sharegpt.json] [--shape 8b|1b|tiny]
+        [--only recompute,reuse_prefill_decode,reuse_prefill_decode_compiled] [--skip-hf] [--repeat 5]
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from benchmarks.gpu_serving import DEVICE, make_engine
 from engine.sampling_params import SamplingParams
 from trainer.adapters import AdapterManager
 from trainer.attention import varlen_applies
+from trainer.compiled_layer import CompiledLayers
 from trainer.lora import LoRAConfig
 from trainer.reuse import TrainRecord
 from trainer.step import forward_backward
@@ -69,14 +72,18 @@ def measure(fn, tokens: int, repeat: int) -> dict:
         secs, _ = timed(fn, warmup=1, repeat=repeat)
     except torch.OutOfMemoryError as err:
         return {"error": f"out of memory: {str(err)[:200]}"}
+    except Exception as err:                     # e.g. a compiled mode that does not compile here: say so
+        return {"error": f"{type(err).__name__}: {str(err)[:300]}"}
     peak = (torch.cuda.max_memory_allocated() - base) if cuda else 0
     return {"step_s": secs, "tok_s": tokens / secs, "peak_extra_GiB": peak / 2 ** 30}
 
 
-def ours(engine, manager, records, reuse: bool, checkpoint_layers: bool, attention: str = "auto"):
+def ours(engine, manager, records, reuse: bool, checkpoint_layers: bool, attention: str = "auto",
+         compiled: CompiledLayers | None = None):
     adapters = manager.training_adapters(manager.masters())
     return lambda: forward_backward(engine.runner.model, records, adapters, pool=engine.activation_pool,
-                                    reuse=reuse, checkpoint_layers=checkpoint_layers, attention=attention)
+                                    reuse=reuse, checkpoint_layers=checkpoint_layers, attention=attention,
+                                    compiled=compiled)
 
 
 def hf_peft_step(shape: dict, raw, checkpointing: bool, per_batch: int = 1):
@@ -132,6 +139,14 @@ def run_ours(args, raw, tokens: int, res: dict) -> None:
             # the same two main modes with SDPA once per record (what "auto" does where varlen is missing)
             "reuse_prefill_decode_per_record": ours(engine, manager, full, True, False, "per_record"),
             "recompute_per_record": ours(engine, manager, full, False, False, "per_record")}
+    compiled = CompiledLayers()            # each layer's forward + backward as one graph (the warm-up compiles)
+    runs.update({f"{name}_compiled": ours(engine, manager, records, reuse, ckpt, compiled=compiled)
+                 for name, records, reuse, ckpt in (("reuse_prefill", prefill_only, True, False),
+                                                    ("reuse_prefill_decode", full, True, False),
+                                                    ("reuse_prefill_decode_ckpt", full, True, True),
+                                                    ("recompute", full, False, False))})
+    if args.only:
+        runs = {name: fn for name, fn in runs.items() if name in args.only}
     res["varlen_attention"] = varlen_applies(torch.empty(0, device=DEVICE, dtype=torch.bfloat16))
     for name, fn in runs.items():
         res[name] = measure(fn, tokens, args.repeat)
@@ -173,6 +188,8 @@ def main() -> None:
     ap.add_argument("--pool-gib", type=float, default=44.0)
     ap.add_argument("--skip-hf", action="store_true", help="our modes only (no HF + PEFT baseline)")
     ap.add_argument("--profile", default=None, help="also print a kernel profile of one step of this mode")
+    ap.add_argument("--only", type=lambda v: v.split(","), default=None,
+                    help="run only these of our modes (comma-separated names, e.g. recompute,recompute_compiled)")
     args = ap.parse_args()
     raw = pick_records(args.sharegpt, args.step_tokens)
     p = sum(len(r["prompt"]) for r in raw)

@@ -71,8 +71,8 @@ def _fusable(fn):
 
     def run(*args):
         nonlocal compiled
-        if not (FUSE and args[0].is_cuda):
-            return fn(*args)
+        if not (FUSE and args[0].is_cuda) or torch.compiler.is_compiling():
+            return fn(*args)        # CPU, fusion off, or traced into a bigger compiled graph that fuses it
         if compiled is None:
             compiled = compile_fused(fn)
         return compiled(*args)

@@ -44,8 +44,8 @@ def perturb(manager: AdapterManager, gen: torch.Generator, version: int) -> None
     masters = manager.masters()
     with torch.no_grad():
         for a, b in masters.values():
-            a.add_(torch.randn(a.shape, generator=gen) * 0.05)
-            b.add_(torch.randn(b.shape, generator=gen) * 0.05)
+            a.add_(torch.randn(a.shape, generator=gen).to(a.device) * 0.05)
+            b.add_(torch.randn(b.shape, generator=gen).to(b.device) * 0.05)
     manager.publish(masters, version)
 
 
@@ -89,12 +89,13 @@ def adapted_engine(model: str, capture: str, seed: int, gen: torch.Generator, dt
     return engine, manager
 
 
-def train_once(engine, manager, records, reuse: bool, max_staleness: int, checkpoint_layers: bool = False):
+def train_once(engine, manager, records, reuse: bool, max_staleness: int, checkpoint_layers: bool = False,
+               compiled=None):
     masters = manager.masters()
     adapters = manager.training_adapters(masters)
     result = forward_backward(engine.runner.model, records, adapters, pool=engine.activation_pool, reuse=reuse,
                               trainer_version=manager.version, max_staleness=max_staleness,
-                              checkpoint_layers=checkpoint_layers)
+                              checkpoint_layers=checkpoint_layers, compiled=compiled)
     return result, [t.grad for pair in masters.values() for t in pair]
 
 

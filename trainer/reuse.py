@@ -55,17 +55,20 @@ def better_response_record(tokenizer, text: str, prompt_ids: list[int]) -> Train
 
 class InjectedLinear(torch.autograd.Function):
     """y = W·x + b, with the rows `stored_idx` taken from `stored` instead of multiplied. `stored` must
-    be the caller's own copy (a pool gather): when every row is stored it becomes y."""
+    be the caller's own copy (a pool gather): when every row is stored it becomes y — marked dirty, so
+    the caller may add to y in place, or (`in_place` False: the compiled layer, whose tracer does not
+    take `mark_dirty`) returned as an alias that the caller only reads."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stored, stored_idx, fresh_idx):
+    def forward(ctx, x, weight, bias, stored, stored_idx, fresh_idx, in_place=True):
         # x: [T, in], stored: [S, out] -> y: [T, out]
         ctx.save_for_backward(weight)
         if not fresh_idx.numel():                  # every row stored, in batch order: stored is y
             if stored.dtype != x.dtype:
                 return stored.to(x.dtype)
-            ctx.mark_dirty(stored)                 # y *is* the gathered copy: not a view, so y can be
-            return stored                          # added to in place (the LoRA delta)
+            if in_place:
+                ctx.mark_dirty(stored)             # y *is* the gathered copy: not a view
+            return stored
         y = x.new_empty(x.shape[0], weight.shape[0])
         copy_rows_(y, stored_idx, stored.to(y.dtype))
         copy_rows_(y, fresh_idx, F.linear(x.index_select(0, fresh_idx), weight, bias))
@@ -74,7 +77,30 @@ class InjectedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         (weight,) = ctx.saved_tensors
-        return grad_y @ weight, None, None, None, None, None          # dX: [T, in]; the base is frozen
+        return grad_y @ weight, None, None, None, None, None, None    # dX: [T, in]; the base is frozen
+
+
+def lora_factors(adapters: list, out_features: list[int], dtype: torch.dtype):
+    """The LoRA deltas of projections sharing one input as two GEMMs, (x @ A^T) @ B^T * alpha:
+    (A stacked [sum(r), in], B block-diagonal [sum(out), sum(r)], alpha) in `dtype`; a projection
+    without an adapter (None) gets a zero block. None when no projection has one."""
+    present = [ad for ad in adapters if ad is not None]
+    if not present:
+        return None
+    scalings = {scaling for _, _, scaling in present}
+    alpha = scalings.pop() if len(scalings) == 1 else 1.0          # one LoRAConfig: one scaling
+
+    def block(out, adapter):                                        # [out_i, r_i]
+        if adapter is None:
+            return present[0][1].new_zeros(out, 0, dtype=dtype)
+        _, b, scaling = adapter
+        return b.to(dtype) if scaling == alpha else b.to(dtype) * (scaling / alpha)
+
+    a_parts = [a.to(dtype) for a, _, _ in present]
+    a_all = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts)                      # [R, in]
+    blocks = [block(out, ad) for out, ad in zip(out_features, adapters)]
+    b_all = blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks)                # [out, R]
+    return a_all, b_all, alpha
 
 
 @dataclass
@@ -87,16 +113,19 @@ class Injection:
 class TrainingContext(ForwardContext):
     def __init__(self, cu_seqlens: list[int], adapters: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, float]],
                  injection: Injection | None = None, checkpoint_layers: bool = False,
-                 between_layers: Callable[[], None] | None = None, attention: str = "auto"):
+                 between_layers: Callable[[], None] | None = None, attention: str = "auto",
+                 compiled=None):
         if attention not in ATTENTION_KINDS:
             raise ConfigError(f"training attention={attention!r}: use one of {ATTENTION_KINDS}")
         self.cu_seqlens = cu_seqlens
+        self.longest = max((end - start for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:])), default=0)
         self.attention_kind = attention           # trainer.attention: auto | varlen | per_record
         self._cu_device: torch.Tensor | None = None
         self.adapters = adapters
         self.injection = injection
         self.checkpoint_layers = checkpoint_layers
         self.between_layers = between_layers      # called before each layer's forward and backward
+        self.compiled = compiled                  # trainer.compiled_layer.CompiledLayers, or None: eager
 
     def project(self, layer, kinds, modules, x):
         bases = tuple(base_module(m) for m in modules)
@@ -117,36 +146,29 @@ class TrainingContext(ForwardContext):
         return InjectedLinear.apply(x, weight, bias, stored, inj.stored_idx, inj.fresh_idx)
 
     def _add_lora(self, modules, x, y):
-        """y += scaling * (x @ A^T) @ B^T for every adapted module of a group sharing the input x, as
-        two GEMMs: A stacked [sum(r), in], B block-diagonal [sum(out), sum(r)] (a module without an
-        adapter gets a zero block)."""
-        adapters = [self.adapters.get(m) for m in modules]
-        if all(a is None for a in adapters):
+        """y += the LoRA deltas of the group (lora_factors), in place: y is ours."""
+        factors = lora_factors([self.adapters.get(m) for m in modules],
+                               [base_module(m).out_features for m in modules], x.dtype)
+        if factors is None:
             return y
-        present = [ad for ad in adapters if ad is not None]
-        scalings = {scaling for _, _, scaling in present}
-        alpha = scalings.pop() if len(scalings) == 1 else 1.0      # one LoRAConfig: one scaling
+        a_all, b_all, alpha = factors
+        return y.addmm_(F.linear(x, a_all), b_all.t(), alpha=alpha)
 
-        def block(module, adapter):                                 # [out_i, r_i]
-            if adapter is None:
-                return y.new_zeros(base_module(module).out_features, 0)
-            _, b, scaling = adapter
-            return b.to(x.dtype) if scaling == alpha else b.to(x.dtype) * (scaling / alpha)
-
-        a_parts = [a.to(x.dtype) for a, _, _ in present]
-        a_all = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts)                  # [R, in]
-        blocks = [block(m, ad) for m, ad in zip(modules, adapters)]
-        b_all = blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks)            # [out, R]
-        return y.addmm_(F.linear(x, a_all), b_all.t(), alpha=alpha)                     # in place: y is ours
+    def cu_device(self, device: torch.device) -> torch.Tensor:
+        """cu_seqlens as int32 on `device` [B + 1]: made once per step, used by every layer."""
+        if self._cu_device is None:
+            self._cu_device = torch.tensor(self.cu_seqlens, dtype=torch.int32, device=device)
+        return self._cu_device
 
     def attention(self, layer, q, k, v, scale):
-        if self._cu_device is None and q.is_cuda:             # made once per step, used by every layer
-            self._cu_device = torch.tensor(self.cu_seqlens, dtype=torch.int32, device=q.device)   # [B + 1]
-        return causal_attention(q, k, v, self.cu_seqlens, scale, self.attention_kind, self._cu_device)
+        cu = self.cu_device(q.device) if q.is_cuda else None
+        return causal_attention(q, k, v, self.cu_seqlens, scale, self.attention_kind, cu)
 
     def call_layer(self, layer, *args):
         if self.between_layers is not None:
             self.between_layers()
+        if self.compiled is not None:           # args: x, positions, rotary, self
+            layer, args = self.compiled.layer_function(self, layer), args[:-1]
         if self.checkpoint_layers:
             out = checkpoint(layer, *args, use_reentrant=False)
         else:

@@ -101,7 +101,8 @@ def forward_backward(model, records: list[TrainRecord], adapters: dict, *, pool=
                      trainer_version: int = 0, max_staleness: int = 0, checkpoint_layers: bool = False,
                      loss_fn: Callable = nll_loss, prompt_lm_weight: float = 0.0,
                      prompt_lm_targets: Callable[[list[int]], list[int]] | None = None,
-                     between_layers: Callable[[], None] | None = None, attention: str = "auto") -> StepResult:
+                     between_layers: Callable[[], None] | None = None, attention: str = "auto",
+                     compiled=None) -> StepResult:
     """adapters: {module: (A, B, scaling)} with A, B fp32 leaf tensors that receive .grad.
 
     prompt_lm_weight > 0 adds that weight times the mean NLL of the prompt tokens that are the users'
@@ -109,7 +110,8 @@ def forward_backward(model, records: list[TrainRecord], adapters: dict, *, pool=
     InstructGPT's PPO-ptx mixing in pretraining data). `prompt_lm_targets(prompt_ids)` gives their
     indices (trainer.user_text.prompt_lm_positions(tokenizer): the user messages of the chat template;
     default: every prompt token). `attention`: trainer.attention's kind (auto = one varlen flash call
-    per layer where torch and the inputs allow it, else SDPA per record)."""
+    per layer where torch and the inputs allow it, else SDPA per record). `compiled`: a
+    trainer.compiled_layer.CompiledLayers to run each layer as one compiled graph (None: eager)."""
     device = next(model.parameters()).device
     prompt_lm_targets = prompt_lm_targets or all_prompt_positions
     plans = [plan_record(r, pool if reuse else None, trainer_version, max_staleness) for r in records]
@@ -126,7 +128,7 @@ def forward_backward(model, records: list[TrainRecord], adapters: dict, *, pool=
             prompt_rows += [cu[-1] + j - 1 for j in where]                       # the rows predicting them
             prompt_targets += [r.prompt_ids[j] for j in where]
         cu.append(cu[-1] + r.num_inputs)
-    ctx = TrainingContext(cu, adapters, injection, checkpoint_layers, between_layers, attention)
+    ctx = TrainingContext(cu, adapters, injection, checkpoint_layers, between_layers, attention, compiled)
     all_targets = torch.cat(targets + [torch.tensor(prompt_targets, dtype=torch.long, device=device)])
     with torch.enable_grad():
         hidden = model(torch.tensor(ids, device=device), torch.tensor(positions, device=device), ctx)   # [T, h]

@@ -1,0 +1,56 @@
+"""The compiled training layer (trainer.compiled_layer): the same step as the eager one, and one graph for
+every layer after the first. CPU, with torch.compile's `aot_eager` backend (dynamo tracing and
+AOTAutograd's forward/backward split, without code generation); the GPU test runs it under Inductor."""
+import pytest
+import torch
+
+import trainer.check_grad as check_grad
+from trainer.check_grad import adapted_engine, compare, serve_records, train_once
+from trainer.compiled_layer import PROJECTION_CALLS, CompiledLayers
+
+
+@pytest.mark.parametrize("model,capture,reuse,checkpoint", [
+    ("tiny-llama", "prefill+decode", True, False),     # every row injected
+    ("tiny-qwen2", "prefill", True, False),            # prompt rows injected, response rows multiplied; bias, GQA
+    ("tiny-qwen2", "prefill", False, False),           # recompute
+    ("tiny-llama", "prefill+decode", True, True),      # checkpointed layers gather their rows again
+])
+def test_compiled_layers_give_the_eager_step(model, capture, reuse, checkpoint):
+    engine, manager = adapted_engine(model, capture, 0, torch.Generator().manual_seed(0))
+    records = serve_records(engine, 0)
+    eager, g_eager = train_once(engine, manager, records, reuse, 0, checkpoint)
+    compiled, g_compiled = train_once(engine, manager, records, reuse, 0, checkpoint,
+                                      compiled=CompiledLayers("aot_eager"))
+    assert compiled.outcomes == eager.outcomes and compiled.reused_rows == eager.reused_rows
+    assert (compiled.reused_rows > 0) == reuse
+    assert abs(compiled.loss - eager.loss) < 1e-6
+    assert compare(g_compiled, g_eager)["max_rel_err"] < 1e-5
+
+
+def test_one_graph_serves_every_layer_after_the_first(monkeypatch):
+    """Nothing in the graph is looked up by layer or module, so a 4-layer model compiles twice (the
+    first layer, whose input needs no grad, and the rest) and a second step compiles nothing."""
+    from torch._dynamo.utils import counters
+    tiny = check_grad.tiny_hf_config
+
+    def four_layers(name):
+        config = tiny(name)
+        config.num_hidden_layers = 4
+        return config
+    monkeypatch.setattr(check_grad, "tiny_hf_config", four_layers)
+    torch._dynamo.reset()                     # graphs compiled by earlier tests would be cache hits
+    engine, manager = adapted_engine("tiny-llama", "prefill+decode", 0, torch.Generator().manual_seed(0))
+    records = serve_records(engine, 0)
+    compiled = CompiledLayers("aot_eager")
+    graphs = []
+    for _ in range(2):
+        before = counters["stats"]["unique_graphs"]
+        result, _ = train_once(engine, manager, records, True, 0, compiled=compiled)
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+    assert result.reused_rows > 0 and len(engine.runner.model.model.layers) == 4
+    assert graphs == [2, 0]
+
+
+def test_projection_calls_are_the_models():
+    """The kinds a Llama-family layer passes to ctx.project, which the layer context is keyed by."""
+    assert PROJECTION_CALLS == (("q", "k", "v"), ("gate", "up"), ("o",), ("down",))
