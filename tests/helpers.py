@@ -182,3 +182,12 @@ def hf_greedy(hf, prompt: list[int], max_new_tokens: int) -> list[int]:
     out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                       do_sample=False, max_new_tokens=max_new_tokens)
     return out[0, len(prompt):].tolist()
+
+
+def pack_bases(model) -> None:
+    """What engine/setup does on CUDA (q|k|v and gate|up weights in one buffer), here under LoRA."""
+    from engine.packing import pack_linears
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        pack_linears([getattr(m, "base", m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)])
+        pack_linears([getattr(m, "base", m) for m in (mlp.gate_proj, mlp.up_proj)])

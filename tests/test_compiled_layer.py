@@ -6,17 +6,23 @@ import torch
 
 import trainer.check_grad as check_grad
 from trainer.check_grad import adapted_engine, compare, serve_records, train_once
+from tests.helpers import pack_bases
 from trainer.compiled_layer import PROJECTION_CALLS, CompiledLayers
+from trainer.lora import ALL_PROJECTIONS, LoRAConfig
 
 
-@pytest.mark.parametrize("model,capture,reuse,checkpoint", [
-    ("tiny-llama", "prefill+decode", True, False),     # every row injected
-    ("tiny-qwen2", "prefill", True, False),            # prompt rows injected, response rows multiplied; bias, GQA
-    ("tiny-qwen2", "prefill", False, False),           # recompute
-    ("tiny-llama", "prefill+decode", True, True),      # checkpointed layers gather their rows again
+@pytest.mark.parametrize("model,capture,reuse,checkpoint,packed", [
+    ("tiny-llama", "prefill+decode", True, False, False),   # every row injected
+    ("tiny-qwen2", "prefill", True, False, False),     # prompt rows injected, response rows multiplied; bias, GQA
+    ("tiny-qwen2", "prefill", False, False, True),     # recompute; q|k|v and gate|up packed, some without LoRA
+    ("tiny-llama", "prefill+decode", True, True, True),     # checkpointed layers gather their rows again
 ])
-def test_compiled_layers_give_the_eager_step(model, capture, reuse, checkpoint):
-    engine, manager = adapted_engine(model, capture, 0, torch.Generator().manual_seed(0))
+def test_compiled_layers_give_the_eager_step(model, capture, reuse, checkpoint, packed):
+    targets = ("q_proj", "v_proj", "up_proj", "down_proj") if packed else ALL_PROJECTIONS
+    engine, manager = adapted_engine(model, capture, 0, torch.Generator().manual_seed(0),
+                                     lora=LoRAConfig(rank=4, alpha=8, targets=targets))
+    if packed:                                             # as engine/setup does on CUDA
+        pack_bases(engine.runner.model)
     records = serve_records(engine, 0)
     eager, g_eager = train_once(engine, manager, records, reuse, 0, checkpoint)
     compiled, g_compiled = train_once(engine, manager, records, reuse, 0, checkpoint,
@@ -40,6 +46,7 @@ def test_one_graph_serves_every_layer_after_the_first(monkeypatch):
     monkeypatch.setattr(check_grad, "tiny_hf_config", four_layers)
     torch._dynamo.reset()                     # graphs compiled by earlier tests would be cache hits
     engine, manager = adapted_engine("tiny-llama", "prefill+decode", 0, torch.Generator().manual_seed(0))
+    pack_bases(engine.runner.model)                        # per-layer packed buffers are graph inputs too
     records = serve_records(engine, 0)
     compiled = CompiledLayers("aot_eager")
     graphs = []

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from tests.helpers import pack_bases
 from trainer.check_grad import run_check
 
 
@@ -141,15 +142,6 @@ def test_prompt_lm_term_adds_the_prompt_nll(tmp_path):
     assert anchored == pytest.approx(plain + 0.5 * nll, rel=1e-5)
 
 
-def _pack_bases(model) -> None:
-    """What engine/setup does on CUDA (q|k|v and gate|up weights in one buffer), here under LoRA."""
-    from engine.packing import pack_linears
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        pack_linears([getattr(m, "base", m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)])
-        pack_linears([getattr(m, "base", m) for m in (mlp.gate_proj, mlp.up_proj)])
-
-
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2"])
 @pytest.mark.parametrize("targets", [None, ("q_proj", "v_proj", "up_proj", "down_proj")])
 def test_packed_projections_train_like_separate_ones(model, targets):
@@ -162,7 +154,7 @@ def test_packed_projections_train_like_separate_ones(model, targets):
                                      lora=LoRAConfig(rank=4, alpha=8, targets=targets or ALL_PROJECTIONS))
     records = serve_records(engine, 0)
     separate = [train_once(engine, manager, records, reuse, 0) for reuse in (True, False)]
-    _pack_bases(engine.runner.model)
+    pack_bases(engine.runner.model)
     assert getattr(engine.runner.model.model.layers[0].self_attn.q_proj.base, "packed", None) is not None
     packed = [train_once(engine, manager, records, reuse, 0) for reuse in (True, False)]
     for (res_sep, g_sep), (res_pack, g_pack) in zip(separate, packed):
@@ -188,7 +180,7 @@ def test_packed_serving_captures_each_group_in_one_write_and_reuse_stays_exact(m
         engine.capture.run_start = lambda slots: None             # the copying path (not in place)
         writes.clear()
         if pack:
-            _pack_bases(engine.runner.model)
+            pack_bases(engine.runner.model)
         served.append((engine, manager, serve_records(engine, 0)))
     (plain, _, plain_records), (packed, manager, records) = served
     assert set(writes) == {(("q", "k", "v"), True), (("gate", "up"), True), (("o",), False), (("down",), False)}
@@ -218,7 +210,7 @@ def test_steps_recording_one_run_of_slots_write_the_pool_in_place(pack, every_gr
     for in_place in (False, True):
         engine, manager = adapted_engine("tiny-llama", "prefill+decode", 0, torch.Generator().manual_seed(0))
         if pack:
-            _pack_bases(engine.runner.model)
+            pack_bases(engine.runner.model)
         if not in_place:                                           # every step copies its rows
             engine.capture.run_start = lambda slots: None
         else:
@@ -252,7 +244,7 @@ def test_checkpointed_layers_give_the_same_step(pack):
     engine, manager = adapted_engine("tiny-llama", "prefill", 0, torch.Generator().manual_seed(0))
     records = serve_records(engine, 0)
     if pack:
-        _pack_bases(engine.runner.model)
+        pack_bases(engine.runner.model)
     results = {(reuse, ckpt): train_once(engine, manager, records, reuse, 0, checkpoint_layers=ckpt)
                for reuse in (True, False) for ckpt in (False, True)}
     assert results[True, True][0].reused_rows > 0
