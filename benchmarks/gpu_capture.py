@@ -84,7 +84,8 @@ def decode_step(engine, rng: random.Random, batch: int, prompt_len: int, steps: 
     """Median seconds of one decode step with `batch` running sequences."""
     params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True, detokenize=False)
     for i in range(batch):
-        engine.add_request(f"dec-{rng.random()}-{i}", [rng.randrange(1000, engine.hf_config.vocab_size) for _ in range(prompt_len)], params)
+        prompt = [rng.randrange(1000, engine.hf_config.vocab_size) for _ in range(prompt_len)]
+        engine.add_request(f"dec-{rng.random()}-{i}", prompt, params)
     times = []
     while engine.has_unfinished():
         prefilling = any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) \
@@ -110,7 +111,8 @@ def main() -> None:
     ap.add_argument("--modes", default="none,prefill,prefill+decode", help=f"from {','.join(MODES)}")
     ap.add_argument("--control", action="store_true", help="add none:control, a second engine without capture")
     ap.add_argument("--profile", type=int, default=0, help="profile this many more TTFT prompts per mode")
-    ap.add_argument("--phases", type=int, default=0, help="host time of the step phases over this many more TTFT prompts")
+    ap.add_argument("--phases", type=int, default=0,
+                    help="host time of the step phases over this many more TTFT prompts")
     args = ap.parse_args()
     modes = list(dict.fromkeys(["none"] + args.modes.split(",") + (["none:control"] if args.control else [])))
     unknown = set(modes) - set(MODES)

@@ -17,7 +17,7 @@ from engine.rows import copy_rows_
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor | None  # [T] int64; None when first_slot is set (made on demand): KV cache slot of each new token
+    slot_mapping: torch.Tensor        # [T] int64: KV cache slot of each new token
     query_start_loc: torch.Tensor     # [B+1] int32: cu_seqlens of the new tokens
     seq_lens: torch.Tensor            # [B] int32: context length of each sequence after this step
     block_tables: torch.Tensor        # [B, max_blocks] int32 (padded with 0)
