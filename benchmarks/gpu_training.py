@@ -62,20 +62,22 @@ def capture(engine, raw: list[dict], full: bool, tag: str) -> list[TrainRecord]:
 
 
 def measure(fn, tokens: int, repeat: int) -> dict:
-    """Median step time and peak memory above what was allocated before; an error is recorded."""
+    """Median step time after a warm-up step, the warm-up's own time (compiling, for the `_compiled`
+    modes) and peak memory above what was allocated before; an error is recorded."""
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if cuda else 0
     try:
-        secs, _ = timed(fn, warmup=1, repeat=repeat)
+        first, _ = timed(fn, warmup=0, repeat=1)       # the warm-up step: compiles what it needs
+        secs, _ = timed(fn, warmup=0, repeat=repeat)
     except torch.OutOfMemoryError as err:
         return {"error": f"out of memory: {str(err)[:200]}"}
     except Exception as err:                     # e.g. a compiled mode that does not compile here: say so
         return {"error": f"{type(err).__name__}: {str(err)[:300]}"}
     peak = (torch.cuda.max_memory_allocated() - base) if cuda else 0
-    return {"step_s": secs, "tok_s": tokens / secs, "peak_extra_GiB": peak / 2 ** 30}
+    return {"step_s": secs, "tok_s": tokens / secs, "peak_extra_GiB": peak / 2 ** 30, "first_step_s": first}
 
 
 def ours(engine, manager, records, reuse: bool, checkpoint_layers: bool, attention: str = "auto",
