@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device call for issue 4's open training measurement (fits the 600 s per-call limit): the GPU
 # tests of the compiled training layer, then eager vs compiled training side by side. Compiling the 8B
-# layer's forward + backward takes minutes on a cold machine, hence few modes; add the rest with --only
+# layer's forward + backward takes minutes on a cold machine, hence few modes; add the rest (ONLY=...)
 # in a second call, which finds the graphs in the warm machine's .inductor cache. Usage (device
-# machine, carry .bench):   bash benchmarks/run_gpu_issue4.sh   (writes $OUT/training/ and logs)
+# machine, carry .bench):   ALCHEMIST_COMMIT=<hash> bash benchmarks/run_gpu_issue4.sh   (writes $OUT/training/, logs)
 set -u
 source benchmarks/device_env.sh
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv
