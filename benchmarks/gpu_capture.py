@@ -27,9 +27,9 @@ import time
 import torch
 
 from benchmarks.common import GcClock, emit, git_commit, kernel_times
-from benchmarks.step_phases import StepPhases
 from benchmarks.gpu_serving import make_engine
 from benchmarks.gpu_training import SHAPES
+from benchmarks.step_phases import StepPhases
 from engine.sampling_params import SamplingParams
 
 # capture mode[:variant]; "prefill:side" copies prompt steps' rows on a side stream (capture_stream),
@@ -97,6 +97,47 @@ def decode_step(engine, rng: random.Random, batch: int, prompt_len: int, steps: 
     return statistics.median(times[2:])
 
 
+def sample_ttft(engines: dict, modes: list[str], rng: random.Random, prompt_len: int, count: int):
+    """`count` TTFT samples per mode, every mode once per sample in a rotating order; the GC time of
+    each; and per mode how many prompt steps were written in place (one run of slots) or copied."""
+    samples = {m: {"ttft": [], "ttft_gpu": [], "decode": [], "gc": []} for m in modes}
+    steps = lambda m: dict(engines[m].capture.steps) if engines[m].capture else {}
+    before = {m: steps(m) for m in modes}
+    with GcClock() as clock:
+        for i in range(count):
+            for m in modes[i % len(modes):] + modes[:i % len(modes)]:
+                gc_before = clock.seconds
+                wall, gpu = ttft(engines[m], rng, prompt_len)
+                samples[m]["ttft"].append(wall)
+                samples[m]["ttft_gpu"].append(gpu)
+                samples[m]["gc"].append(clock.seconds - gc_before)
+    return samples, {m: {k: n - before[m][k] for k, n in steps(m).items()} for m in modes}
+
+
+def summarize(engines: dict, modes: list[str], samples: dict, ttft_steps: dict) -> dict:
+    """Medians per mode, and per mode other than none its ratios to none (of medians, and the median
+    of the paired per-sample ratios)."""
+    res = {}
+    ms = lambda xs: statistics.median(xs) * 1e3
+    for m in modes:
+        res[m] = {"ttft_ms": ms(samples[m]["ttft"]), "ttft_gpu_ms": ms(samples[m]["ttft_gpu"]),
+                  "ttft_ms_quartiles": [q * 1e3 for q in statistics.quantiles(samples[m]["ttft"], n=4)],
+                  "decode_step_ms": ms(samples[m]["decode"]),
+                  "ttft_gc_ms": {"total": sum(samples[m]["gc"]) * 1e3, "max": max(samples[m]["gc"]) * 1e3,
+                                 "samples_with_gc": sum(1 for g in samples[m]["gc"] if g)},
+                  "ttft_capture_steps": ttft_steps[m],           # written in place (one_run) or copied
+                  "pool": engines[m].activation_pool.stats() if engines[m].activation_pool else None}
+    gpu_timed = bool(res["none"]["ttft_gpu_ms"])
+    for m in modes[1:]:
+        paired = lambda key: statistics.median(a / b for a, b in zip(samples[m][key], samples["none"][key]) if b)
+        res[f"{m}_vs_none"] = {"ttft": res[m]["ttft_ms"] / res["none"]["ttft_ms"],
+                               "ttft_paired": paired("ttft"),
+                               "ttft_gpu": res[m]["ttft_gpu_ms"] / res["none"]["ttft_gpu_ms"] if gpu_timed else None,
+                               "ttft_gpu_paired": paired("ttft_gpu") if gpu_timed else None,
+                               "decode_step": res[m]["decode_step_ms"] / res["none"]["decode_step_ms"]}
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -128,18 +169,7 @@ def main() -> None:
     for m in modes:                                        # warm-up: compile, CUDA graphs, pool pages
         ttft(engines[m], rng, args.prompt_len)
         decode_step(engines[m], rng, args.batch, 128, 8)
-    samples = {m: {"ttft": [], "ttft_gpu": [], "decode": [], "gc": []} for m in modes}
-    steps = lambda m: dict(engines[m].capture.steps) if engines[m].capture else {}   # one run of slots or not
-    before = {m: steps(m) for m in modes}
-    with GcClock() as clock:
-        for i in range(args.ttft_samples):                 # every mode once per sample, order rotating
-            for m in modes[i % len(modes):] + modes[:i % len(modes)]:
-                gc_before = clock.seconds
-                wall, gpu = ttft(engines[m], rng, args.prompt_len)
-                samples[m]["ttft"].append(wall)
-                samples[m]["ttft_gpu"].append(gpu)
-                samples[m]["gc"].append(clock.seconds - gc_before)
-    ttft_steps = {m: {k: n - before[m][k] for k, n in steps(m).items()} for m in modes}
+    samples, ttft_steps = sample_ttft(engines, modes, rng, args.prompt_len, args.ttft_samples)
     for r in range(args.rounds):
         for m in modes:
             samples[m]["decode"].append(decode_step(engines[m], rng, args.batch, 128, args.steps))
@@ -149,24 +179,8 @@ def main() -> None:
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "prompt_len": args.prompt_len, "decode_batch": args.batch, "rounds": args.rounds,
            "ttft_samples": args.ttft_samples}
-    ms = lambda xs: statistics.median(xs) * 1e3
-    for m in modes:
-        res[m] = {"ttft_ms": ms(samples[m]["ttft"]), "ttft_gpu_ms": ms(samples[m]["ttft_gpu"]),
-                  "ttft_ms_quartiles": [q * 1e3 for q in statistics.quantiles(samples[m]["ttft"], n=4)],
-                  "decode_step_ms": ms(samples[m]["decode"]),
-                  "ttft_gc_ms": {"total": sum(samples[m]["gc"]) * 1e3, "max": max(samples[m]["gc"]) * 1e3,
-                                 "samples_with_gc": sum(1 for g in samples[m]["gc"] if g)},
-                  "ttft_capture_steps": ttft_steps[m],           # written in place (one_run) or copied
-                  "pool": engines[m].activation_pool.stats() if engines[m].activation_pool else None}
-    for m in modes[1:]:
-        paired = lambda key: statistics.median(a / b for a, b in zip(samples[m][key], samples["none"][key]) if b)
-        res[f"{m}_vs_none"] = {"ttft": res[m]["ttft_ms"] / res["none"]["ttft_ms"],
-                               "ttft_paired": paired("ttft"),
-                               "ttft_gpu": res[m]["ttft_gpu_ms"] / res["none"]["ttft_gpu_ms"]
-                               if res["none"]["ttft_gpu_ms"] else None,
-                               "ttft_gpu_paired": paired("ttft_gpu") if res["none"]["ttft_gpu_ms"] else None,
-                               "decode_step": res[m]["decode_step_ms"] / res["none"]["decode_step_ms"]}
-    for m in modes if args.phases else ():
+    res.update(summarize(engines, modes, samples, ttft_steps))
+    for m in modes if args.phases else ():                 # mode by mode, not interleaved: within a mode
         with StepPhases(engines[m]) as phases:
             for _ in range(args.phases):
                 ttft(engines[m], rng, args.prompt_len)
