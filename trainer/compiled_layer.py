@@ -19,19 +19,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.capture import GROUPS, KINDS
-from engine.context import ForwardContext, base_module
+from engine.context import base_module
 from engine.layers import compile_fused
 from engine.packing import packed_weights
 from trainer.attention import per_record, varlen_applies, varlen_function
-from trainer.reuse import InjectedLinear, lora_factors
+from trainer.reuse import InjectedLinear, ProjectingContext, lora_factors
 
 # the kinds of each projection call a layer makes: the groups sharing an input, then the single ones
 PROJECTION_CALLS = GROUPS + tuple((kind,) for kind in KINDS if not any(kind in group for group in GROUPS))
 
 
 @dataclass
-class LayerContext(ForwardContext):
-    """What one layer's compiled forward needs, all of it tensors or constants shared by every layer."""
+class LayerContext(ProjectingContext):
+    """What one layer's compiled forward needs, all of it tensors or constants shared by every layer,
+    keyed by the kinds each projection call asks for (a group when it is packed, else one kind)."""
     lora: dict[tuple[str, ...], list]        # kinds -> per projection (A, B, scaling) or None
     rows: dict[tuple[str, ...], torch.Tensor] | None   # kinds -> injected rows [S, sum(dims)]
     stored_idx: torch.Tensor | None          # [S] batch rows taken from `rows`
@@ -41,27 +42,14 @@ class LayerContext(ForwardContext):
     longest: int
     varlen_call: object                      # trainer.attention.varlen_function(), or None
 
-    def project(self, layer, kinds, modules, x):
-        bases = tuple(base_module(m) for m in modules)
-        sizes = [b.out_features for b in bases]
-        stored = self.rows.get(kinds) if self.rows is not None else None          # [S, sum(sizes)]
-        packed = packed_weights(bases)
-        if packed is not None or len(bases) == 1:
-            weight, bias = packed if packed is not None else (bases[0].weight, bases[0].bias)
-            y = self._add_lora(self.lora[kinds], sizes, x, self._base(x, weight, bias, stored))
-            return y.split(sizes, dim=-1) if len(bases) > 1 else (y,)
-        parts = stored.split(sizes, dim=-1) if stored is not None else [None] * len(bases)
-        return tuple(self._add_lora([adapter], [size], x, self._base(x, b.weight, b.bias, part))
-                     for adapter, size, b, part in zip(self.lora[kinds], sizes, bases, parts))
-
-    def _base(self, x, weight, bias, stored):
+    def _base(self, layer, kinds, weight, bias, x):
+        stored = self.rows[kinds] if self.rows is not None else None                # [S, out]
         if stored is None:
             return F.linear(x, weight, bias)                                       # [T, out]
         return InjectedLinear.apply(x, weight, bias, stored, self.stored_idx, self.fresh_idx, False)
 
-    @staticmethod
-    def _add_lora(adapters, sizes, x, y):
-        factors = lora_factors(adapters, sizes, x.dtype)
+    def _add_lora(self, kinds, modules, x, y):
+        factors = lora_factors(self.lora[kinds], [base_module(m).out_features for m in modules], x.dtype)
         if factors is None:
             return y
         a_all, b_all, alpha = factors
@@ -89,13 +77,16 @@ class CompiledLayers:
         gathers them again in backward instead of keeping them."""
         projections = {name.rsplit(".", 1)[-1][:-len("_proj")]: module
                        for name, module in layer.named_modules() if name.endswith("_proj")}
-        lora = {kinds: [ctx.adapters.get(projections[kind]) for kind in kinds] for kinds in PROJECTION_CALLS}
+        calls = [kinds for group in PROJECTION_CALLS              # as ProjectingContext.project asks
+                 for kinds in ([group] if packed_weights(tuple(base_module(projections[k]) for k in group))
+                               else [(kind,) for kind in group])]
+        lora = {kinds: [ctx.adapters.get(projections[kind]) for kind in kinds] for kinds in calls}
         index = next(m.layer_idx for m in layer.modules() if hasattr(m, "layer_idx"))
 
         def forward(x, positions, rotary):
             inj = ctx.injection
             injected = inj is not None and inj.stored_idx.numel() > 0
-            rows = {kinds: inj.rows(index, kinds) for kinds in PROJECTION_CALLS} if injected else None
+            rows = {kinds: inj.rows(index, kinds) for kinds in calls} if injected else None
             use_varlen = ctx.attention_kind == "varlen" or (ctx.attention_kind == "auto" and varlen_applies(x))
             layer_ctx = LayerContext(lora, rows, inj.stored_idx if injected else None,
                                      inj.fresh_idx if injected else None, ctx.cu_seqlens,

@@ -110,7 +110,28 @@ class Injection:
     rows: Callable[[int, tuple[str, ...]], torch.Tensor]   # (layer, kinds) -> stored rows [S, sum(dims)]
 
 
-class TrainingContext(ForwardContext):
+class ProjectingContext(ForwardContext):
+    """The training forward's projections: q|k|v or gate|up packed as one base GEMM (or injection) with
+    one LoRA pair, else one per projection. Subclasses say where the base rows come from (`_base`) and
+    how the LoRA delta is added (`_add_lora`)."""
+
+    def project(self, layer, kinds, modules, x):
+        bases = tuple(base_module(m) for m in modules)
+        packed = packed_weights(bases)
+        if packed is not None:
+            y = self._add_lora(kinds, modules, x, self._base(layer, kinds, packed[0], packed[1], x))
+            return y.split([b.out_features for b in bases], dim=-1)
+        return tuple(self._add_lora((kind,), (m,), x, self._base(layer, (kind,), b.weight, b.bias, x))
+                     for m, kind, b in zip(modules, kinds, bases))
+
+    def _base(self, layer, kinds, weight, bias, x):
+        raise NotImplementedError
+
+    def _add_lora(self, kinds, modules, x, y):
+        raise NotImplementedError
+
+
+class TrainingContext(ProjectingContext):
     def __init__(self, cu_seqlens: list[int], adapters: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, float]],
                  injection: Injection | None = None, checkpoint_layers: bool = False,
                  between_layers: Callable[[], None] | None = None, attention: str = "auto",
@@ -127,15 +148,6 @@ class TrainingContext(ForwardContext):
         self.between_layers = between_layers      # called before each layer's forward and backward
         self.compiled = compiled                  # trainer.compiled_layer.CompiledLayers, or None: eager
 
-    def project(self, layer, kinds, modules, x):
-        bases = tuple(base_module(m) for m in modules)
-        packed = packed_weights(bases)
-        if packed is not None:              # q|k|v or gate|up: one base GEMM (or injection), one LoRA
-            y = self._add_lora(modules, x, self._base(layer, kinds, packed[0], packed[1], x))
-            return y.split([b.out_features for b in bases], dim=-1)
-        return tuple(self._add_lora((m,), x, self._base(layer, (kind,), b.weight, b.bias, x))
-                     for m, kind, b in zip(modules, kinds, bases))
-
     def _base(self, layer, kinds, weight, bias, x):
         """x @ W^T + b for the projections `kinds` (their weights concatenated), injected rows taken
         from the pool. Always a new tensor (the LoRA delta is added to it in place)."""
@@ -145,7 +157,7 @@ class TrainingContext(ForwardContext):
         stored = inj.rows(layer, kinds)                  # [S, out] gathered (a copy): one per pool group
         return InjectedLinear.apply(x, weight, bias, stored, inj.stored_idx, inj.fresh_idx)
 
-    def _add_lora(self, modules, x, y):
+    def _add_lora(self, kinds, modules, x, y):
         """y += the LoRA deltas of the group (lora_factors), in place: y is ours."""
         factors = lora_factors([self.adapters.get(m) for m in modules],
                                [base_module(m).out_features for m in modules], x.dtype)
