@@ -7,7 +7,7 @@
 set -u
 source benchmarks/device_env.sh
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv
-timeout 150 python3 -m pytest -q -rs tests/test_gpu.py -k "compiled or varlen" 2>&1 | tail -15
+timeout 150 python3 -m pytest -q -rs --tb=short -p no:logging tests/test_gpu.py -k "compiled or varlen" 2>&1 | grep -v DEBUG | tail -60
 timeout 420 python3 -m benchmarks.gpu_training --out "$OUT/training" --repeat 5 --skip-hf \
   --only "${ONLY:-recompute,recompute_compiled,reuse_prefill_decode,reuse_prefill_decode_compiled}" \
   > "$OUT/training.log" 2>&1
