@@ -72,23 +72,28 @@ class CaptureMetadata:
             return None
         return buffer[self.first_slot:self.first_slot + x.shape[0]]
 
+    def slots(self, count: int, device: torch.device) -> torch.Tensor:
+        """The [T] slot mapping of this forward's T = `count` rows; made once, on demand, when the rows
+        are one run of slots (`first_slot`)."""
+        if self.slot_mapping is None:
+            self.slot_mapping = torch.arange(self.first_slot, self.first_slot + count, device=device)
+        return self.slot_mapping
+
     def write(self, layer: int, kinds: tuple[str, ...], packed: torch.Tensor | None,
               outs: tuple[torch.Tensor, ...]) -> None:
         """Base outputs [T, dim] -> pool rows: one copy when they came from one GEMM into one pool group."""
         group = self.pool.group_buffer(layer, kinds) if packed is not None else None
         copies = [(group, packed)] if group is not None else \
             [(self.pool.buffer(layer, kind), out) for kind, out in zip(kinds, outs)]
-        if self.slot_mapping is None:               # one run of slots, but this group is not written in place
-            self.slot_mapping = torch.arange(self.first_slot, self.first_slot + outs[0].shape[0],
-                                             device=outs[0].device)
+        slot_mapping = self.slots(outs[0].shape[0], outs[0].device)
         if self.side_stream is None:
             for dst, src in copies:
-                copy_rows_(dst, self.slot_mapping, src)
+                copy_rows_(dst, slot_mapping, src)
             return
         self.side_stream.wait_stream(torch.cuda.current_stream())     # the outputs are computed
         with torch.cuda.stream(self.side_stream):
             for dst, src in copies:
-                copy_rows_(dst, self.slot_mapping, src)
+                copy_rows_(dst, slot_mapping, src)
         for _, src in copies:                   # the allocator may not reuse them before the copy ran
             src.record_stream(self.side_stream)
 

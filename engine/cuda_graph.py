@@ -86,7 +86,7 @@ class DecodeGraphs:
         self.block_tables[:b, :width].copy_(meta.block_tables)
         if self.capture_pool is not None:
             if ctx.capture is not None:
-                self.capture_slots[:b].copy_(ctx.capture.slot_mapping)
+                self.capture_slots[:b].copy_(ctx.capture.slots(b, self.capture_slots.device))
             else:
                 self.capture_slots[:b].fill_(self.capture_pool.scratch_slot)
             self.capture_slots[b:padded].fill_(self.capture_pool.scratch_slot)

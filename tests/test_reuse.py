@@ -251,3 +251,14 @@ def test_checkpointed_layers_give_the_same_step(pack):
     for reuse in (True, False):
         (plain, g_plain), (ckpt, g_ckpt) = results[reuse, False], results[reuse, True]
         assert abs(plain.loss - ckpt.loss) < 1e-6 and compare(g_ckpt, g_plain)["max_rel_err"] < 1e-5
+
+
+def test_capture_slots_of_one_run_are_made_once_on_demand():
+    """A forward recorded into one run of pool slots carries no slot list; whoever needs one (a copy
+    into the pool, the CUDA-graph decode's static slot buffer) gets first_slot + [0, T), made once."""
+    from engine.context import CaptureMetadata
+    meta = CaptureMetadata(pool=None, slot_mapping=None, first_slot=7)
+    slots = meta.slots(3, torch.device("cpu"))
+    assert slots.tolist() == [7, 8, 9] and meta.slots(3, torch.device("cpu")) is slots
+    listed = CaptureMetadata(pool=None, slot_mapping=torch.tensor([4, 2]))
+    assert listed.slots(2, torch.device("cpu")).tolist() == [4, 2]
