@@ -57,7 +57,9 @@ class InjectedLinear(torch.autograd.Function):
     """y = W·x + b, with the rows `stored_idx` taken from `stored` instead of multiplied. `stored` must
     be the caller's own copy (a pool gather): when every row is stored it becomes y — marked dirty, so
     the caller may add to y in place, or (`in_place` False: the compiled layer, whose tracer does not
-    take `mark_dirty`) returned as an alias that the caller only reads."""
+    take `mark_dirty`) returned as an alias that the caller only reads. `in_place` False also builds
+    a mixed y out of place: under torch 2.11's dynamo, the in-place row writes gave a wrong dX
+    (BENCHMARKS.md, session 7)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stored, stored_idx, fresh_idx, in_place=True):
@@ -69,10 +71,13 @@ class InjectedLinear(torch.autograd.Function):
             if in_place:
                 ctx.mark_dirty(stored)             # y *is* the gathered copy: not a view
             return stored
+        fresh = F.linear(x.index_select(0, fresh_idx), weight, bias)                 # [F, out]
+        if not in_place:        # traced (see above): out of place
+            y = x.new_zeros(x.shape[0], weight.shape[0])
+            return y.index_copy(0, stored_idx, stored.to(y.dtype)).index_copy(0, fresh_idx, fresh)
         y = x.new_empty(x.shape[0], weight.shape[0])
         copy_rows_(y, stored_idx, stored.to(y.dtype))
-        copy_rows_(y, fresh_idx, F.linear(x.index_select(0, fresh_idx), weight, bias))
-        return y
+        return copy_rows_(y, fresh_idx, fresh)
 
     @staticmethod
     def backward(ctx, grad_y):
