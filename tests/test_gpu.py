@@ -106,6 +106,37 @@ def test_decode_capture_has_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
+
+def test_cuda_graph_decode_captures_one_sequence_as_eager_does():
+    """prefill+decode capture with one sequence decoding: its rows are one run of pool slots (no slot
+    list), which the CUDA-graph decode must still write (since c43e80b it passed None: f1f905b);
+    the rows equal eager decode's."""
+    from benchmarks.common import llama_config
+    from engine.capture import KINDS
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+    from engine.setup import build_engine_parts
+
+    shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=1000, max_position_embeddings=1024, rms_norm_eps=1e-5)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, detokenize=False)
+    pools = []
+    for eager in (True, False):
+        cfg = EngineConfig(load_format="random", device="cuda", dtype="float32", num_kv_blocks=64, seed=0,
+                           capture="prefill+decode", activation_pool_bytes=64 << 20, cuda_graph_max_batch=8,
+                           enforce_eager=eager)
+        engine = LLMEngine(cfg, build_engine_parts(cfg, hf_config=llama_config(shape)))
+        assert (engine.runner.graphs is None) == eager
+        engine.generate([list(range(3, 40))], params)
+        pools.append(engine.activation_pool)
+    (key,) = pools[0]._records
+    assert pools[0].get(key).captured == pools[1].get(key).captured == 37 + 11
+    for layer in range(2):
+        for kind in KINDS:
+            torch.testing.assert_close(pools[1].gather(key, layer, kind), pools[0].gather(key, layer, kind),
+                                       rtol=1e-4, atol=1e-4)
+
 def test_training_attention_takes_the_flash_kernel():
     """The training context's attention must run on SDPA's flash kernel (the math fallback keeps
     [heads, n, n] probabilities: quadratic memory). With only flash allowed, a fallback raises."""
