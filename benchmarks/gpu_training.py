@@ -82,10 +82,31 @@ def measure(fn, tokens: int, repeat: int) -> dict:
 
 def ours(engine, manager, records, reuse: bool, checkpoint_layers: bool, attention: str = "auto",
          compiled: CompiledLayers | None = None):
-    adapters = manager.training_adapters(manager.masters())
-    return lambda: forward_backward(engine.runner.model, records, adapters, pool=engine.activation_pool,
-                                    reuse=reuse, checkpoint_layers=checkpoint_layers, attention=attention,
-                                    compiled=compiled)
+    """One training step of a mode, as a function; its `grads()` are the LoRA gradients summed over the
+    steps it ran ([n] fp32; None before the first)."""
+    masters = manager.masters()
+    adapters = manager.training_adapters(masters)
+
+    def step():
+        return forward_backward(engine.runner.model, records, adapters, pool=engine.activation_pool,
+                                reuse=reuse, checkpoint_layers=checkpoint_layers, attention=attention,
+                                compiled=compiled)
+    tensors = [t for pair in masters.values() for t in pair]
+    step.grads = lambda: None if tensors[0].grad is None else torch.cat([t.grad.float().flatten() for t in tensors])
+    return step
+
+
+def gradient_agreement(runs: dict, res: dict, reference) -> None:
+    """Each measured mode's summed LoRA gradient against eager own recompute's (cosine: the number of
+    steps summed does not matter), so that a fast mode with wrong gradients cannot pass for a result
+    (session 7: a compiled mode ran at full speed with cosine 0.45)."""
+    if reference.grads() is None:
+        reference()
+    ref = reference.grads()
+    for name, fn in runs.items():
+        grads = fn.grads()
+        if grads is not None and "error" not in res[name]:
+            res[name]["grad_cosine_vs_recompute"] = float(torch.nn.functional.cosine_similarity(grads, ref, dim=0))
 
 
 def hf_peft_step(shape: dict, raw, checkpointing: bool, per_batch: int = 1):
@@ -147,6 +168,7 @@ def run_ours(args, raw, tokens: int, res: dict) -> None:
                                                     ("reuse_prefill_decode", full, True, False),
                                                     ("reuse_prefill_decode_ckpt", full, True, True),
                                                     ("recompute", full, False, False))})
+    reference = runs["recompute"]
     if args.only:
         runs = {name: fn for name, fn in runs.items() if name in args.only}
     res["varlen_attention"] = varlen_applies(torch.empty(0, device=DEVICE, dtype=torch.bfloat16))
@@ -155,6 +177,7 @@ def run_ours(args, raw, tokens: int, res: dict) -> None:
         print(name, json.dumps(res[name]), flush=True)
         if name == args.profile:
             profile(fn)
+    gradient_agreement(runs, res, reference)
 
 
 def profile(fn) -> None:

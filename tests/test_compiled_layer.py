@@ -89,3 +89,32 @@ def test_injected_linear_with_fresh_rows_traces_the_eager_gradient(backend):
     (eager, dx_eager), (traced, dx_traced) = results
     assert abs(float(traced - eager)) <= 1e-6 * abs(float(eager))
     assert float((dx_traced - dx_eager).norm() / dx_eager.norm()) < 1e-5   # the bug: 5.6e-2
+
+
+def test_warm_up_compiles_the_layer_graphs_of_recompute_mixed_and_injected_steps():
+    """trainer.step.warm_up with a CompiledLayers compiles, before serving, the graphs a step meets:
+    recompute, multiplied rows beside injected ones (prefill capture) and every row injected
+    (prefill+decode); its scratch pool record is gone afterwards. (The CPU's per-record attention also
+    specialises on the number of records: the steps here use the warm-up's.)"""
+    from torch._dynamo.utils import counters
+    from trainer.step import forward_backward, warm_up
+    torch._dynamo.reset()
+    served = {}
+    for capture in ("prefill", "prefill+decode"):
+        engine, manager = adapted_engine("tiny-llama", capture, 0, torch.Generator().manual_seed(0))
+        served[capture] = (engine, manager, serve_records(engine, 0))
+    engine, manager, _ = served["prefill"]
+    pool, compiled = engine.activation_pool, CompiledLayers("aot_eager")
+    free, model = pool.num_free_blocks, engine.runner.model
+    before = counters["stats"]["unique_graphs"]
+    warm_up(model, manager.training_adapters(manager.masters()), engine.hf_config.vocab_size, engine.device,
+            pool, compiled)
+    assert counters["stats"]["unique_graphs"] - before >= 6         # 3 kinds of step x (first layer, rest)
+    assert pool.num_free_blocks == free and pool.get(("alchemist-warm-up", 0)) is None
+    for capture, records in (("prefill", lambda r: r[:2]), ("prefill+decode", lambda r: r[:1])):
+        engine, manager, all_records = served[capture]
+        before = counters["stats"]["unique_graphs"]
+        result = forward_backward(engine.runner.model, records(all_records), manager.training_adapters(
+            manager.masters()), pool=engine.activation_pool, trainer_version=manager.version, compiled=compiled)
+        assert result.reused_rows > 0 and (result.computed_rows > 0) == (capture == "prefill")
+        assert counters["stats"]["unique_graphs"] == before, capture

@@ -14,7 +14,7 @@ from trainer.online import OnlineTrainer
 pytestmark = pytest.mark.gpu
 
 
-def cuda_engine():
+def cuda_engine(dtype: str = "float32"):
     from benchmarks.common import llama_config
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
@@ -22,7 +22,7 @@ def cuda_engine():
     shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
                  num_key_value_heads=2, vocab_size=1000, max_position_embeddings=1024, rms_norm_eps=1e-5,
                  tie_word_embeddings=False)
-    cfg = EngineConfig(load_format="random", device="cuda", dtype="float32", num_kv_blocks=256,
+    cfg = EngineConfig(load_format="random", device="cuda", dtype=dtype, num_kv_blocks=256,
                        cuda_graph_max_batch=8, seed=0, capture="prefill", activation_pool_bytes=64 << 20)
     return LLMEngine(cfg, build_engine_parts(cfg, hf_config=llama_config(shape)))
 
@@ -94,3 +94,22 @@ def test_trainer_start_compiles_the_training_graphs_before_serving(tmp_path):
     forward_backward(engine.runner.model, records, trainer._adapter_map(), reuse=False)
     torch.cuda.synchronize()
     assert counters["stats"]["unique_graphs"] == compiled
+
+
+def test_compiled_layers_are_compiled_at_start_up_and_train_any_batch(tmp_path):
+    """training.compile_layers (Inductor, bf16: varlen attention, so the batch's bounds are a tensor):
+    the trainer's warm-up compiles every layer graph; steps over batches of different sizes and lengths
+    compile nothing more, and train mostly by reuse."""
+    from torch._dynamo.utils import counters
+    engine, store, rng = cuda_engine("bfloat16"), FeedbackStore(tmp_path / "f.db"), random.Random(0)
+    trainer = OnlineTrainer(TrainerConfig(lora_rank=4, lora_alpha=8.0, lr=1e-2, min_records_per_step=1,
+                                          concurrency="interleaved", compile_layers=True), engine, store,
+                            tmp_path / "run")
+    compiled_at_start = counters["stats"]["unique_graphs"]
+    for num in (2, 5):
+        for rec in serve(engine, store, rng, num, lambda: None):
+            store.add_feedback(response_id=rec.response_id, choice_index=rec.choice_index, rating=1)
+            trainer.pin_for_feedback(rec.response_id, rec.choice_index)
+        assert trainer.maybe_step()
+        assert trainer.last.outcomes == {"hit": num} and trainer.last.reused_rows > 0
+    assert counters["stats"]["unique_graphs"] == compiled_at_start

@@ -236,3 +236,15 @@ def test_each_objective_takes_a_finite_step(tmp_path, objective):
     assert rig.trainer.version == 1 and rig.trainer.totals["steps"] == 1
     assert math.isfinite(rig.trainer.last.loss)
     assert rig.trainer.skipped["non_finite"] == 0
+
+
+def test_compile_layers_is_refused_off_cuda_before_it_touches_the_engine(tmp_path):
+    """training.compile_layers needs CUDA (the CPU's per-record attention would compile per batch size);
+    the error comes before adapters are attached. A backend other than inductor / aot_eager is refused."""
+    from engine.errors import ConfigError
+    engine = build_engine("tiny-llama", "prefill", 0)
+    with pytest.raises(ConfigError, match="compile_layers"):
+        OnlineTrainer(TrainerConfig(compile_layers=True), engine, FeedbackStore(tmp_path / "f.db"), tmp_path / "run")
+    assert not any(name.endswith(".base") for name, _ in engine.runner.model.named_modules())   # no LoRA wrappers
+    with pytest.raises(ConfigError, match="compile_backend"):
+        TrainerConfig(compile_backend="eager")

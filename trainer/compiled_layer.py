@@ -20,6 +20,7 @@ from torch import nn
 
 from engine.capture import GROUPS, KINDS
 from engine.context import base_module
+from engine.errors import ConfigError
 from engine.layers import compile_fused
 from engine.packing import packed_weights
 from trainer.attention import per_record, varlen_applies, varlen_function
@@ -94,3 +95,15 @@ class CompiledLayers:
                                      ctx.longest, varlen_function() if use_varlen else None)
             return self.run(layer, x, positions, rotary, layer_ctx)
         return forward
+
+
+def compiled_layers(config, device: torch.device) -> CompiledLayers | None:
+    """The trainer's CompiledLayers for a trainer.config.TrainerConfig (None: eager layers). CUDA only:
+    there the batch's attention bounds are a tensor (one varlen call), while the CPU's per-record
+    attention loops over the records in Python, which would compile graphs per batch size."""
+    if not config.compile_layers:
+        return None
+    if device.type != "cuda":
+        raise ConfigError("training.compile_layers needs a CUDA device (on the CPU every batch size would "
+                          "compile its own graphs): set it to false")
+    return CompiledLayers(config.compile_backend)

@@ -8,6 +8,7 @@ from engine.errors import ConfigError
 
 OBJECTIVES = ("sft", "kto", "pg")
 CONCURRENCY = ("auto", "thread", "interleaved")
+COMPILE_BACKENDS = ("inductor", "aot_eager")
 DEFAULT_DUTY_THREAD, DEFAULT_DUTY_INTERLEAVED = 0.25, 0.5
 
 
@@ -46,6 +47,11 @@ class TrainerConfig:
     # default is 5 ms): the engine thread waits at most this long for the GIL each time it needs it back.
     # 0.1: TBT p99 on/off 1.12x, 0.94x, 1.00x in three H200 runs (0.5: 1.25x beside them; BENCHMARKS.md)
     switch_interval_ms: float = 0.1
+    # each training layer's forward + backward as one torch.compile'd graph (trainer/compiled_layer.py),
+    # compiled at start-up: H200, 8B shape, reuse (prefill+decode) steps 1.08x faster than eager, compiled
+    # in ~2 min per graph variant (BENCHMARKS.md, session 7). compile_backend "aot_eager" generates no code
+    compile_layers: bool = False
+    compile_backend: str = "inductor"
     checkpoint_every: int = 10          # steps; also on shutdown
     run_name: str = "default"
     kto_beta: float = 0.1
@@ -78,6 +84,8 @@ class TrainerConfig:
             raise ConfigError("training.duty_cycle must be in (0, 1] (or null for the default of the mode)")
         if not (self.prompt_lm_weight >= 0):
             raise ConfigError("training.prompt_lm_weight must be >= 0 (0 turns the prompt LM term off)")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ConfigError(f"training.compile_backend={self.compile_backend!r}: use one of {COMPILE_BACKENDS}")
         if self.checkpoint_every < 1 or self.max_staleness < 0:
             raise ConfigError("training.checkpoint_every must be >= 1 and max_staleness >= 0")
         if not self.run_name or "/" in self.run_name or self.run_name.startswith("."):

@@ -23,6 +23,7 @@ from engine.errors import ConfigError
 from trainer import checkpoint as ckpt
 from trainer.adapters import AdapterManager, cap_update, check_state
 from trainer.background import TrainerThread, yield_gate
+from trainer.compiled_layer import compiled_layers
 from trainer.config import TrainerConfig
 from trainer.lora import LoRAConfig
 from trainer.objectives import RunningMean, batch_loss
@@ -39,6 +40,7 @@ class OnlineTrainer:
     def __init__(self, config: TrainerConfig, engine, store, run_dir: Path, base_model: str = "",
                  on_publish=None, on_step=None):
         self.config, self.engine, self.store = config, engine, store
+        self.compiled = compiled_layers(config, engine.device)      # raises first: no side effects yet
         self.run_dir, self.base_model = Path(run_dir), base_model
         self.on_step = on_step or (lambda seconds: None)           # a step trained, in this many seconds
         self.lora = LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha, targets=tuple(config.lora_targets))
@@ -68,7 +70,8 @@ class OnlineTrainer:
         if loaded is not None:
             self._load(*loaded)
         self.versions.commit()             # before the engine serves: the resumed version is live
-        warm_up(engine.runner.model, self._adapter_map(), engine.hf_config.vocab_size, engine.device)
+        warm_up(engine.runner.model, self._adapter_map(), engine.hf_config.vocab_size, engine.device,
+                engine.activation_pool, self.compiled)
         self.optimizer.zero_grad(set_to_none=True)
         if engine.device.type == "cuda":   # adapters made on this thread's stream: ready before serving's
             torch.cuda.synchronize(engine.device)
@@ -216,7 +219,7 @@ class OnlineTrainer:
                                   max_staleness=self.config.max_staleness, loss_fn=self._loss,
                                   prompt_lm_weight=self.config.prompt_lm_weight,
                                   prompt_lm_targets=self.prompt_lm_targets,
-                                  between_layers=self._gate())
+                                  between_layers=self._gate(), compiled=self.compiled)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         if not (math.isfinite(result.loss) and math.isfinite(float(grad_norm))):
             self.skipped["non_finite"] += 1

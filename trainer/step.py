@@ -76,20 +76,42 @@ def build_injection(records: list[TrainRecord], plans: list[RecordPlan], pool,
     return Injection(as_index(stored), as_index(fresh), PoolRows(pool, slots))
 
 
-def warm_up(model, adapters: dict, vocab_size: int, device: torch.device) -> None:
-    """One tiny recompute step (forward and backward, 12 tokens) so the fused ops' training graphs are
-    compiled now, before serving: compiling them at the first real step would hold the interpreter for
-    seconds while the engine serves. Leaves gradients on the adapters' tensors: the caller clears them."""
-    if device.type != "cuda":                # fused ops are compiled on CUDA only (engine/layers.py)
+def warm_up(model, adapters: dict, vocab_size: int, device: torch.device, pool=None, compiled=None) -> None:
+    """Tiny training steps (forward and backward, 12 tokens) so the training graphs are compiled now,
+    before serving: compiling them at the first real step would hold the interpreter for seconds (the
+    compiled layer: minutes) while the engine serves. A recompute step compiles the fused ops (CUDA);
+    with `compiled` (trainer.compiled_layer.CompiledLayers) and a `pool`, two injected steps compile the
+    layer graphs of a batch with multiplied rows beside injected ones (prefill capture) and of one with
+    every row injected (prefill+decode). Leaves gradients on the adapters' tensors: the caller clears them."""
+    if device.type != "cuda" and compiled is None:    # fused ops are compiled on CUDA only (engine/layers.py)
         return
     ids = [i % vocab_size for i in range(1, 13)]
     records = [TrainRecord(None, ids[:8], ids[8:], [0.0] * 4)]
     try:
-        forward_backward(model, records, adapters, reuse=False)
+        forward_backward(model, records, adapters, reuse=False, compiled=compiled)
     except (RuntimeError, NotImplementedError) as err:     # varlen attention's backward, say: do without it
         if not disable_varlen(err):
             raise
-        forward_backward(model, records, adapters, reuse=False)
+        forward_backward(model, records, adapters, reuse=False, compiled=compiled)
+    if compiled is not None and pool is not None:
+        _warm_up_injected(model, adapters, pool, compiled, ids)
+
+
+def _warm_up_injected(model, adapters: dict, pool, compiled, ids: list[int]) -> None:
+    """The injected steps of warm_up, over a scratch pool record (its rows are whatever the pool holds:
+    only the graphs matter) released afterwards."""
+    key = ("alchemist-warm-up", 0)
+    stored = TrainRecord(key, ids[:8], ids[8:], [0.0] * 4)
+    if pool.reserve(key, stored.num_inputs) is None:
+        return
+    try:
+        pool.mark_captured(key, stored.num_inputs, 0)
+        pool.pin(key)
+        multiplied = TrainRecord(None, ids[:5], ids[5:9], [0.0] * 4)      # nothing captured: recomputed rows
+        for records in ([stored, multiplied], [stored]):
+            forward_backward(model, records, adapters, pool=pool, reuse=True, compiled=compiled)
+    finally:
+        pool.release(key)
 
 
 def nll_loss(logprobs: list[torch.Tensor], records: list[TrainRecord]) -> torch.Tensor:
