@@ -239,17 +239,15 @@ def test_varlen_training_attention_matches_per_record():
         assert float((gv - gp).norm() / gp.norm()) < 2e-2
 
 
-@pytest.mark.parametrize("capture", ["prefill+decode", "prefill"])
-def test_compiled_training_layer_matches_eager(capture):
-    """trainer.compiled_layer under Inductor (each layer's forward + backward one graph, fused ops and
-    varlen attention inside) gives the eager step's loss and LoRA gradients (bf16 tolerance)."""
+def _served_bf16_engine(capture: str):
+    """A small bf16 Llama on CUDA (packed projections, fused ops, in-place capture, CUDA-graph decode)
+    with perturbed LoRA adapters, and the records it served with `capture` (chunked prefill)."""
     from benchmarks.common import llama_config
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
     from engine.setup import build_engine_parts
     from trainer.adapters import AdapterManager
-    from trainer.check_grad import compare, perturb, serve_records, train_once
-    from trainer.compiled_layer import CompiledLayers
+    from trainer.check_grad import perturb, serve_records
     from trainer.lora import LoRAConfig
 
     shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=8,
@@ -263,7 +261,31 @@ def test_compiled_training_layer_matches_eager(capture):
     manager = AdapterManager(engine.runner.model, LoRAConfig(rank=8, alpha=16), generator=gen)
     perturb(manager, gen, 1)
     engine.adapter_version = manager.version
-    records = serve_records(engine, 0)
+    return engine, manager, serve_records(engine, 0)
+
+
+@pytest.mark.parametrize("capture", ["prefill+decode", "prefill"])
+def test_reuse_matches_recompute_on_cuda(capture):
+    """The eager reuse step on CUDA in bf16 (rows written by serving's fused, packed, in-place and
+    CUDA-graph paths) gives recompute's loss and LoRA gradients within bf16 noise (cosine 0.99997 in
+    session 7's probe)."""
+    from trainer.check_grad import compare, train_once
+    engine, manager, records = _served_bf16_engine(capture)
+    reuse, g_reuse = train_once(engine, manager, records, True, 0)
+    recompute, g_recompute = train_once(engine, manager, records, False, 0)
+    assert reuse.outcomes == {"hit": len(records)} and reuse.reused_rows > 0
+    assert abs(reuse.loss - recompute.loss) < 1e-3 * abs(recompute.loss)
+    result = compare([g.float() for g in g_reuse], [g.float() for g in g_recompute])
+    assert result["cosine"] > 0.999 and result["rel_err"] < 3e-2, result
+
+
+@pytest.mark.parametrize("capture", ["prefill+decode", "prefill"])
+def test_compiled_training_layer_matches_eager(capture):
+    """trainer.compiled_layer under Inductor (each layer's forward + backward one graph, fused ops and
+    varlen attention inside) gives the eager step's loss and LoRA gradients (bf16 tolerance)."""
+    from trainer.check_grad import compare, train_once
+    from trainer.compiled_layer import CompiledLayers
+    engine, manager, records = _served_bf16_engine(capture)
     eager, g_eager = train_once(engine, manager, records, True, 0)
     compiled, g_compiled = train_once(engine, manager, records, True, 0, compiled=CompiledLayers())
     assert compiled.outcomes == eager.outcomes == {"hit": len(records)}
