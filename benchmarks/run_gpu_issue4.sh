@@ -14,5 +14,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv
 timeout 200 python3 -m pytest -q -rs --tb=short -p no:logging tests/test_gpu.py tests/test_gpu_trainer_thread.py \
   tests/test_compiled_layer.py -k "compiled or fresh_rows or one_sequence or reuse_matches" 2>&1 | grep -v DEBUG | tail -60
 timeout 380 python3 -m benchmarks.gpu_training --out "$OUT/training" --repeat 5 --skip-hf \
-  --only "${ONLY:-recompute,reuse_prefill,reuse_prefill_compiled}" > "$OUT/training.log" 2>&1
+  --only "${ONLY:-recompute,reuse_prefill,reuse_prefill_compiled}" --profile "${PROFILE:-reuse_prefill_compiled}" \
+  > "$OUT/training.log" 2>&1
 grep -A8 '"vs_recompute"' "$OUT/training.log" || tail -30 "$OUT/training.log"
+grep -B3 'grad_cosine_vs_recompute' "$OUT/training.log" | grep -v first_step | head -40
