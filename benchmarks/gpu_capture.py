@@ -1,6 +1,7 @@
 """Capture overhead on one GPU, side by side in one run (DESIGN §6, issue 4): TTFT and decode step time
 with capture none vs prefill vs prefill+decode (and, in `--modes`, `prefill:side`: the copies on a side
-stream, and `prefill:copy`: rows always copied, never written in place), 8B shape in bf16, random weights.
+stream, `prefill:copy`: rows always copied, never written in place, and the `:lora` variants: serving with
+LoRA on every projection, packed per group or `lora-separate`), 8B shape in bf16, random weights.
 
 One engine per mode lives at once (same shape, each its own random weights: speed does not depend on
 values) and the measurements interleave the modes sample by sample, in a rotating order, so drift and
@@ -34,13 +35,32 @@ from engine.sampling_params import SamplingParams
 
 # capture mode[:variant]; "prefill:side" copies prompt steps' rows on a side stream (capture_stream),
 # "prefill:copy" copies every step's rows (never lets the projections write the pool in place),
-# "none:control" is a second engine without capture (the A/A noise floor)
-MODES = ("none", "prefill", "prefill:side", "prefill:copy", "prefill+decode", "none:control")
+# "none:control" is a second engine without capture (the A/A noise floor); ":lora" variants serve with
+# LoRA r16 on every projection (as while training), a group's adapters packed into two GEMMs, and
+# ":lora-separate" with two GEMMs per projection (the serving path before packing)
+MODES = ("none", "prefill", "prefill:side", "prefill:copy", "prefill+decode", "none:control",
+         "none:lora", "none:lora-separate", "prefill:lora")
 
 
 def engine_options(mode: str) -> dict:
     capture, _, variant = mode.partition(":")
     return dict(capture=capture, capture_stream="side" if variant == "side" else "serving")
+
+
+def add_lora(engine, mode: str) -> None:
+    """LoRA r16 on every projection of a `:lora` mode's engine (B = 0: the outputs do not change, the
+    kernels run); `:lora-separate` unpacks each group's adapters (per-projection GEMMs)."""
+    from trainer.adapters import AdapterManager
+    from trainer.lora import LoRAConfig
+    variant = mode.partition(":")[2]
+    if not variant.startswith("lora"):
+        return
+    AdapterManager(engine.runner.model, LoRAConfig(rank=16, alpha=32))
+    if variant == "lora-separate":
+        for module in engine.runner.model.modules():
+            if getattr(module, "packed_lora", None) is not None:
+                module.packed_lora = None
+    engine.runner.invalidate_graphs()                  # decode graphs captured again, with the adapters
 
 
 def kernel_diff(engines: dict, rng: random.Random, prompt_len: int, prompts: int) -> dict:
@@ -135,6 +155,10 @@ def summarize(engines: dict, modes: list[str], samples: dict, ttft_steps: dict) 
                                "ttft_gpu": res[m]["ttft_gpu_ms"] / res["none"]["ttft_gpu_ms"] if gpu_timed else None,
                                "ttft_gpu_paired": paired("ttft_gpu") if gpu_timed else None,
                                "decode_step": res[m]["decode_step_ms"] / res["none"]["decode_step_ms"]}
+    if {"none:lora", "none:lora-separate"} <= set(modes):      # packed adapters against separate ones
+        packed, separate = res["none:lora"], res["none:lora-separate"]
+        res["lora_packed_vs_separate"] = {key: packed[f"{key}_ms"] / separate[f"{key}_ms"]
+                                          for key in ("ttft", "ttft_gpu", "decode_step") if separate[f"{key}_ms"]}
     return res
 
 
@@ -165,6 +189,7 @@ def main() -> None:
     for m in modes:
         if m.endswith(":copy"):
             engines[m].capture.run_start = lambda slots: None    # no step is written in place
+        add_lora(engines[m], m)
     rng = random.Random(0)
     for m in modes:                                        # warm-up: compile, CUDA graphs, pool pages
         ttft(engines[m], rng, args.prompt_len)

@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from engine.packing import linear_into, packed_weights
+from engine.packing import add_lora, linear_into, packed_lora, packed_weights
 from engine.rows import copy_rows_
 
 
@@ -32,11 +33,6 @@ class AttentionMetadata:
 def base_module(module: nn.Module) -> nn.Module:
     """The frozen base projection of a (possibly adapter-wrapped) projection module."""
     return getattr(module, "base", module)
-
-
-def add_adapter(module: nn.Module, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-    delta = getattr(module, "delta", None)
-    return base_out if delta is None else base_out + delta(x)
 
 
 class ForwardContext:
@@ -126,7 +122,11 @@ class ServingContext(ForwardContext):
             outs = tuple(linear_into(x, b.weight, b.bias, part) for b, part in zip(bases, parts))
         if capture is not None and dest is None:
             capture.write(layer, kinds, packed, outs)
-        return tuple(add_adapter(m, x, out) for m, out in zip(modules, outs))
+        lora = packed_lora(modules) if packed is not None else None
+        if lora is not None:                          # the group's adapters: two GEMMs, out of place
+            a_all, b_all, scaling = lora
+            return torch.addmm(packed, F.linear(x, a_all), b_all.t(), alpha=scaling).split(sizes, dim=-1)
+        return tuple(add_lora(m, x, out) for m, out in zip(modules, outs))
 
     def attention(self, layer, q, k, v, scale):
         from engine.attention import paged_attention, store_kv

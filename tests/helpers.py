@@ -185,9 +185,9 @@ def hf_greedy(hf, prompt: list[int], max_new_tokens: int) -> list[int]:
 
 
 def pack_bases(model) -> None:
-    """What engine/setup does on CUDA (q|k|v and gate|up weights in one buffer), here under LoRA."""
-    from engine.packing import pack_linears
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        pack_linears([getattr(m, "base", m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)])
-        pack_linears([getattr(m, "base", m) for m in (mlp.gate_proj, mlp.up_proj)])
+    """What engine/setup and then apply_lora do on CUDA (q|k|v and gate|up weights in one buffer, and
+    their adapters' factors too), here after LoRA was applied."""
+    from engine.packing import pack_linears, pack_model_lora, projection_groups
+    for group in projection_groups(model):
+        pack_linears([getattr(m, "base", m) for m in group])
+    pack_model_lora(model)

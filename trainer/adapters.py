@@ -61,11 +61,28 @@ def check_state(state: AdapterState, shapes: dict[str, tuple[torch.Size, torch.S
 
 @dataclass
 class StagedAdapter:
-    """A version ready to serve: its tensors already in the serving dtype and device (one flat buffer),
-    so that making it live is one `_foreach_copy_` at an engine step boundary."""
+    """A version ready to serve: its tensors already in the serving dtype and device, laid out like the
+    serving buffers, so that making it live is one `_foreach_copy_` at an engine step boundary."""
     version: int
-    flat: torch.Tensor                     # every A and B, in module order, flattened
-    views: list[torch.Tensor]              # views of `flat` shaped like the serving tensors
+    buffers: list[torch.Tensor]            # per serving buffer, its staged contents (1-D)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.buffers[0].is_cuda
+
+
+def whole_storage(t: torch.Tensor) -> torch.Tensor:
+    """The 1-D tensor over all of t's storage (t's packed buffer when t is one block of it)."""
+    return t.new_empty(0).set_(t.untyped_storage())
+
+
+def serving_buffers(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The distinct storages under the serving LoRA tensors, each as one 1-D tensor, in first-use order:
+    a packed group's A and block-diagonal B (engine.packing.pack_lora) are one buffer each."""
+    seen: dict[int, torch.Tensor] = {}
+    for t in tensors:
+        seen.setdefault(t.untyped_storage().data_ptr(), whole_storage(t))
+    return list(seen.values())
 
 
 class AdapterManager:
@@ -153,26 +170,24 @@ class AdapterManager:
 
     @torch.no_grad()
     def _staged(self, state: AdapterState, version: int) -> StagedAdapter:
-        serving = [t for m in self.modules.values() for t in (m.lora_A, m.lora_B)]
-        flat = torch.empty(sum(t.numel() for t in serving), dtype=serving[0].dtype, device=serving[0].device)
-        views, offset = [], 0
-        for name in self.modules:
-            for src in state[name]:
-                view = flat[offset:offset + src.numel()].view(src.shape)
-                view.copy_(src.detach())                # casts dtype and device
-                views.append(view)
-                offset += src.numel()
-        if flat.is_cuda:      # copies done before another thread's stream (or SM partition) reads them
-            torch.cuda.current_stream(flat.device).synchronize()
-        return StagedAdapter(version, flat, views)
+        serving = [(t, src) for name, m in self.modules.items() for t, src in zip((m.lora_A, m.lora_B), state[name])]
+        targets = serving_buffers([t for t, _ in serving])
+        staged = {target.untyped_storage().data_ptr(): torch.zeros_like(target) for target in targets}
+        for t, src in serving:        # into t's place in its buffer (a packed B's off-diagonal stays 0)
+            buffer = staged[t.untyped_storage().data_ptr()]
+            buffer.as_strided(t.shape, t.stride(), t.storage_offset()).copy_(src.detach())   # casts
+        buffers = list(staged.values())
+        if buffers[0].is_cuda:   # copies done before another thread's stream (or SM partition) reads them
+            torch.cuda.current_stream(buffers[0].device).synchronize()
+        return StagedAdapter(version, buffers)
 
     @torch.no_grad()
     def commit(self, staged: StagedAdapter) -> None:
-        """Make a staged version live: copy into the serving tensors in place (the pointers stay)."""
-        serving = [t for m in self.modules.values() for t in (m.lora_A, m.lora_B)]
-        torch._foreach_copy_(serving, staged.views)
-        if staged.flat.is_cuda:       # done before any stream reads them (between engine steps: ~free)
-            torch.cuda.current_stream(staged.flat.device).synchronize()
+        """Make a staged version live: copy into the serving buffers in place (the pointers stay)."""
+        targets = serving_buffers([t for m in self.modules.values() for t in (m.lora_A, m.lora_B)])
+        torch._foreach_copy_(targets, staged.buffers)
+        if staged.is_cuda:            # done before any stream reads them (between engine steps: ~free)
+            torch.cuda.current_stream(staged.buffers[0].device).synchronize()
         with self._lock:
             if staged.version in self._history:   # most recently served first to be kept
                 self._history.move_to_end(staged.version)

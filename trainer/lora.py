@@ -2,7 +2,7 @@
 layer (frozen, same HF name plus `.base`) and adds `scaling * (x @ A^T) @ B^T`.
 
 Serving applies adapters unmerged, so publishing a new version is a `copy_` into `lora_A` / `lora_B`
-(DESIGN §5). Packed projections (engine/packing.py) fall back to calling each wrapped module.
+(DESIGN §5). Over packed projections (engine/packing.py) the adapters of a group are packed too.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import ConfigError
+from engine.packing import pack_model_lora
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -130,4 +131,5 @@ def apply_lora(model: nn.Module, config: LoRAConfig,
         parent = model.get_submodule(parent_name) if parent_name else model
         wrapped[name] = LoRALinear(base, config.rank, config.scaling, generator)
         setattr(parent, child, wrapped[name])
+    pack_model_lora(model)          # groups over packed bases (CUDA): one A, one block-diagonal B
     return wrapped
