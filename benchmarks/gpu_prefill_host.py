@@ -105,7 +105,8 @@ def main() -> None:
                      "median_done_ms": statistics.median(row[1] for row in rows),
                      "median_ttft_ms": statistics.median(row[2] for row in rows),
                      "host_syncs_in_one_ttft": host_syncs(engine, rng, args.prompt_len)}
-        print(mode, res[mode], flush=True)
+        print(mode, {k: round(v, 2) for k, v in res[mode].items() if k.startswith("median")},
+              res[mode]["host_syncs_in_one_ttft"], flush=True)
         if args.cprofile and mode != "none":
             print(host_profile(engine, rng, args.prompt_len, 5), flush=True)
         del engine
