@@ -29,10 +29,10 @@ class Versions:
         """The masters become `version` (default: the next number): kept now, live at the next commit."""
         version = self.next if version is None else version
         staged = self.adapters.stage(masters, version)
-        self.current = version
         self.next = max(self.next, version + 1)
         ckpt.write_next_version(self.run_dir, self.next)
         self._offer(staged)
+        self.current = version            # last: a reader that sees it finds the version offered
         return version
 
     def request_activate(self, version: int) -> None:
