@@ -32,6 +32,8 @@ class AttentionMetadata:
 
 def base_module(module: nn.Module) -> nn.Module:
     """The frozen base projection of a (possibly adapter-wrapped) projection module."""
+    if type(module) is nn.Linear:       # the hot path: getattr's miss on a module raises and catches
+        return module
     return getattr(module, "base", module)
 
 

@@ -31,7 +31,7 @@ def pack_linears(linears: list[nn.Linear]) -> None:
 
 def packed_weights(linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight [sum(out), in], bias) of projections packed together and unwrapped; None otherwise."""
-    packed = getattr(linears[0], "packed", None)
+    packed = linears[0].__dict__.get("packed")      # not getattr: a miss on a module raises inside
     if packed is None or len(linears) < 2 or not all(type(lin) is nn.Linear for lin in linears):
         return None
     return packed
@@ -88,7 +88,7 @@ def pack_model_lora(model: nn.Module) -> int:
 
 def packed_lora(modules: tuple[nn.Module, ...]) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     """(A [R, in], B [out, R], scaling) of a group packed by `pack_lora`; None otherwise."""
-    packed = getattr(modules[0], "packed_lora", None)
+    packed = modules[0].__dict__.get("packed_lora")
     if packed is None or packed[2] != len(modules):
         return None
     return packed[0], packed[1], modules[0].scaling
@@ -96,6 +96,8 @@ def packed_lora(modules: tuple[nn.Module, ...]) -> tuple[torch.Tensor, torch.Ten
 
 def add_lora(module: nn.Module, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
     """base_out [T, out] + the module's LoRA delta of x [T, in] (a new tensor: base_out may be pool rows)."""
+    if type(module) is nn.Linear:                   # no adapter (checked first: the hot path)
+        return base_out
     a = getattr(module, "lora_A", None)
     if a is None:
         return base_out
