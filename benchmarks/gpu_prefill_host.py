@@ -85,11 +85,12 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="8b")
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--modes", default="none,prefill", help="capture mode[:unfused|:lora|:lora-separate], comma-separated")
+    ap.add_argument("--modes", default="none,prefill",
+                    help="capture mode[:unfused|:lora|:lora-separate], comma-separated")
     ap.add_argument("--cprofile", action="store_true", help="also print the top host functions (capture prefill)")
     args = ap.parse_args()
-    res = {"commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "shape": args.shape, "prompt_len": args.prompt_len,
-           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    res = {"commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "shape": args.shape,
+           "prompt_len": args.prompt_len, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     for mode in args.modes.split(","):
         capture, _, variant = mode.partition(":")
         layers.FUSE = variant != "unfused"          # modes run one after another: the flag is this mode's
