@@ -7,7 +7,7 @@
 set -u
 source benchmarks/device_env.sh
 timeout 270 python3 -m benchmarks.gpu_prefill_host --out "$OUT" \
-  --modes none,prefill,none:unfused,prefill:unfused,none:lora,none:lora-separate > "$OUT/prefill_host.log" 2>&1
+  --samples 6 --modes none,prefill,none:unfused,none:lora,none:lora-separate > "$OUT/prefill_host.log" 2>&1
 grep -E '^(none|prefill)' "$OUT/prefill_host.log"
 timeout 300 python3 -m benchmarks.gpu_capture --out "$OUT/capture" --control --ttft-samples 30 --rounds 3 \
   --modes none,prefill,none:lora,none:lora-separate > "$OUT/capture.log" 2>&1
