@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.context import ServingContext
-from engine.packing import pack_linears, pack_model_lora, projection_groups
+from engine.packing import pack_model, pack_model_lora
 from trainer.check_grad import adapted_engine, build_engine
 
 
@@ -37,8 +37,7 @@ def model_for(variant: str):
         engine = build_engine("tiny-llama", "none", 0)
     model = engine.runner.model
     if packing == "packed":
-        for group in projection_groups(model):
-            pack_linears([getattr(m, "base", m) for m in group])
+        pack_model(model)
         pack_model_lora(model)
     return model
 

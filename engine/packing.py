@@ -55,8 +55,9 @@ def projection_groups(model: nn.Module) -> list[list[nn.Module]]:
 
 
 def pack_model(model: nn.Module) -> None:
+    """Pack each group's base weights (through adapter wrappers, whose `base` is the nn.Linear)."""
     for group in projection_groups(model):
-        pack_linears(group)
+        pack_linears([getattr(m, "base", m) for m in group])
 
 
 def pack_lora(modules: list[nn.Module]) -> bool:

@@ -187,7 +187,6 @@ def hf_greedy(hf, prompt: list[int], max_new_tokens: int) -> list[int]:
 def pack_bases(model) -> None:
     """What engine/setup and then apply_lora do on CUDA (q|k|v and gate|up weights in one buffer, and
     their adapters' factors too), here after LoRA was applied."""
-    from engine.packing import pack_linears, pack_model_lora, projection_groups
-    for group in projection_groups(model):
-        pack_linears([getattr(m, "base", m) for m in group])
+    from engine.packing import pack_model, pack_model_lora
+    pack_model(model)
     pack_model_lora(model)

@@ -6,15 +6,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.capture import KINDS
-from engine.packing import pack_linears, packed_lora, projection_groups
+from engine.packing import pack_model, packed_lora
 from engine.sampling_params import SamplingParams
 from tests.helpers import pack_bases
 from trainer.check_grad import adapted_engine, perturb
-
-
-def pack_bases_only(model) -> None:
-    for group in projection_groups(model):
-        pack_linears([m.base for m in group])
 
 
 class GemmCounter(TorchDispatchMode):
@@ -33,7 +28,7 @@ def served(model: str, pack_adapters: bool):
     (into the packed factors where packed) and three prompts served greedily."""
     gen = torch.Generator().manual_seed(0)
     engine, manager = adapted_engine(model, "prefill", 0, gen)
-    (pack_bases if pack_adapters else pack_bases_only)(engine.runner.model)
+    (pack_bases if pack_adapters else pack_model)(engine.runner.model)
     perturb(manager, gen, 2)
     engine.adapter_version = manager.version
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, detokenize=False, logprobs=0)
@@ -65,7 +60,7 @@ def test_a_packed_group_runs_its_adapters_in_two_gemms():
     for pack_adapters in (False, True):
         gen = torch.Generator().manual_seed(0)
         engine, _ = adapted_engine("tiny-llama", "none", 0, gen)
-        (pack_bases if pack_adapters else pack_bases_only)(engine.runner.model)
+        (pack_bases if pack_adapters else pack_model)(engine.runner.model)
         engine.add_request("r", list(range(3, 30)), SamplingParams(max_tokens=1, detokenize=False))
         with GemmCounter() as counter:
             engine.step()
