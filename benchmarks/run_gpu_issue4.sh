@@ -12,9 +12,9 @@
 set -u
 source benchmarks/device_env.sh
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv
-timeout 240 python3 -m pytest -q -rs --tb=short -p no:logging -m gpu tests 2>&1 | grep -v DEBUG | tail -40
+timeout 240 python3 -m pytest -q -rs --tb=short -p no:logging -m gpu --continue-on-collection-errors tests 2>&1 | grep -v DEBUG | tail -40
 timeout 60 python3 -m pytest -q --tb=short -p no:logging tests/test_compiled_layer.py -k fresh_rows 2>&1 | tail -5
-timeout 300 python3 -m benchmarks.gpu_training --out "$OUT/training" --repeat 5 --skip-hf \
+timeout "${TRAIN_TIMEOUT:-300}" python3 -m benchmarks.gpu_training --out "$OUT/training" --repeat 5 --skip-hf \
   --only "${ONLY:-recompute,reuse_prefill,reuse_prefill_compiled}" --profile "${PROFILE:-reuse_prefill_compiled}" \
   > "$OUT/training.log" 2>&1
 grep -A8 '"vs_recompute"' "$OUT/training.log" || tail -30 "$OUT/training.log"
