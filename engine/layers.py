@@ -64,9 +64,10 @@ def _no_gemm_padding() -> None:
     """Inductor's pad_mm pass decides whether to pad a GEMM by its row count and guards on that range
     (the H200 saw `13 <= x.size()[0] <= 255`): a compiled training layer warmed up on a short batch
     then recompiled, for minutes at 8B, at the first long one. Off, one graph serves every length. Set
-    in the config (read when compiling), not as torch.compile options: those made the serving fused
-    ops' calls slower on the H200 (TTFT 27.6 -> 34.9 ms, same run script)."""
-    torch._inductor.config.shape_padding = False
+    in the config (read when compiling), not as torch.compile options: with those, serving prefills on
+    the H200 were slower (TTFT 29-39 ms in three runs, 27.0-27.8 ms in three without; BENCHMARKS.md)."""
+    import torch._inductor.config as inductor_config
+    inductor_config.shape_padding = False
 
 
 def compile_fused(fn, backend: str = "inductor"):

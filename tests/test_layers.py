@@ -47,3 +47,12 @@ def test_the_default_limit_is_too_small_for_them():
                 rope_calls(torch.compile(layers._rope, dynamic=True, fullgraph=True, backend="eager"))
         finally:
             torch._dynamo.reset()
+
+
+def test_compiling_turns_inductor_gemm_padding_off():
+    """Inductor's pad_mm (CUDA only, so only the device test of the trainer's warm-up can show the
+    recompile) guards a compiled GEMM's row count; compile_fused turns it off for every later compile."""
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch(shape_padding=True):
+        layers.compile_fused(layers._silu_mul, backend="eager")
+        assert inductor_config.shape_padding is False
