@@ -120,7 +120,7 @@ class ServingContext(ForwardContext):
         if packed is not None:
             outs = packed.split(sizes, dim=-1)
         else:
-            parts = dest.split(sizes, dim=-1) if dest is not None else [None] * len(bases)
+            parts = [None] * len(bases) if dest is None else (dest,) if len(bases) == 1 else dest.split(sizes, dim=-1)
             outs = tuple(linear_into(x, b.weight, b.bias, part) for b, part in zip(bases, parts))
         if capture is not None and dest is None:
             capture.write(layer, kinds, packed, outs)
