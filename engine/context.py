@@ -59,16 +59,22 @@ class CaptureMetadata:
     slot_mapping: torch.Tensor | None  # [T] int64; None when first_slot is set (made on demand)
     side_stream: torch.cuda.Stream | None = None   # copy there, overlapping the next GEMMs; join() after
     first_slot: int | None = None     # every row goes to slots first_slot + [0, T): projections write there
+    # kinds -> this forward's rows of every layer (made at the first call for those kinds), or None
+    run_rows: dict[tuple[str, ...], tuple[torch.Tensor, ...] | None] = field(default_factory=dict)
 
     def destination(self, layer: int, kinds: tuple[str, ...], x: torch.Tensor) -> torch.Tensor | None:
         """The pool rows [T, sum(dims)] that the projections `kinds` of x [T, in] write directly (no
-        copy) when every row of this forward is recorded in one run of slots; None otherwise."""
+        copy) when every row of this forward is recorded in one run of slots; None otherwise. One
+        slice per kinds and forward, not per layer: a prefill's host time is the TTFT (host-bound)."""
         if self.first_slot is None:
             return None
-        buffer = self.pool.direct_buffers.get((layer, kinds))
-        if buffer is None or buffer.dtype != x.dtype:
-            return None
-        return buffer[self.first_slot:self.first_slot + x.shape[0]]
+        if kinds not in self.run_rows:
+            buffer = self.pool.direct_buffers.get(kinds)                # [layers, slots + 1, sum(dims)]
+            usable = buffer is not None and buffer.dtype == x.dtype
+            self.run_rows[kinds] = buffer[:, self.first_slot:self.first_slot + x.shape[0]].unbind(0) \
+                if usable else None
+        rows = self.run_rows[kinds]
+        return None if rows is None else rows[layer]
 
     def slots(self, count: int, device: torch.device) -> torch.Tensor:
         """The [T] slot mapping of this forward's T = `count` rows; made once, on demand, when the rows

@@ -46,16 +46,20 @@ class ActivationPool(TierEviction):
         self.num_slots = num_slots_for(layout, budget_bytes, block_size)
         self.num_blocks = self.num_slots // block_size
         self.scratch_slot = self.num_slots
-        self._group_buffers = {(layer, group): torch.empty(self.num_slots + 1, layout.width(group),
-                                                           dtype=layout.dtype, device=layout.device)
-                               for layer in range(layout.num_layers) for group in layout.groups}
+        # per group one [layers, num_slots + 1, width] tensor; (layer, group) -> its [num_slots + 1, width]
+        stacked = {group: torch.empty(layout.num_layers, self.num_slots + 1, layout.width(group),
+                                      dtype=layout.dtype, device=layout.device) for group in layout.groups}
+        self._group_buffers = {(layer, group): rows[layer] for group, rows in stacked.items()
+                               for layer in range(layout.num_layers)}
         self._buffers = {}                 # (layer, kind) -> its columns of the group buffer
         for (layer, group), buffer in self._group_buffers.items():
             for kind, columns in zip(group, buffer.split([layout.dims[k] for k in group], dim=1)):
                 self._buffers[(layer, kind)] = columns                             # [num_slots + 1, dim]
-        # (layer, kinds) -> the rows projections `kinds` write in place: a group's buffer, or one kind's
-        self.direct_buffers = {**{(layer, (kind,)): b for (layer, kind), b in self._buffers.items()},
-                               **self._group_buffers}
+        # kinds -> [layers, num_slots + 1, width]: the rows projections `kinds` write in place (a group's
+        # buffer, or one kind's columns), every layer in one tensor so a step slices each kind once
+        self.direct_buffers = {**stacked, **{(kind,): columns for group, rows in stacked.items() if len(group) > 1
+                                             for kind, columns in zip(group, rows.split(
+                                                 [layout.dims[k] for k in group], dim=2))}}
         self._free_blocks = FreeBlocks(self.num_blocks)      # runs of consecutive blocks where possible
         self._records: OrderedDict[Hashable, ActivationRecord] = OrderedDict()  # LRU first
         self._cpu_bytes = 0

@@ -202,7 +202,7 @@ def test_packed_serving_captures_each_group_in_one_write_and_reuse_stays_exact(m
 def test_steps_recording_one_run_of_slots_write_the_pool_in_place(pack, every_group):
     """A step whose recorded rows are one run of pool slots lets the projections write their outputs
     straight into the pool (no copy); the rows equal those of the copying path, and reuse stays exact.
-    A group the pool cannot take in place (here: layer 1's o and gate|up) is copied in such a step,
+    A group the pool cannot take in place (here: o and gate|up) is copied in such a step,
     through slots made on the device from the run (no host slot list)."""
     from engine.capture import KINDS, CaptureManager
     from trainer.check_grad import adapted_engine, compare, serve_records, train_once
@@ -217,8 +217,8 @@ def test_steps_recording_one_run_of_slots_write_the_pool_in_place(pack, every_gr
             slot_kinds, run_start = [], engine.capture.run_start
             engine.capture.run_start = lambda slots: slot_kinds.append(type(slots)) or run_start(slots)
             if not every_group:
-                for key in ((1, ("o",)), (1, ("gate", "up")), (1, ("gate",)), (1, ("up",))):
-                    engine.activation_pool.direct_buffers.pop(key, None)
+                for kinds in (("o",), ("gate", "up"), ("gate",), ("up",)):
+                    engine.activation_pool.direct_buffers.pop(kinds, None)
         served.append((engine, manager, serve_records(engine, 0)))
     (copied, _, copied_records), (direct, manager, records) = served
     assert direct.capture.steps["one_run"] > 0 and direct.capture.steps["scattered"] > 0
