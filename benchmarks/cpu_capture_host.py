@@ -31,6 +31,9 @@ def engine_for(capture: str) -> LLMEngine:
                        capture=capture, activation_pool_bytes=256 << 20)
     engine = LLMEngine(cfg, build_engine_parts(cfg, hf_config=llama_config(SHAPE)))
     pack_model(engine.runner.model)
+    if engine.activation_pool is not None:      # touch the pool's pages: a first write would page-fault
+        for rows in engine.activation_pool.direct_buffers.values():   # (the CPU's cost, not the GPU's)
+            rows.zero_()
     return engine
 
 
