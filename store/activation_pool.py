@@ -46,20 +46,16 @@ class ActivationPool(TierEviction):
         self.num_slots = num_slots_for(layout, budget_bytes, block_size)
         self.num_blocks = self.num_slots // block_size
         self.scratch_slot = self.num_slots
-        # per group one [layers, num_slots + 1, width] tensor; (layer, group) -> its [num_slots + 1, width]
+        # per group one [layers, num_slots + 1, width] tensor, so a step slices each group's rows once
         stacked = {group: torch.empty(layout.num_layers, self.num_slots + 1, layout.width(group),
                                       dtype=layout.dtype, device=layout.device) for group in layout.groups}
-        self._group_buffers = {(layer, group): rows[layer] for group, rows in stacked.items()
-                               for layer in range(layout.num_layers)}
-        self._buffers = {}                 # (layer, kind) -> its columns of the group buffer
-        for (layer, group), buffer in self._group_buffers.items():
-            for kind, columns in zip(group, buffer.split([layout.dims[k] for k in group], dim=1)):
-                self._buffers[(layer, kind)] = columns                             # [num_slots + 1, dim]
-        # kinds -> [layers, num_slots + 1, width]: the rows projections `kinds` write in place (a group's
-        # buffer, or one kind's columns), every layer in one tensor so a step slices each kind once
-        self.direct_buffers = {**stacked, **{(kind,): columns for group, rows in stacked.items() if len(group) > 1
-                                             for kind, columns in zip(group, rows.split(
-                                                 [layout.dims[k] for k in group], dim=2))}}
+        columns = {(kind,): part for group, rows in stacked.items()     # (kind,) -> [layers, slots + 1, dim]
+                   for kind, part in zip(group, rows.split([layout.dims[k] for k in group], dim=2))}
+        layers = range(layout.num_layers)
+        self._group_buffers = {(layer, group): rows[layer] for group, rows in stacked.items() for layer in layers}
+        self._buffers = {(layer, kind): part[layer] for (kind,), part in columns.items() for layer in layers}
+        # kinds -> the rows projections `kinds` write in place: a group's tensor, or one kind's columns
+        self.direct_buffers = {**columns, **stacked}
         self._free_blocks = FreeBlocks(self.num_blocks)      # runs of consecutive blocks where possible
         self._records: OrderedDict[Hashable, ActivationRecord] = OrderedDict()  # LRU first
         self._cpu_bytes = 0
