@@ -9,10 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from engine.packing import add_lora, linear_into, packed_lora, packed_weights
+from engine.packing import add_lora, linear_into, lora_added, packed_lora, packed_weights
 from engine.rows import copy_rows_
 
 
@@ -133,7 +132,7 @@ class ServingContext(ForwardContext):
         lora = packed_lora(modules) if packed is not None else None
         if lora is not None:                          # the group's adapters: two GEMMs, out of place
             a_all, b_all, scaling = lora
-            return torch.addmm(packed, F.linear(x, a_all), b_all.t(), alpha=scaling).split(sizes, dim=-1)
+            return lora_added(packed, x, a_all, b_all, scaling).split(sizes, dim=-1)
         return tuple(add_lora(m, x, out) for m, out in zip(modules, outs))
 
     def attention(self, layer, q, k, v, scale):

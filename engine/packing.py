@@ -102,4 +102,9 @@ def add_lora(module: nn.Module, x: torch.Tensor, base_out: torch.Tensor) -> torc
     a = getattr(module, "lora_A", None)
     if a is None:
         return base_out
-    return torch.addmm(base_out, F.linear(x, a), module.lora_B.t(), alpha=module.scaling)
+    return lora_added(base_out, x, a, module.lora_B, module.scaling)
+
+
+def lora_added(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """y [T, out] + alpha * (x [T, in] @ A^T) @ B^T, A [r, in], B [out, r]: two GEMMs, out of place."""
+    return torch.addmm(y, F.linear(x, a), b.t(), alpha=alpha)

@@ -22,7 +22,7 @@ from engine.capture import GROUPS, KINDS
 from engine.context import base_module
 from engine.errors import ConfigError
 from engine.layers import compile_fused
-from engine.packing import packed_weights
+from engine.packing import lora_added, packed_weights
 from trainer.attention import per_record, varlen_applies, varlen_function
 from trainer.reuse import InjectedLinear, ProjectingContext, lora_factors
 
@@ -54,7 +54,7 @@ class LayerContext(ProjectingContext):
         if factors is None:
             return y
         a_all, b_all, alpha = factors
-        return torch.addmm(y, F.linear(x, a_all), b_all.t(), alpha=alpha)          # out of place
+        return lora_added(y, x, a_all, b_all, alpha)
 
     def attention(self, layer, q, k, v, scale):
         if self.varlen_call is not None:
