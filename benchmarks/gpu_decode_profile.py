@@ -79,15 +79,13 @@ def gemv_floor(shape: dict) -> dict:
 def attention_precision() -> dict:
     """Triton kernel vs float64 reference on bf16 inputs, one causal prefill per length."""
     from engine.attention import paged_attention_reference
-    from engine.context import ServingContext
     from engine.kernels.paged_attention import paged_attention_triton
     from tests.test_gpu import _random_batch
     out = {}
     for n in (17, 100, 333, 1000):
         q, kc, vc, meta = _random_batch(4, 8, 64, 16, [n], [n], torch.bfloat16, seed=n)
-        ctx = ServingContext(attn=meta, kv_caches=[], block_size=16)
-        ref = paged_attention_reference(q.double(), kc.double(), vc.double(), ctx, 0.125)
-        ref16 = paged_attention_reference(q, kc, vc, ctx, 0.125)
+        ref = paged_attention_reference(q.double(), kc.double(), vc.double(), meta, 0.125)
+        ref16 = paged_attention_reference(q, kc, vc, meta, 0.125)
         tri = paged_attention_triton(q, kc, vc, meta, 0.125)
         rel = lambda a: float((a.double() - ref).norm() / ref.norm())
         out[n] = {"triton": rel(tri), "torch_sdpa_bf16": rel(ref16)}
@@ -96,9 +94,9 @@ def attention_precision() -> dict:
 
 def logits_check(reference_attention: bool = False) -> dict:
     import engine.attention as attention
-    import engine.models.llama as llama
+    import engine.context as context
     if reference_attention:        # same model code, torch SDPA attention instead of Triton
-        llama.paged_attention = attention.paged_attention_reference
+        context.paged_attention = attention.paged_attention_reference
     engine = make_engine(LLAMA_1B, 4.0, enforce_eager=True)
     hf16 = hf_twin(engine)
     hf32 = hf_twin(engine).float()
@@ -112,7 +110,7 @@ def logits_check(reference_attention: bool = False) -> dict:
             r32 = hf32(torch.tensor([p], device="cuda")).logits[0, -1].float()
         rel = lambda a, b: float((a - b).norm() / b.norm())
         out[n] = {"ours_vs_hf_bf16": rel(ours, r16), "ours_vs_hf_fp32": rel(ours, r32), "hf_bf16_vs_fp32": rel(r16, r32)}
-    llama.paged_attention = attention.paged_attention
+    context.paged_attention = attention.paged_attention
     return out
 
 

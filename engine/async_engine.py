@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.errors import AlchemistError, OverloadedError
+from common.errors import AlchemistError, OverloadedError
 from engine.llm_engine import LLMEngine
 from engine.output_processor import SeqDelta
 from engine.sampling_params import SamplingParams

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import zlib
 
-from engine.errors import ConfigError
+from common.errors import ConfigError
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 

@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from engine.errors import ConfigError
+from common.errors import ConfigError
 
 
 def alchemist_home() -> Path:

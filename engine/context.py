@@ -11,22 +11,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from engine.attention import AttentionMetadata, paged_attention, store_kv
 from engine.packing import add_lora, linear_into, lora_added, packed_lora, packed_weights
 from engine.rows import copy_rows_
-
-
-@dataclass
-class AttentionMetadata:
-    slot_mapping: torch.Tensor        # [T] int64: KV cache slot of each new token
-    query_start_loc: torch.Tensor     # [B+1] int32: cu_seqlens of the new tokens
-    seq_lens: torch.Tensor            # [B] int32: context length of each sequence after this step
-    block_tables: torch.Tensor        # [B, max_blocks] int32 (padded with 0)
-    max_query_len: int
-    max_seq_len: int
-    is_decode: bool                   # every sequence computes exactly one token
-    # host copies, used by the reference (CPU) attention path only
-    query_start_loc_host: list[int] = field(default_factory=list)
-    seq_lens_host: list[int] = field(default_factory=list)
 
 
 def base_module(module: nn.Module) -> nn.Module:
@@ -136,7 +123,6 @@ class ServingContext(ForwardContext):
         return tuple(add_lora(m, x, out) for m, out in zip(modules, outs))
 
     def attention(self, layer, q, k, v, scale):
-        from engine.attention import paged_attention, store_kv
         k_cache, v_cache = self.kv_caches[layer]
         store_kv(k, v, k_cache, v_cache, self.attn.slot_mapping)
-        return paged_attention(q, k_cache, v_cache, self, scale)
+        return paged_attention(q, k_cache, v_cache, self.attn, scale)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.context import AttentionMetadata, CaptureMetadata, ServingContext
+from engine.attention import AttentionMetadata
+from engine.context import CaptureMetadata, ServingContext
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from engine.config import alchemist_home
-from engine.errors import ConfigError
+from common.errors import ConfigError
 
 log = logging.getLogger("alchemist.model")
 

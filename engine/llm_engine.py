@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from engine.block_manager import BlockManager
 from engine.capture import CaptureManager
 from engine.config import EngineConfig
-from engine.errors import InvalidRequestError
+from common.errors import InvalidRequestError
 from engine.model_runner import ModelRunner
 from engine.output_processor import SeqDelta, SequenceTextState
 from engine.sampling_params import SamplingParams

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from engine.errors import ConfigError
+from common.errors import ConfigError
 from engine.models.llama import LlamaForCausalLM, RotaryEmbedding
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

@@ -6,7 +6,8 @@ from contextlib import nullcontext
 
 import torch
 
-from engine.context import AttentionMetadata, CaptureMetadata, ServingContext
+from engine.attention import AttentionMetadata
+from engine.context import CaptureMetadata, ServingContext
 from engine.cuda_graph import DecodeGraphs
 from engine.sampler import SamplingMetadata, sample
 from engine.scheduler import SampleResult, ScheduledBatch

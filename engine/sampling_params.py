@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.errors import InvalidRequestError
+from common.errors import InvalidRequestError
 
 MAX_TOP_LOGPROBS = 20
 

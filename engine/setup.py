@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig
-from engine.errors import ConfigError
+from common.errors import ConfigError
 from engine.loader import build_empty, init_random, load_safetensors
 from engine.model_runner import ModelRunner
 from engine.packing import pack_model

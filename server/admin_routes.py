@@ -11,7 +11,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from engine.errors import ConflictError
+from common.errors import ConflictError
 
 router = APIRouter()
 ACTIVATE_WAIT_S = 5.0        # an activation applies at the next engine step boundary; wait this long for it

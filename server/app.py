@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.errors import AlchemistError, OverloadedError
+from common.errors import AlchemistError, OverloadedError
 from server import admin_routes, feedback_routes, openai_routes
 from server.auth import AuthMiddleware
 from server.streaming import ClientDisconnected

@@ -8,7 +8,7 @@ import hmac
 
 from fastapi.responses import JSONResponse
 
-from engine.errors import AuthenticationError, PermissionDeniedError
+from common.errors import AuthenticationError, PermissionDeniedError
 
 
 def key_identity(key: str) -> str:

@@ -6,7 +6,7 @@ import importlib
 import logging
 import sys
 
-from engine.errors import AlchemistError
+from common.errors import AlchemistError
 
 # commands whose module provides add_parser(subparsers) and main(args) -> exit code
 SUBCOMMANDS = {"check-grad": "trainer.check_grad", "export-adapter": "server.export",

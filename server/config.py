@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from engine.config import EngineConfig, alchemist_home
-from engine.errors import ConfigError
+from common.errors import ConfigError
 from trainer.config import TrainerConfig
 
 API_KEYS_ENV = "ALCHEMIST_API_KEYS"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.errors import NotFoundError
+from common.errors import NotFoundError
 
 
 def add_parser(sub) -> None:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from engine.errors import AlchemistError, InvalidRequestError, NotFoundError
+from common.errors import AlchemistError, InvalidRequestError, NotFoundError
 from server import formatting as fmt
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                              chat_messages)

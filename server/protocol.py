@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from engine.errors import InvalidRequestError
+from common.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 
 Int64 = Annotated[StrictInt, Field(ge=-(2 ** 63), le=2 ** 63 - 1)]

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from engine.errors import InvalidRequestError
+from common.errors import InvalidRequestError
 from engine.output_processor import SeqDelta
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence, TokenLogprob

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from engine.errors import InvalidRequestError
+from common.errors import InvalidRequestError
 
 
 def _byte_decoder() -> dict[str, int]:

@@ -27,7 +27,7 @@ from typing import Hashable
 
 import torch
 
-from engine.errors import ConfigError, ConflictError, InvalidRequestError
+from common.errors import ConfigError, ConflictError, InvalidRequestError
 from store.free_blocks import FreeBlocks
 from store.pool_eviction import TierEviction
 from store.pool_layout import (TIERS, ActivationMissingError, ActivationRecord, PoolLayout,

@@ -6,7 +6,7 @@ import sys
 from array import array
 from dataclasses import dataclass
 
-from engine.errors import InvalidRequestError
+from common.errors import InvalidRequestError
 
 MAX_TEXT_BYTES = 16 * 1024
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from engine.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
+from common.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
 from store.feedback_records import (CompletionRecord, Feedback, _is_int, _pack, _row_to_completion,
                                     _validate_score, _validate_text)
 

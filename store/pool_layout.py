@@ -7,14 +7,14 @@ from typing import Hashable
 
 import torch
 
-from engine.errors import ConfigError, InvalidRequestError, NotFoundError
+from common.errors import ConfigError, InvalidRequestError
 
 TIERS = ("device", "cpu", "dropped")
 
 
-class ActivationMissingError(NotFoundError):
-    """The rows asked for are not in the pool (unknown, released, dropped or never captured)."""
-    error_type = "activation_missing"
+class ActivationMissingError(LookupError):
+    """An internal signal, not a client error: the rows asked for are not in the pool (unknown,
+    released, dropped or never captured), so the trainer recomputes them."""
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.errors import AlchemistError, ConfigError, ConflictError
+from common.errors import AlchemistError, ConfigError, ConflictError
 from store.activation_pool import ActivationMissingError, ActivationPool, PoolLayout, fetch_beats_recompute
 from tests.pool_helpers import BPT, BS, LAYOUT, assert_gathers, capture, check_invariants, make_pool
 

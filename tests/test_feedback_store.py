@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
+from common.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
 from store.feedback_records import MAX_TEXT_BYTES, CompletionRecord, Feedback
 from store.feedback_store import FeedbackStore
 

@@ -5,8 +5,7 @@ import random
 import pytest
 import torch
 
-from engine.attention import paged_attention_reference
-from engine.context import AttentionMetadata, ServingContext
+from engine.attention import AttentionMetadata, paged_attention_reference
 
 pytestmark = pytest.mark.gpu
 
@@ -44,8 +43,7 @@ def test_triton_paged_attention_matches_reference(dtype, tol, group, n_kv, head_
     from engine.kernels.paged_attention import paged_attention_triton
     q, k_cache, v_cache, meta = _random_batch(group, n_kv, head_dim, page, q_lens, ctx_lens, dtype, seed=len(q_lens))
     scale = head_dim ** -0.5
-    ctx = ServingContext(attn=meta, kv_caches=[], block_size=page)
-    ref = paged_attention_reference(q.double(), k_cache.double(), v_cache.double(), ctx, scale)
+    ref = paged_attention_reference(q.double(), k_cache.double(), v_cache.double(), meta, scale)
     out = paged_attention_triton(q, k_cache, v_cache, meta, scale)
     assert torch.isfinite(out).all()
     err = float((out.double() - ref).norm() / ref.norm())

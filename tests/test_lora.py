@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.errors import ConfigError, ConflictError, NotFoundError
+from common.errors import ConfigError, ConflictError, NotFoundError
 from engine.sampling_params import SamplingParams
 from tests.helpers import TINY_CONFIGS, TINY_VOCAB, LogitRecorder, hf_logits, make_tiny_model, tiny_engine
 from trainer.adapters import AdapterManager, export_peft, load_peft

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from engine.errors import ConfigError, InvalidRequestError
+from common.errors import ConfigError, InvalidRequestError
 from trainer.objectives import (RunningMean, kto_loss, pg_loss, response_logprobs, reward,
                                 sft_loss)
 

@@ -13,7 +13,7 @@ import uuid
 import pytest
 import torch
 
-from engine.errors import NotFoundError
+from common.errors import NotFoundError
 from engine.sampling_params import SamplingParams
 from store.feedback_store import CompletionRecord, FeedbackStore
 from trainer.check_grad import build_engine
@@ -241,7 +241,7 @@ def test_each_objective_takes_a_finite_step(tmp_path, objective):
 def test_compile_layers_is_refused_off_cuda_before_it_touches_the_engine(tmp_path):
     """training.compile_layers needs CUDA (the CPU's per-record attention would compile per batch size);
     the error comes before adapters are attached. A backend other than inductor / aot_eager is refused."""
-    from engine.errors import ConfigError
+    from common.errors import ConfigError
     engine = build_engine("tiny-llama", "prefill", 0)
     with pytest.raises(ConfigError, match="compile_layers"):
         OnlineTrainer(TrainerConfig(compile_layers=True), engine, FeedbackStore(tmp_path / "f.db"), tmp_path / "run")

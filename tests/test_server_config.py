@@ -10,7 +10,7 @@ import pytest
 
 from engine.config import EngineConfig
 from engine.embedded_model import ensure_default_model
-from engine.errors import AuthenticationError, ConfigError
+from common.errors import AuthenticationError, ConfigError
 from server.app import create_app, validation_message
 from server.auth import ApiKeys, key_identity
 from server.cli import _config, _parser, main

@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.embedded_model import ensure_default_model
-from engine.errors import ConfigError
+from common.errors import ConfigError
 from server.app import create_app
 from server.testing import ServerThread, free_port, make_tiny_model, serve_process, tiny_state
 from trainer.adapters import load_peft

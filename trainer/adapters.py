@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.errors import ConfigError, ConflictError, NotFoundError
+from common.errors import ConfigError, ConflictError, NotFoundError
 from trainer.lora import LoRAConfig, apply_lora
 
 AdapterState = dict[str, tuple[torch.Tensor, torch.Tensor]]

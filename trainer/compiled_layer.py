@@ -20,7 +20,7 @@ from torch import nn
 
 from engine.capture import GROUPS, KINDS
 from engine.context import base_module
-from engine.errors import ConfigError
+from common.errors import ConfigError
 from engine.layers import compile_fused
 from engine.packing import lora_added, packed_weights
 from trainer.attention import per_record, varlen_applies, varlen_function

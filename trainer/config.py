@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.config import from_known_dict
-from engine.errors import ConfigError
+from common.errors import ConfigError
 
 OBJECTIVES = ("sft", "kto", "pg")
 CONCURRENCY = ("auto", "thread", "interleaved")

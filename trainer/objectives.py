@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from engine.errors import ConfigError, InvalidRequestError
+from common.errors import ConfigError, InvalidRequestError
 
 
 def response_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import ConfigError
+from common.errors import ConfigError
 from trainer import checkpoint as ckpt
 from trainer.adapters import AdapterManager, cap_update, check_state
 from trainer.background import TrainerThread, yield_gate

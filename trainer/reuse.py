@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from engine.context import ForwardContext, base_module
-from engine.errors import ConfigError
+from common.errors import ConfigError
 from engine.packing import packed_weights
 from engine.rows import copy_rows_
 from trainer.attention import KINDS as ATTENTION_KINDS, causal_attention

@@ -26,7 +26,7 @@ import re
 import time
 from pathlib import Path
 
-from engine.errors import ConfigError
+from common.errors import ConfigError
 from trainer.prompts import PROMPTS, prompt_order
 from trainer.simulate_report import parse_metrics, plot, positive_rate, reuse_hit_rate, train_tokens
 

@@ -11,8 +11,6 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.context import AttentionMetadata
-
 
 @triton.jit
 def _paged_attention_kernel(
@@ -66,8 +64,9 @@ def _paged_attention_kernel(
 
 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [T, n_heads, d]; caches [num_blocks, page, n_kv, d] -> o: [T, n_heads, d]."""
+                           meta, scale: float) -> torch.Tensor:
+    """q: [T, n_heads, d]; caches [num_blocks, page, n_kv, d] -> o: [T, n_heads, d]. `meta`: an
+    engine.attention.AttentionMetadata (its device tensors and max_query_len / is_decode)."""
     _, n_heads, head_dim = q.shape
     page, n_kv = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from engine.context import ForwardContext
-from engine.errors import ConfigError
+from common.errors import ConfigError
 from engine.layers import add_rms_norm, rms_norm, rope, silu_mul
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")

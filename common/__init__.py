@@ -1,0 +1,1 @@
+"""Neutral pieces every package may import (it imports none of them)."""
