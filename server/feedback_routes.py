@@ -1,4 +1,5 @@
-"""POST /feedback and GET /feedback/{id} (also under /v1). A 2xx means the row is committed."""
+"""POST /feedback and GET /feedback/{id} (also under /v1). A 2xx means the row is committed; a rating
+the trainer could never train (a better_response over the context or the step budget) is a 400."""
 from __future__ import annotations
 
 import asyncio
@@ -8,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from server.protocol import FeedbackRequest
+from trainer.admission import check_feedback_trainable
 
 router = APIRouter()
 log = logging.getLogger("alchemist.server")
@@ -17,12 +19,8 @@ log = logging.getLogger("alchemist.server")
 @router.post("/v1/feedback")
 async def post_feedback(body: FeedbackRequest, request: Request):
     state = request.app.state.alchemist
-    feedback, created = await asyncio.to_thread(
-        state.store.add_feedback, response_id=body.id, choice_index=body.choice_index,
-        rating=body.rating, stars=body.stars, comment=body.comment,
-        better_response=body.better_response, replace=body.replace,
-        api_key_id=getattr(request.state, "api_key_id", None))
-    state.metrics.rated(feedback.rating, feedback.stars)
+    feedback, created = await asyncio.to_thread(_record, state, body, getattr(request.state, "api_key_id", None))
+    state.metrics.rated(feedback.rating, feedback.stars, feedback.reward_value)
     if state.trainer is not None:            # keep the choice's activations until it is trained
         try:
             state.trainer.pin_for_feedback(feedback.response_id, feedback.choice_index)
@@ -32,6 +30,18 @@ async def post_feedback(body: FeedbackRequest, request: Request):
                "choice_index": feedback.choice_index, "status": feedback.status,
                "replaced": not created}
     return JSONResponse(content, status_code=201 if created else 200)
+
+
+def _record(state, body: FeedbackRequest, api_key_id: str | None):
+    """Blocking (tokenizes, commits): a rating the trainer could never train is a 400 and is not stored
+    (trainer/admission.py), else it is committed."""
+    check_feedback_trainable(state.store, state.tokenizer, response_id=body.id, choice_index=body.choice_index,
+                             better_response=body.better_response, api_key_id=api_key_id,
+                             max_model_len=state.llm.max_model_len, step_tokens=state.config.training.step_tokens)
+    return state.store.add_feedback(
+        response_id=body.id, choice_index=body.choice_index, rating=body.rating, stars=body.stars,
+        reward=body.reward, comment=body.comment, better_response=body.better_response, replace=body.replace,
+        api_key_id=api_key_id)
 
 
 @router.get("/feedback/{feedback_id}")

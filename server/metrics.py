@@ -11,7 +11,19 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                10.0, 20.0, 40.0, 80.0)
 LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
-FEEDBACK_VALUES = {"thumbs": ("-1", "1"), "stars": ("1", "2", "3", "4", "5")}
+# a grader's reward in [-1, 1] is counted in one of five buckets (bounded label values):
+# [-1, -0.5) "-1..-0.5", [-0.5, 0) "-0.5..0", exactly 0 "0", (0, 0.5) "0..0.5", [0.5, 1] "0.5..1"
+REWARD_BUCKETS = ("-1..-0.5", "-0.5..0", "0", "0..0.5", "0.5..1")
+FEEDBACK_VALUES = {"thumbs": ("-1", "1"), "stars": ("1", "2", "3", "4", "5"), "reward": REWARD_BUCKETS}
+
+
+def reward_bucket(reward: float) -> str:
+    """The `value` label of a reward in [-1, 1] (REWARD_BUCKETS)."""
+    if reward == 0:
+        return "0"
+    if reward < 0:
+        return "-1..-0.5" if reward < -0.5 else "-0.5..0"
+    return "0..0.5" if reward < 0.5 else "0.5..1"
 
 
 class EngineCollector:
@@ -93,8 +105,11 @@ class Metrics:
             child = self.success[reason] = self._success_family.labels(self._model_name, reason)
         child.inc()
 
-    def rated(self, rating: int | None, stars: int | None) -> None:
-        key = ("thumbs", str(rating)) if rating is not None else ("stars", str(stars))
+    def rated(self, rating: int | None, stars: int | None, reward: float | None = None) -> None:
+        if reward is not None:
+            key = ("reward", reward_bucket(reward))
+        else:
+            key = ("thumbs", str(rating)) if rating is not None else ("stars", str(stars))
         if key in self.feedback:
             self.feedback[key].inc()
 

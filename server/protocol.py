@@ -147,6 +147,8 @@ class FeedbackRequest(_Body):
     choice_index: StrictInt = 0
     rating: StrictInt | None = None
     stars: StrictInt | None = None
+    # a programmatic grader's score: exactly one of rating, stars, reward (strict: no booleans, no strings)
+    reward: Annotated[float, Field(ge=-1, le=1, allow_inf_nan=False, strict=True)] | None = None
     comment: StrictStr | None = None
     better_response: StrictStr | None = None
     replace: StrictBool = False

@@ -2,6 +2,7 @@
 encoding of token ids and logprobs, and validation of what a client sends."""
 from __future__ import annotations
 
+import math
 import sys
 from array import array
 from dataclasses import dataclass
@@ -38,10 +39,16 @@ class Feedback:
     api_key_id: str | None
     created: float
     updated: float
-    status: str
+    status: str                              # store.feedback_schema.FEEDBACK_STATUSES
+    reward_value: float | None = None        # a grader's reward in [-1, 1] (the third form of score)
+    quarantine_reason: str | None = None     # why the trainer could not train it (status 'quarantined')
+    quarantine_error: str | None = None
+    quarantined_at: float | None = None
 
     def reward(self) -> float:
-        """Thumbs map to their rating; stars >= 4 -> +1, <= 2 -> -1, 3 -> 0."""
+        """A given reward as is; thumbs map to their rating; stars >= 4 -> +1, <= 2 -> -1, 3 -> 0."""
+        if self.reward_value is not None:
+            return float(self.reward_value)
         if self.rating is not None:
             return float(self.rating)
         stars = self.stars or 3
@@ -50,8 +57,14 @@ class Feedback:
     def to_public_dict(self) -> dict:
         return {"feedback_id": self.feedback_id, "id": self.response_id,
                 "choice_index": self.choice_index, "rating": self.rating, "stars": self.stars,
-                "comment": self.comment, "better_response": self.better_response,
-                "status": self.status, "created": self.created}
+                "reward": self.reward_value, "comment": self.comment,
+                "better_response": self.better_response, "status": self.status, "created": self.created}
+
+    def to_quarantine_dict(self) -> dict:
+        """What the admin API shows of a quarantined rating."""
+        return {"object": "quarantined_feedback", "feedback_id": self.feedback_id, "id": self.response_id,
+                "choice_index": self.choice_index, "status": self.status, "reason": self.quarantine_reason,
+                "error": self.quarantine_error, "quarantined_at": self.quarantined_at, "created": self.created}
 
 
 def _pack(values: list, typecode: str) -> bytes:
@@ -85,14 +98,17 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _validate_score(rating: object, stars: object) -> None:
-    if (rating is None) == (stars is None):
-        raise InvalidRequestError("Provide exactly one of 'rating' (-1 or 1) or 'stars' (1..5).",
-                                  param="rating")
+def _validate_score(rating: object, stars: object, reward: object = None) -> None:
+    if sum(score is not None for score in (rating, stars, reward)) != 1:
+        raise InvalidRequestError("Provide exactly one of 'rating' (-1 or 1), 'stars' (1..5) or "
+                                  "'reward' (a number from -1 to 1).", param="rating")
     if rating is not None and (not _is_int(rating) or rating not in (-1, 1)):
         raise InvalidRequestError("'rating' must be the integer -1 or 1.", param="rating")
     if stars is not None and (not _is_int(stars) or not 1 <= stars <= 5):
         raise InvalidRequestError("'stars' must be an integer from 1 to 5.", param="stars")
+    if reward is not None and (isinstance(reward, bool) or not isinstance(reward, (int, float))
+                               or not math.isfinite(reward) or not -1.0 <= reward <= 1.0):
+        raise InvalidRequestError("'reward' must be a finite number from -1 to 1.", param="reward")
 
 
 def _validate_text(value: object, param: str) -> None:

@@ -20,38 +20,16 @@ from pathlib import Path
 from typing import Iterator
 
 from common.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
+from store.feedback_quarantine import QuarantineOps
 from store.feedback_records import (CompletionRecord, Feedback, _is_int, _pack, _row_to_completion,
                                     _validate_score, _validate_text)
+from store.feedback_schema import (COMPLETION_COLS as _COMPLETION_COLS, FEEDBACK_COLS as _FEEDBACK_COLS,
+                                   NUM_FEEDBACK_COLS, SCHEMA, SCHEMA_VERSION, settle_version)
 
-SCHEMA_VERSION = 1
+__all__ = ["CompletionRecord", "Feedback", "FeedbackStore", "SCHEMA_VERSION"]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS completions (
-    response_id TEXT NOT NULL, choice_index INTEGER NOT NULL,
-    prompt_token_ids BLOB NOT NULL, response_token_ids BLOB NOT NULL, logprobs BLOB NOT NULL,
-    adapter_version INTEGER NOT NULL, api_key_id TEXT, created REAL NOT NULL,
-    finish_reason TEXT, model TEXT,
-    PRIMARY KEY (response_id, choice_index));
-CREATE INDEX IF NOT EXISTS completions_created ON completions (created);
-CREATE TABLE IF NOT EXISTS feedback (
-    feedback_id TEXT PRIMARY KEY, seq INTEGER NOT NULL UNIQUE,
-    response_id TEXT NOT NULL, choice_index INTEGER NOT NULL,
-    rating INTEGER, stars INTEGER, comment TEXT, better_response TEXT, api_key_id TEXT,
-    created REAL NOT NULL, updated REAL NOT NULL, status TEXT NOT NULL,
-    UNIQUE (response_id, choice_index),
-    FOREIGN KEY (response_id, choice_index) REFERENCES completions (response_id, choice_index));
-CREATE INDEX IF NOT EXISTS feedback_status_seq ON feedback (status, seq);
-"""
-
-_COMPLETION_COLS = ("response_id, choice_index, prompt_token_ids, response_token_ids, logprobs, "
-                    "adapter_version, api_key_id, created, finish_reason, model")
-_FEEDBACK_COLS = ("feedback_id, seq, response_id, choice_index, rating, stars, comment, "
-                  "better_response, api_key_id, created, updated, status")
-
-
-class FeedbackStore:
-    """Thread-safe SQLite store of completions and feedback."""
+class FeedbackStore(QuarantineOps):
+    """Thread-safe SQLite store of completions and feedback (and the quarantine: QuarantineOps)."""
 
     def __init__(self, path: str | os.PathLike, retention_seconds: float | None = None):
         self.path = Path(path)
@@ -75,16 +53,9 @@ class FeedbackStore:
 
     def _init_schema(self) -> None:
         with self._lock:
-            self._live_conn().executescript(_SCHEMA)  # idempotent; commits itself
+            self._live_conn().executescript(SCHEMA)  # idempotent; commits itself
         with self._transaction() as cur:
-            row = cur.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None:
-                cur.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-                cur.execute("INSERT INTO meta VALUES ('last_seq', 0)")
-            elif row[0] != SCHEMA_VERSION:
-                raise ConfigError(f"Feedback database {self.path} has schema version {row[0]}, "
-                                  f"this build expects {SCHEMA_VERSION}; use a matching build "
-                                  f"or a new database path.")
+            settle_version(cur, self.path)           # an older database is migrated in place
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Cursor]:
@@ -138,9 +109,11 @@ class FeedbackStore:
     def add_feedback(self, *, response_id: str, choice_index: int, rating: int | None = None,
                      stars: int | None = None, comment: str | None = None,
                      better_response: str | None = None, replace: bool = False,
-                     api_key_id: str | None = None) -> tuple[Feedback, bool]:
-        """Record (or with replace=True, overwrite) feedback; returns (row, created_new)."""
-        _validate_score(rating, stars)
+                     api_key_id: str | None = None, reward: float | None = None) -> tuple[Feedback, bool]:
+        """Record (or with replace=True, overwrite) feedback; returns (row, created_new). Exactly one of
+        rating, stars, reward. A replaced rating is pending again (out of the quarantine, if it was in)."""
+        _validate_score(rating, stars, reward)
+        reward = None if reward is None else float(reward)
         _validate_text(comment, "comment")
         _validate_text(better_response, "better_response")
         with self._transaction() as cur:
@@ -155,14 +128,15 @@ class FeedbackStore:
             if existing is None:
                 feedback_id = "fb-" + uuid.uuid4().hex
                 cur.execute(f"INSERT INTO feedback ({_FEEDBACK_COLS}) VALUES "
-                            f"(?,?,?,?,?,?,?,?,?,?,?,'pending')",
+                            f"(?,?,?,?,?,?,?,?,?,?,?,'pending',?,NULL,NULL,NULL)",
                             (feedback_id, seq, response_id, choice_index, rating, stars,
-                             comment, better_response, api_key_id, now, now))
+                             comment, better_response, api_key_id, now, now, reward))
             else:
                 feedback_id = existing[0]
-                cur.execute("UPDATE feedback SET seq=?, rating=?, stars=?, comment=?, "
-                            "better_response=?, updated=?, status='pending' WHERE feedback_id=?",
-                            (seq, rating, stars, comment, better_response, now, feedback_id))
+                cur.execute("UPDATE feedback SET seq=?, rating=?, stars=?, reward=?, comment=?, "
+                            "better_response=?, updated=?, status='pending', quarantine_reason=NULL, "
+                            "quarantine_error=NULL, quarantined_at=NULL WHERE feedback_id=?",
+                            (seq, rating, stars, reward, comment, better_response, now, feedback_id))
             row = cur.execute(f"SELECT {_FEEDBACK_COLS} FROM feedback WHERE feedback_id=?",
                               (feedback_id,)).fetchone()
         return Feedback(*row), existing is None
@@ -204,7 +178,7 @@ class FeedbackStore:
             f"SELECT {fb_cols}, {c_cols} FROM feedback f JOIN completions c "
             f"ON c.response_id=f.response_id AND c.choice_index=f.choice_index "
             f"WHERE f.status='pending' AND f.seq>? ORDER BY f.seq LIMIT ?", (after_seq, limit))
-        return [(Feedback(*r[:12]), _row_to_completion(r[12:])) for r in rows]
+        return [(Feedback(*r[:NUM_FEEDBACK_COLS]), _row_to_completion(r[NUM_FEEDBACK_COLS:])) for r in rows]
 
     def mark_trained(self, seqs: list[int]) -> None:
         """Mark pending rows trained. A seq replaced since it was read matches nothing, so the

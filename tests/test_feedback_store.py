@@ -13,7 +13,7 @@ import pytest
 
 from common.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
 from store.feedback_records import MAX_TEXT_BYTES, CompletionRecord, Feedback
-from store.feedback_store import FeedbackStore
+from store.feedback_store import SCHEMA_VERSION, FeedbackStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_creates_parent_dirs_wal_and_schema(tmp_path):
     FeedbackStore(path).close()
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == 1
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == SCHEMA_VERSION == 2
     conn.close()
 
 
@@ -77,7 +77,7 @@ def test_add_feedback_creates_pending_row(seeded):
     assert seeded.get_feedback(fb.feedback_id, api_key_id="key-a") == fb
     assert fb.to_public_dict() == {
         "feedback_id": fb.feedback_id, "id": "chatcmpl-1", "choice_index": 0, "rating": 1,
-        "stars": None, "comment": "nice", "better_response": None, "status": "pending",
+        "stars": None, "reward": None, "comment": "nice", "better_response": None, "status": "pending",
         "created": fb.created}
 
 

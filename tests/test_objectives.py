@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from common.errors import ConfigError, InvalidRequestError
-from trainer.objectives import (RunningMean, kto_loss, pg_loss, response_logprobs, reward,
+from trainer.config import TrainerConfig
+from trainer.objectives import (RunningMean, batch_loss, kto_loss, pg_loss, response_logprobs, reward,
                                 sft_loss)
+from trainer.reuse import TrainRecord
 
 
 def leaves(*rows: list[float]) -> list[torch.Tensor]:
@@ -100,6 +102,49 @@ def test_kto_pushes_desirable_up_and_undesirable_down():
     kto_loss(logp, ref, torch.tensor([True, False])).backward()
     assert torch.all(logp[0].grad < 0)          # descent raises the desirable response
     assert torch.all(logp[1].grad > 0)          # and lowers the undesirable one
+
+
+def test_kto_weights_scale_each_record_and_default_to_one():
+    logp = leaves([-1.0, -2.0], [-0.5])
+    ref = [torch.tensor([-1.5, -2.5]), torch.tensor([-1.0])]
+    desirable = torch.tensor([True, False])
+    beta, kl = 0.5, 0.1
+    got = kto_loss(logp, ref, desirable, beta=beta, kl_ref=kl, weights=torch.tensor([0.25, 1.0]))
+    want = (0.25 * (1 - sig(beta * 1.0 - kl)) + (1 - sig(kl - beta * 0.5))) / 2
+    assert got.item() == pytest.approx(want, abs=1e-6)
+    ones = kto_loss(logp, ref, desirable, beta=beta, kl_ref=kl, weights=torch.ones(2))
+    assert ones.item() == pytest.approx(kto_loss(logp, ref, desirable, beta=beta, kl_ref=kl).item())
+    with pytest.raises(InvalidRequestError):
+        kto_loss(logp, ref, desirable, weights=torch.ones(3))
+
+
+def _served(weights: list[float]) -> tuple[list[torch.Tensor], list[TrainRecord]]:
+    """Records with the same logprobs [-1, -2], as at serving time (pg's ratio 1: unclipped), rated `weights`."""
+    records = [TrainRecord(("r", i), [1, 2], [3, 4], [-1.0, -2.0], w) for i, w in enumerate(weights)]
+    return leaves(*[[-1.0, -2.0] for _ in weights]), records
+
+
+@pytest.mark.parametrize("objective", ["kto", "pg"])
+def test_a_graders_reward_is_the_records_weight_in_kto_and_pg(objective):
+    """A reward of 0.25 pushes a record a quarter as hard as a thumbs up (kto: |reward| weighs the record;
+    pg: the reward is the advantage, the baseline at 0), in the same direction; -0.25 the other way."""
+    config, grads = TrainerConfig(objective=objective), {}
+    for weight in (1.0, 0.25, -0.25):
+        logp, records = _served([weight])
+        batch_loss(config, RunningMean(), logp, records).backward()
+        grads[weight] = logp[0].grad
+    assert torch.all(grads[1.0] < 0) and torch.all(grads[0.25] < 0) and torch.all(grads[-0.25] > 0)
+    if objective == "pg":
+        assert torch.allclose(grads[0.25], grads[1.0] / 4) and torch.allclose(grads[-0.25], -grads[0.25])
+    else:                                # kto's value is not symmetric: only the scale is the weight's
+        assert torch.allclose(grads[0.25], grads[1.0] / 4)
+
+
+def test_sft_trains_positive_rewards_by_their_size_and_ignores_the_rest():
+    logp, records = _served([0.25, 1.0, -0.5, 0.0])
+    batch_loss(TrainerConfig(objective="sft"), RunningMean(), logp, records).backward()
+    assert torch.allclose(logp[0].grad * 4, logp[1].grad) and torch.all(logp[1].grad < 0)
+    assert torch.all(logp[2].grad == 0) and torch.all(logp[3].grad == 0)
 
 
 def test_kto_validates():

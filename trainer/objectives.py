@@ -65,12 +65,13 @@ def sft_loss(logp: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
 
 def kto_loss(logp: list[torch.Tensor], ref_logp: list[torch.Tensor], desirable: torch.Tensor,
              beta: float = 0.1, lambda_d: float = 1.0, lambda_u: float = 1.0,
-             kl_ref: float | torch.Tensor = 0.0) -> torch.Tensor:
+             kl_ref: float | torch.Tensor = 0.0, weights: torch.Tensor | None = None) -> torch.Tensor:
     """KTO with the serving-time logprobs as reference.
 
     r_i = beta * sum_t (logp_it - ref_it); z0 = max(kl_ref, 0), detached, in the units of r (i.e.
     beta * KL estimate); value_i = lambda_d * sigmoid(r_i - z0) if desirable else
-    lambda_u * sigmoid(z0 - r_i); loss = mean_i (lambda_i - value_i).
+    lambda_u * sigmoid(z0 - r_i); loss = mean_i w_i * (lambda_i - value_i), w_i the record's weight
+    [B] (how strongly it was rated: |reward|; default 1).
     """
     for name, v in (("beta", beta), ("lambda_d", lambda_d), ("lambda_u", lambda_u)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
@@ -84,7 +85,10 @@ def kto_loss(logp: list[torch.Tensor], ref_logp: list[torch.Tensor], desirable: 
     lam = torch.where(desirable, torch.tensor(float(lambda_d), device=device),
                       torch.tensor(float(lambda_u), device=device))          # [B]
     value = lam * torch.sigmoid(torch.where(desirable, r - z0, z0 - r))      # [B]
-    return (lam - value).mean()
+    if weights is None:
+        return (lam - value).mean()
+    _check(logp, weights, "weights")
+    return (weights.float().to(device) * (lam - value)).mean()
 
 
 def pg_loss(logp: list[torch.Tensor], old_logp: list[torch.Tensor], advantages: torch.Tensor,
@@ -141,7 +145,9 @@ class RunningMean:
 
 def batch_loss(config, baseline: RunningMean, logprobs: list[torch.Tensor], records: list) -> torch.Tensor:
     """The objective `config.objective` (a TrainerConfig's) over served records (those with a key) + SFT
-    over user-written better answers (key None). records: trainer.reuse.TrainRecord, one per logprobs [R_i]."""
+    over user-written better answers (key None). records: trainer.reuse.TrainRecord, one per logprobs [R_i];
+    a record's weight is its reward in [-1, 1] (thumbs and stars map to -1, 0, 1; a grader's reward is
+    used as is): sft weighs good records by it, kto by its size, pg takes it as the reward."""
     device = logprobs[0].device
     served = [i for i, r in enumerate(records) if r.key is not None]
     better = [i for i, r in enumerate(records) if r.key is None]
@@ -155,8 +161,8 @@ def batch_loss(config, baseline: RunningMean, logprobs: list[torch.Tensor], reco
     ref = [torch.tensor(records[i].serving_logprobs, device=device) for i in served]
     if config.objective == "sft":
         return total + sft_loss(lp, rewards)
-    if config.objective == "kto":
-        return total + kto_loss(lp, ref, rewards > 0, beta=config.kto_beta)
+    if config.objective == "kto":          # desirable if rated good; each record weighs |reward|
+        return total + kto_loss(lp, ref, rewards > 0, beta=config.kto_beta, weights=rewards.abs())
     return total + pg_loss(lp, ref, baseline.advantages(rewards), clip_eps=config.pg_clip)
 
 

@@ -42,14 +42,19 @@ class TrainRecord:
         return len(self.prompt_ids) + len(self.response_ids) - 1
 
 
+def better_response_ids(tokenizer, text: str) -> list[int]:
+    """The tokens a user-written better answer trains on: its text's tokens + EOS."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    eos = tokenizer.eos_token_id
+    return ids + ([eos] if isinstance(eos, int) else [])
+
+
 def better_response_record(tokenizer, text: str, prompt_ids: list[int]) -> TrainRecord | None:
     """A user-written better answer to `prompt_ids`: an SFT target (+ EOS), trained by recompute (never
     served, so nothing was captured: key None)."""
     if tokenizer is None:
         return None
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    eos = tokenizer.eos_token_id
-    ids = ids + ([eos] if isinstance(eos, int) else [])
+    ids = better_response_ids(tokenizer, text)
     return TrainRecord(None, prompt_ids, ids, [0.0] * len(ids), 1.0)
 
 
