@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 
 from common.errors import ConfigError
+from common.model_shape import head_dim
 from engine.models.llama import LlamaForCausalLM, RotaryEmbedding
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -19,9 +20,8 @@ def build_empty(hf_config, max_positions: int, device: torch.device, dtype: torc
     model.to_empty(device=device)
     for p in model.parameters():
         p.data = p.data.to(dtype)
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     with torch.device(device):
-        model.model.rotary_emb = RotaryEmbedding(hf_config, head_dim, max_positions)
+        model.model.rotary_emb = RotaryEmbedding(hf_config, head_dim(hf_config), max_positions)
     if getattr(hf_config, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
     return model

@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.context import ForwardContext
 from common.errors import ConfigError
+from common.model_shape import head_dim
+from engine.context import ForwardContext
 from engine.layers import add_rms_norm, rms_norm, rope, silu_mul
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -69,7 +70,7 @@ class LlamaAttention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.head_dim = head_dim(config)
         self.scale = self.head_dim ** -0.5
         qkv_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
         o_bias = bool(getattr(config, "attention_bias", False)) and config.model_type != "qwen2"
@@ -127,8 +128,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.rotary_emb = RotaryEmbedding(config, head_dim, max_positions)
+        self.rotary_emb = RotaryEmbedding(config, head_dim(config), max_positions)
 
     def forward(self, input_ids, positions, ctx):
         x = self.embed_tokens(input_ids)                                   # x: [T, h]
