@@ -5,13 +5,13 @@ Device tier: per layer and group of kinds (`PoolLayout.groups`, e.g. q|k|v) one 
 takes every row that must not be recorded, so a capture is one unconditional row scatter
 (`engine.rows.copy_rows_`) with no host sync, or none at all when a step records one run of slots
 (the projections write the pool directly). Slots are handed out in blocks of `block_size` from a
-free list (`store.free_blocks`: runs of consecutive blocks where it can), like a KV cache; the
-slot of position p is `blocks[p // bs] * bs + p % bs`. The scratch row counts against the budget.
+free list (`store.free_blocks`: runs of consecutive blocks where it can), like a KV cache
+(`common.paging`: position -> slot). The scratch row counts against the budget.
 
-Eviction is LRU over unpinned device records: their captured rows move to the CPU tier when its
-budget allows (dropping older unpinned CPU records to make room), else the record is dropped. A
-dropped record stays (tier "dropped") so the trainer knows to recompute; `release` forgets it
-(store/pool_eviction.py).
+When a reservation needs blocks, the eviction policy (store/pool_eviction.py; LRU over unpinned
+records) chooses victims: their captured rows move to the pinned-CPU tier (store/host_tier.py) when
+its budget allows, else the record is dropped. A dropped record stays (tier "dropped") so the
+trainer knows to recompute; `release` forgets it.
 Bookkeeping is plain Python under one lock; torch only holds the bytes.
 
 Engine contract: within a step call `reserve`/`extend` for every sequence *before* building any
@@ -28,15 +28,17 @@ from typing import Hashable
 import torch
 
 from common.errors import ConfigError, ConflictError, InvalidRequestError
+from common.paging import paged_slots
 from store.free_blocks import FreeBlocks
-from store.pool_eviction import TierEviction
-from store.pool_layout import (TIERS, ActivationMissingError, ActivationRecord, PoolLayout,
+from store.host_tier import HostTier
+from store.pool_eviction import EvictionPolicy, LRUEviction
+from store.pool_layout import (TIERS, ActivationMissingError, ActivationRecord, DeviceBuffers, PoolLayout,
                                num_slots_for, resolve_positions, fetch_beats_recompute)
 
 
-class ActivationPool(TierEviction):
+class ActivationPool:
     def __init__(self, layout: PoolLayout, budget_bytes: int, block_size: int = 16,
-                 cpu_budget_bytes: int = 0):
+                 cpu_budget_bytes: int = 0, eviction: EvictionPolicy | None = None):
         if block_size < 1 or budget_bytes < 0 or cpu_budget_bytes < 0:
             raise ConfigError(f"activation pool needs block_size >= 1 and budgets >= 0, got "
                               f"block_size={block_size} budget_bytes={budget_bytes} "
@@ -46,22 +48,14 @@ class ActivationPool(TierEviction):
         self.num_slots = num_slots_for(layout, budget_bytes, block_size)
         self.num_blocks = self.num_slots // block_size
         self.scratch_slot = self.num_slots
-        # per group one [layers, num_slots + 1, width] tensor, so a step slices each group's rows once
-        stacked = {group: torch.empty(layout.num_layers, self.num_slots + 1, layout.width(group),
-                                      dtype=layout.dtype, device=layout.device) for group in layout.groups}
-        columns = {(kind,): part for group, rows in stacked.items()     # (kind,) -> [layers, slots + 1, dim]
-                   for kind, part in zip(group, rows.split([layout.dims[k] for k in group], dim=2))}
-        layers = range(layout.num_layers)
-        self._group_buffers = {(layer, group): rows[layer] for group, rows in stacked.items() for layer in layers}
-        self._buffers = {(layer, kind): part[layer] for (kind,), part in columns.items() for layer in layers}
-        # kinds -> the rows projections `kinds` write in place: a group's tensor, or one kind's columns
-        self.direct_buffers = {**columns, **stacked}
+        buffers = DeviceBuffers(layout, self.num_slots + 1)
+        self._group_buffers, self._buffers = buffers.per_group, buffers.per_kind
+        self.direct_buffers = buffers.direct        # kinds -> [layers, slots + 1, width]: written in place
         self._free_blocks = FreeBlocks(self.num_blocks)      # runs of consecutive blocks where possible
         self._records: OrderedDict[Hashable, ActivationRecord] = OrderedDict()  # LRU first
-        self._cpu_bytes = 0
+        self._eviction = eviction or LRUEviction()
+        self._host = HostTier(layout, cpu_budget_bytes)
         self._index_cache: dict[Hashable, tuple[int, int, torch.Tensor]] = {}
-        self._cuda = layout.device.type == "cuda"
-        self._side_stream = torch.cuda.Stream(layout.device) if self._cuda else None
         self._block_ready: dict[int, torch.cuda.Event] = {}   # block -> its D2H copy is done
         self._lock = threading.RLock()
         self.evictions_to_cpu = 0
@@ -119,9 +113,9 @@ class ActivationPool(TierEviction):
             if start < 0 or count < 0:
                 raise InvalidRequestError(f"bad slot range start={start} count={count}")
             end = record.num_tokens if record.tier == "device" else 0
-            bs = self.block_size
-            return [record.blocks[p // bs] * bs + p % bs if p < end else self.scratch_slot
-                    for p in range(start, start + count)]
+            stop = start + count
+            mid = min(max(end, start), stop)          # positions [start, mid) are reserved
+            return paged_slots(record.blocks, start, mid, self.block_size) + [self.scratch_slot] * (stop - mid)
 
     def slot_run(self, key: Hashable, start: int, count: int) -> int | None:
         """The slot of row `start` when rows [start, start + count) are reserved on the device in
@@ -197,14 +191,7 @@ class ActivationPool(TierEviction):
             self._touch(record)
             if record.tier == "device":
                 return buffer.index_select(0, self._slot_index(record, start, stop))  # [n, dim]
-            rows = record.cpu_rows[(layer, kind)][start:stop]                          # [n, dim]
-            if not self._cuda:
-                return rows.to(self.layout.device, copy=True)
-            with torch.cuda.stream(self._side_stream):
-                out = rows.to(self.layout.device, non_blocking=True)
-            torch.cuda.current_stream(self.layout.device).wait_stream(self._side_stream)
-            out.record_stream(torch.cuda.current_stream(self.layout.device))
-            return out
+            return self._host.fetch(record.cpu_rows[(layer, kind)][start:stop])       # [n, dim]
 
     def device_slots(self, key: Hashable, positions: slice | None = None) -> torch.Tensor:
         """Pool slots `[n]` of a device-tier record's rows, for `gather_slots` (one index for all layers)."""
@@ -238,7 +225,7 @@ class ActivationPool(TierEviction):
                 records[record.tier] += 1
             used_blocks = self.num_blocks - len(self._free_blocks)
             bpt = self.layout.bytes_per_token
-            return {"bytes": {"device": used_blocks * self.block_size * bpt, "cpu": self._cpu_bytes},
+            return {"bytes": {"device": used_blocks * self.block_size * bpt, "cpu": self._host.bytes_used},
                     "records": records,
                     "pinned_records": sum(r.pinned for r in self._records.values()),
                     "evictions_to_cpu": self.evictions_to_cpu, "drops": self.drops,
@@ -266,6 +253,41 @@ class ActivationPool(TierEviction):
                 torch.cuda.current_stream(self.layout.device).wait_event(event)
         return blocks
 
+    # -- eviction: the policy chooses, the pool moves the bytes ---------------------
+    def _make_room(self, needed: int, exclude: Hashable | None) -> bool:
+        """Evict what the policy chooses until `needed` blocks are free; False changes nothing."""
+        blocks_short = needed - len(self._free_blocks)
+        if blocks_short <= 0:
+            return True
+        victims = self._eviction.device_victims(self._records.values(), blocks_short, exclude)
+        if victims is None:
+            return False
+        for record in victims:
+            self._evict(record)
+        return True
+
+    def _evict(self, record: ActivationRecord) -> None:
+        """A device record to the CPU tier when the policy makes room there for it, else dropped."""
+        drops = None
+        if record.captured:
+            bytes_short = self._host.shortfall(record.captured)
+            drops = self._eviction.host_victims(self._records.values(), record, bytes_short,
+                                                self.layout.bytes_per_token)
+        if drops is None:
+            self._drop(record)
+            return
+        for other in drops:
+            self._drop(other)
+        rows, copy_done = self._host.store(self._group_buffers, self._slot_index(record, 0, record.captured))
+        self._free_storage(record, copy_done)
+        record.tier, record.cpu_rows = "cpu", rows
+        self.evictions_to_cpu += 1
+
+    def _drop(self, record: ActivationRecord) -> None:
+        self._free_storage(record, copy_done=None)
+        record.tier = "dropped"
+        self.drops += 1
+
     def _free_storage(self, record: ActivationRecord, copy_done) -> None:
         """Return the record's blocks to the free list and its CPU bytes to the CPU budget."""
         for block in record.blocks:
@@ -273,7 +295,7 @@ class ActivationPool(TierEviction):
                 self._block_ready[block] = copy_done
             self._free_blocks.put(block)
         if record.tier == "cpu":
-            self._cpu_bytes -= record.captured * self.layout.bytes_per_token
+            self._host.free(record.captured)
         record.blocks, record.cpu_rows = [], None
         self._index_cache.pop(record.key, None)
 
@@ -281,8 +303,7 @@ class ActivationPool(TierEviction):
         cached = self._index_cache.get(record.key)
         if cached is not None and cached[:2] == (start, stop):
             return cached[2]
-        bs = self.block_size
-        slots = [record.blocks[p // bs] * bs + p % bs for p in range(start, stop)]
+        slots = paged_slots(record.blocks, start, stop, self.block_size)
         index = torch.tensor(slots, dtype=torch.long, device=self.layout.device)  # [n]
         self._index_cache[record.key] = (start, stop, index)
         return index

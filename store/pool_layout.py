@@ -1,5 +1,6 @@
-"""The activation pool's shapes and records: what one captured token costs, one record's bookkeeping,
-and the small pure helpers the pool uses (budget -> slots, position ranges, the fetch-vs-recompute hedge)."""
+"""The activation pool's shapes and records: which projections it stores and how they are grouped,
+what one captured token costs, one record's bookkeeping, and the small pure helpers the pool uses
+(budget -> slots, position ranges, the fetch-vs-recompute hedge)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,8 +9,18 @@ from typing import Hashable
 import torch
 
 from common.errors import ConfigError, InvalidRequestError
+from common.model_shape import head_dim
 
 TIERS = ("device", "cpu", "dropped")
+KINDS = ("q", "k", "v", "o", "gate", "up", "down")      # the base projections of a decoder layer
+GROUPS = (("q", "k", "v"), ("gate", "up"))   # one GEMM each on CUDA (engine/packing.py): one pool buffer each
+
+
+def projection_dims(hf_config) -> dict[str, int]:
+    """kind -> output width of that projection in a model of `hf_config` (a Llama-family config)."""
+    heads, kv, d = hf_config.num_attention_heads, hf_config.num_key_value_heads, head_dim(hf_config)
+    h, i = hf_config.hidden_size, hf_config.intermediate_size
+    return {"q": heads * d, "k": kv * d, "v": kv * d, "o": h, "gate": i, "up": i, "down": h}
 
 
 class ActivationMissingError(LookupError):
@@ -40,6 +51,11 @@ class PoolLayout:
         alone = tuple((kind,) for kind in self.dims if kind not in grouped)
         object.__setattr__(self, "groups", tuple(tuple(g) for g in self.groups if g) + alone)
 
+    @classmethod
+    def for_model(cls, hf_config, dtype: torch.dtype, device: torch.device) -> "PoolLayout":
+        """Every projection of every layer of the model, grouped as serving computes them (GROUPS)."""
+        return cls(hf_config.num_hidden_layers, projection_dims(hf_config), dtype, device, GROUPS)
+
     def width(self, kinds: tuple[str, ...]) -> int:
         return sum(self.dims[kind] for kind in kinds)
 
@@ -55,6 +71,22 @@ class PoolLayout:
     @property
     def bytes_per_token(self) -> int:
         return self.num_layers * self.bytes_per_layer_row
+
+
+class DeviceBuffers:
+    """The device tier's tensors of a layout, `num_rows` rows each: per group one
+    [layers, num_rows, width] tensor (a step slices each group's rows once), every kind a column slice."""
+
+    def __init__(self, layout: PoolLayout, num_rows: int):
+        stacked = {group: torch.empty(layout.num_layers, num_rows, layout.width(group),
+                                      dtype=layout.dtype, device=layout.device) for group in layout.groups}
+        columns = {(kind,): part for group, rows in stacked.items()     # (kind,) -> [layers, rows, dim]
+                   for kind, part in zip(group, rows.split([layout.dims[k] for k in group], dim=2))}
+        layers = range(layout.num_layers)
+        self.per_group = {(layer, group): rows[layer] for group, rows in stacked.items() for layer in layers}
+        self.per_kind = {(layer, kind): part[layer] for (kind,), part in columns.items() for layer in layers}
+        # kinds -> the rows projections `kinds` write in place: a group's tensor, or one kind's columns
+        self.direct = {**columns, **stacked}
 
 
 @dataclass

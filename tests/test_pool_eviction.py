@@ -5,8 +5,12 @@ import random
 import pytest
 import torch
 
+from common.errors import AlchemistError
 from store.activation_pool import ActivationMissingError, ActivationPool, PoolLayout
-from tests.pool_helpers import BPT, BS, assert_gathers, capture, check_invariants, evictable_blocks, make_pool
+from store.pool_eviction import LRUEviction
+from store.pool_layout import ActivationRecord
+from tests.pool_helpers import (BPT, BS, LAYOUT, assert_gathers, capture, check_invariants, evictable_blocks,
+                                make_pool)
 
 
 def test_lru_eviction_order_and_touch():
@@ -19,6 +23,37 @@ def test_lru_eviction_order_and_touch():
     pool.extend("c", 5)                              # needs a block: evicts a (c and d are newer)
     assert pool.get("a").tier == "dropped" and pool.get("c").tier == "device"
     assert pool.stats()["drops"] == 2 and pool.stats()["records"]["dropped"] == 2
+    check_invariants(pool)
+
+
+def test_lru_policy_chooses_without_moving_anything():
+    """The policy object alone: victims least recently used first, never pinned, excluded or off-tier
+    records; None when the candidates cannot cover the shortfall."""
+    records = [ActivationRecord("a", 8, [0, 1]), ActivationRecord("b", 4, [2], pinned=True),
+               ActivationRecord("c", 4, [3]), ActivationRecord("d", 4, [4]),
+               ActivationRecord("e", 4, tier="cpu", captured=3),
+               ActivationRecord("f", 4, tier="cpu", captured=2)]
+    lru = LRUEviction()
+    assert [r.key for r in lru.device_victims(records, 3, exclude=None)] == ["a", "c"]
+    assert [r.key for r in lru.device_victims(records, 2, exclude="a")] == ["c", "d"]
+    assert lru.device_victims(records, 5, exclude=None) is None
+    assert lru.host_victims(records, records[3], 0, BPT) == []              # it fits: nothing dropped
+    assert lru.host_victims(records, records[3], BPT, BPT) is None          # e, f are newer than d
+    incoming = ActivationRecord("g", 4)
+    assert [r.key for r in lru.host_victims(records + [incoming], incoming, 4 * BPT, BPT)] == ["e", "f"]
+    assert [r.tier for r in records] == ["device"] * 4 + ["cpu"] * 2      # choosing moved nothing
+
+
+def test_pool_evicts_only_what_its_policy_chooses():
+    class KeepAll:
+        def device_victims(self, records, blocks_short, exclude):
+            return None
+
+        def host_victims(self, records, incoming, bytes_short, bytes_per_token):
+            return None
+    pool = ActivationPool(LAYOUT, (BS + 1) * BPT, block_size=BS, eviction=KeepAll())
+    assert pool.reserve("a", BS) is not None and pool.reserve("b", BS) is None
+    assert pool.get("a").tier == "device" and pool.stats()["drops"] == 0
     check_invariants(pool)
 
 
@@ -66,7 +101,8 @@ def test_drop_without_cpu_budget_then_gather_raises():
     assert pool.get("a").tier == "dropped"
     with pytest.raises(ActivationMissingError) as err:
         pool.gather("a", 0, "q")
-    assert err.value.status_code == 404
+    assert "recompute" in str(err.value)
+    assert not isinstance(err.value, AlchemistError)         # an internal signal, not a client error
     with pytest.raises(ActivationMissingError):
         pool.gather("never", 0, "q")
 
