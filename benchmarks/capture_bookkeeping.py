@@ -13,12 +13,12 @@ import time
 import torch
 
 from benchmarks.common import emit, git_commit
-from engine.capture import GROUPS, CaptureManager
+from engine.capture import CaptureManager
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 from store.activation_pool import ActivationPool
-from store.pool_layout import PoolLayout
+from store.pool_layout import GROUPS, PoolLayout
 
 LLAMA_8B_DIMS = {"q": 4096, "k": 1024, "v": 1024, "o": 4096, "gate": 14336, "up": 14336, "down": 4096}
 
@@ -32,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     layout = PoolLayout(32, LLAMA_8B_DIMS, torch.bfloat16, torch.device("meta"), GROUPS)
     pool = ActivationPool(layout, int(args.pool_gib * (1 << 30)), 16)
-    capture = CaptureManager(pool, "prefill")
+    capture = CaptureManager(pool, captures_decode=False)
     params = SamplingParams(max_tokens=1)
     times = []
     for i in range(args.steps):            # the pool fills after a few prompts: later ones evict
@@ -40,7 +40,7 @@ def main() -> None:
         start = time.perf_counter()
         slots = capture.slot_mapping(ScheduledBatch([seq], [args.prompt_len]))
         torch.tensor(slots, dtype=torch.int64)
-        capture.commit(0)
+        capture.end(0)
         times.append(time.perf_counter() - start)
     emit({"commit": git_commit(), "prompt_len": args.prompt_len, "pool_slots": pool.num_slots,
           "median_ms": statistics.median(times) * 1e3, "evictions": pool.drops},

@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: model shapes, device ceilings, timing, reporting."""
+"""Shared benchmark helpers: model shapes, building an engine, device ceilings, timing, reporting."""
 from __future__ import annotations
 
 import gc
@@ -9,6 +9,10 @@ import subprocess
 import time
 
 import torch
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.setup import build_activation_pool, build_engine_parts
 
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
@@ -23,6 +27,13 @@ LLAMA_1B = dict(LLAMA_8B, hidden_size=2048, intermediate_size=8192, num_hidden_l
 def llama_config(shape: dict):
     from transformers import LlamaConfig
     return LlamaConfig(**shape)
+
+
+def build_engine(cfg: EngineConfig, hf_config=None) -> LLMEngine:
+    """The benchmarks' composition root: the engine's parts, the activation pool its config asks for
+    (built before the engine sizes its KV cache), and the engine."""
+    parts = build_engine_parts(cfg, hf_config=hf_config)
+    return LLMEngine(cfg, parts, build_activation_pool(cfg, parts))
 
 
 def git_commit() -> str:

@@ -14,12 +14,11 @@ import time
 
 import torch
 
-from benchmarks.common import emit, git_commit, llama_config
+from benchmarks.common import build_engine, emit, git_commit, llama_config
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.packing import pack_model
 from engine.sampling_params import SamplingParams
-from engine.setup import build_engine_parts
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096, rms_norm_eps=1e-5)
@@ -29,7 +28,7 @@ MODES = {"none": "none", "prefill": "prefill", "none:control": "none"}
 def engine_for(capture: str) -> LLMEngine:
     cfg = EngineConfig(load_format="random", device="cpu", dtype="float32", num_kv_blocks=1024, seed=0,
                        capture=capture, activation_pool_bytes=256 << 20)
-    engine = LLMEngine(cfg, build_engine_parts(cfg, hf_config=llama_config(SHAPE)))
+    engine = build_engine(cfg, llama_config(SHAPE))
     pack_model(engine.runner.model)
     if engine.activation_pool is not None:      # touch the pool's pages: a first write would page-fault
         for rows in engine.activation_pool.direct_buffers.values():   # (the CPU's cost, not the GPU's)

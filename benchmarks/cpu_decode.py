@@ -8,10 +8,9 @@ import time
 
 import torch
 
-from benchmarks.common import emit, git_commit
+from benchmarks.common import build_engine, emit, git_commit
 from engine.config import EngineConfig
 from engine.embedded_model import ensure_default_model
-from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -35,7 +34,7 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
     model_dir = str(ensure_default_model())
-    engine = LLMEngine(EngineConfig(model=model_dir))
+    engine = build_engine(EngineConfig(model=model_dir))
     tok = engine.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
     prompt = tok(text, add_special_tokens=False).input_ids

@@ -12,8 +12,9 @@ import time
 
 import torch
 
-from benchmarks.common import LLAMA_1B, LLAMA_8B, copy_bandwidth, emit, event_time, git_commit
+from benchmarks.common import LLAMA_1B, LLAMA_8B, copy_bandwidth, emit, event_time, git_commit, llama_config
 from benchmarks.gpu_serving import _last_logits, hf_twin, make_engine
+from common.model_shape import head_dim
 from engine.sampling_params import SamplingParams
 
 
@@ -29,7 +30,8 @@ def step_breakdown(engine) -> dict:
         t0 = time.perf_counter()
         batch = engine.scheduler.schedule()
         t1 = time.perf_counter()
-        input_ids, positions, ctx, _ = runner.prepare(batch)
+        capture = engine.capture.begin(batch) if engine.capture is not None else None
+        input_ids, positions, ctx, _ = runner.prepare(batch, capture)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
         with torch.inference_mode():
@@ -54,7 +56,7 @@ def step_breakdown(engine) -> dict:
 
 def gemv_floor(shape: dict) -> dict:
     h, i = shape["hidden_size"], shape["intermediate_size"]
-    hd = h // shape["num_attention_heads"]
+    hd = head_dim(llama_config(shape))
     kv = shape["num_key_value_heads"] * hd
     x = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
     xi = torch.randn(1, i, device="cuda", dtype=torch.bfloat16)

@@ -14,11 +14,11 @@ import time
 
 import torch
 
-from benchmarks.common import LLAMA_1B, LLAMA_8B, copy_bandwidth, emit, git_commit, llama_config, matmul_tflops, timed
+from benchmarks.common import (LLAMA_1B, LLAMA_8B, build_engine, copy_bandwidth, emit, git_commit, llama_config,
+                               matmul_tflops, timed)
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from engine.setup import build_engine_parts
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -27,7 +27,7 @@ def make_engine(shape: dict, kv_gib: float, **overrides) -> LLMEngine:
     options = dict(load_format="random", device=DEVICE, kv_cache_bytes=int(kv_gib * (1 << 30)),
                    max_num_seqs=256, max_num_batched_tokens=8192, cuda_graph_max_batch=128)
     cfg = EngineConfig(**{**options, **overrides})
-    return LLMEngine(cfg, build_engine_parts(cfg, hf_config=llama_config(shape)))
+    return build_engine(cfg, llama_config(shape))
 
 
 def hf_twin(engine: LLMEngine):

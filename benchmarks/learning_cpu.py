@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import build_engine
 from engine.config import EngineConfig
 from engine.embedded_model import ensure_default_model
-from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from store.feedback_store import CompletionRecord, FeedbackStore
 from trainer.config import TrainerConfig
@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--max-update-norm", type=float, default=None)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
-    engine = LLMEngine(EngineConfig(model=str(ensure_default_model())))
+    engine = build_engine(EngineConfig(model=str(ensure_default_model())))
     store = FeedbackStore(tmp / "alchemist.db")
     config = TrainerConfig(lr=args.lr, objective=args.objective, checkpoint_every=1000, duty_cycle=1.0,
                            max_records_per_step=8, min_records_per_step=1,

@@ -1,7 +1,7 @@
 """Host time of the phases of an engine step, for finding where a step's wall time goes beyond its
-kernels: scheduling, `prepare` (host tensors, capture slots), launching the model forward (no sync:
-the time until the forward returns), the rest of `execute` (LM head, sampling, and waiting for the
-step's one host sync), and the capture commit.
+kernels: scheduling, the capture's `begin` (reservations, capture slots), `prepare` (host tensors),
+launching the model forward (no sync: the time until the forward returns), the rest of `execute` (LM
+head, sampling, and waiting for the step's one host sync), and the capture's `end`.
 
     with StepPhases(engine) as phases:
         ...engine.step()...
@@ -25,7 +25,8 @@ class StepPhases:
         self._wrap(runner, "prepare")
         self._wrap(runner, "execute")
         if engine.capture is not None:
-            self._wrap(engine.capture, "commit")
+            self._wrap(engine.capture, "begin")
+            self._wrap(engine.capture, "end")
         start = {}
         hooks = [runner.model.register_forward_pre_hook(lambda *_: start.update(t=time.perf_counter())),
                  runner.model.register_forward_hook(

@@ -1,46 +1,61 @@
 """Which rows of a serving step are recorded into the activation pool (DESIGN §3), host side.
 
-Modes: `none`, `prefill` (prompt rows), `prefill+decode` (prompt rows and every decoded row that a
-training forward over [prompt | response] needs). Policy: a request's own `capture` (true / false),
-else every request while the pool has room, or a deterministic share (`capture_fraction`); unpinned
-records are evicted LRU by the pool. A record is keyed by (response id, choice index)
-and its rows carry the adapter version that produced them.
+One begin/end pair per engine step, both called by `LLMEngine.step`: `begin(batch)` reserves the
+records' rows and returns the step's `CaptureMetadata` (the forward writes the rows through it),
+`end(adapter_version)` marks the rows written. The pool's layout and bytes are store/'s.
+
+Modes (`EngineConfig.capture`): `none` (no manager), `prefill` (prompt rows), `prefill+decode`
+(prompt rows and every decoded row that a training forward over [prompt | response] needs). Policy: a
+request's own `capture` (true / false), else every request while the pool has room, or a
+deterministic share (`capture_fraction`); unpinned records are evicted LRU by the pool. A record is
+keyed by (response id, choice index) and its rows carry the adapter version that produced them.
 """
 from __future__ import annotations
 
 import zlib
 
-from common.errors import ConfigError
+import torch
+
+from engine.context import CaptureMetadata, to_device
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
-
-CAPTURE_MODES = ("none", "prefill", "prefill+decode")
-KINDS = ("q", "k", "v", "o", "gate", "up", "down")
-GROUPS = (("q", "k", "v"), ("gate", "up"))   # one GEMM each on CUDA (engine/packing.py): one pool buffer each
 
 
 def record_key(seq: Sequence) -> tuple[str, int]:
     return seq.record_key                # (response id, choice index), as the feedback names it
 
 
-def projection_dims(hf_config) -> dict[str, int]:
-    heads, kv = hf_config.num_attention_heads, hf_config.num_key_value_heads
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    h, i = hf_config.hidden_size, hf_config.intermediate_size
-    return {"q": heads * head_dim, "k": kv * head_dim, "v": kv * head_dim, "o": h,
-            "gate": i, "up": i, "down": h}
-
-
 class CaptureManager:
-    def __init__(self, pool, mode: str, fraction: float = 1.0):
-        if mode not in CAPTURE_MODES:
-            raise ConfigError(f"capture={mode!r}: use one of {CAPTURE_MODES}")
-        self.pool = pool
-        self.mode = mode
+    def __init__(self, pool, captures_decode: bool, fraction: float = 1.0, side_stream: bool = False):
+        """`side_stream` (CUDA pools): eager steps copy their rows on a stream of their own, joined
+        before the step ends (`EngineConfig.capture_stream`)."""
+        self.pool = pool                    # store.activation_pool.ActivationPool
         self.fraction = fraction
-        self.captures_decode = mode == "prefill+decode"
+        self.captures_decode = captures_decode
+        device = pool.layout.device
+        self.side_stream = torch.cuda.Stream(device, priority=-100) \
+            if side_stream and device.type == "cuda" else None
         self._pending: dict[tuple[str, int], tuple[int, int]] = {}   # key -> rows written this step
         self.steps = {"one_run": 0, "scattered": 0}    # steps whose recorded rows are one run of slots, or not
+
+    def begin(self, batch: ScheduledBatch) -> CaptureMetadata | None:
+        """Before the forward of `batch`: reserve its recorded rows; what the forward writes where
+        (None when no row of it is recorded). No host sync: the slots go up pinned, non-blocking."""
+        slots = self.slot_mapping(batch)
+        if slots is None:
+            return None
+        first_slot = self.run_start(slots) if self.side_stream is None else None
+        device = self.pool.layout.device
+        slot_mapping = to_device(slots, torch.int64, device) if first_slot is None else None   # [T]
+        return CaptureMetadata(self.pool, slot_mapping, self.side_stream, first_slot)
+
+    def end(self, adapter_version: int) -> None:
+        """After the step: the rows written this step extend each record's contiguous capture."""
+        for key, (first_row, end_row) in self._pending.items():
+            record = self.pool.get(key)
+            if record is not None and first_row <= record.captured < end_row:
+                self.pool.mark_captured(key, end_row, adapter_version)
+        self._pending.clear()
 
     def limit(self, seq: Sequence) -> int:
         """Positions [0, limit) are recorded: the prompt, or every position a training forward uses."""
@@ -125,14 +140,6 @@ class CaptureManager:
                    and (isinstance(slots, range) or slots == list(range(first, first + count))))
         self.steps["one_run" if one_run else "scattered"] += 1
         return first if one_run else None
-
-    def commit(self, adapter_version: int) -> None:
-        """After the step: the rows written this step extend each record's contiguous capture."""
-        for key, (first_row, end_row) in self._pending.items():
-            record = self.pool.get(key)
-            if record is not None and first_row <= record.captured < end_row:
-                self.pool.mark_captured(key, end_row, adapter_version)
-        self._pending.clear()
 
     def release(self, seq: Sequence) -> None:
         self.pool.release(record_key(seq))

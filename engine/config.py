@@ -7,6 +7,8 @@ from pathlib import Path
 
 from common.errors import ConfigError
 
+CAPTURE_MODES = ("none", "prefill", "prefill+decode")   # which rows are recorded (engine/capture.py)
+
 
 def alchemist_home() -> Path:
     return Path(os.environ.get("ALCHEMIST_HOME", Path.home() / ".cache" / "alchemist"))
@@ -59,8 +61,8 @@ class EngineConfig:
             raise ConfigError("kv_cache_memory_fraction must be in (0, 0.95]")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError("num_kv_blocks must be >= 1 (or leave it unset to size from memory)")
-        if self.capture not in ("none", "prefill", "prefill+decode"):
-            raise ConfigError(f"capture={self.capture!r}: use none, prefill or prefill+decode")
+        if self.capture not in CAPTURE_MODES:
+            raise ConfigError(f"capture={self.capture!r}: use one of {CAPTURE_MODES}")
         if self.capture_stream not in ("serving", "side"):
             raise ConfigError(f"capture_stream={self.capture_stream!r}: use serving or side")
         if not 0.0 <= self.capture_fraction <= 1.0:

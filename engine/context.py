@@ -16,6 +16,15 @@ from engine.packing import add_lora, linear_into, lora_added, packed_lora, packe
 from engine.rows import copy_rows_
 
 
+def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on `device`; on CUDA through pinned memory, non-blocking (no host sync:
+    the copy is ordered on the current stream)."""
+    t = torch.tensor(data, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
 def base_module(module: nn.Module) -> nn.Module:
     """The frozen base projection of a (possibly adapter-wrapped) projection module."""
     if type(module) is nn.Linear:       # the hot path: getattr's miss on a module raises and catches
@@ -40,7 +49,8 @@ class ForwardContext:
 
 @dataclass
 class CaptureMetadata:
-    """Rows of this forward to record into the activation pool ([T] slots; scratch = not recorded)."""
+    """Rows of this forward to record into the activation pool ([T] slots; scratch = not recorded);
+    made by `CaptureManager.begin`, read by the forward's projections and the decode graphs."""
     pool: object                      # store.activation_pool.ActivationPool
     slot_mapping: torch.Tensor | None  # [T] int64; None when first_slot is set (made on demand)
     side_stream: torch.cuda.Stream | None = None   # copy there, overlapping the next GEMMs; join() after

@@ -18,7 +18,10 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, runner, max_batch: int):
+    def __init__(self, runner, max_batch: int, capture_pool=None):
+        """`capture_pool`: the activation pool every graph writes decode rows to (capture
+        prefill+decode), through a static slot buffer filled from each step's CaptureMetadata; None:
+        steps with rows to record run eagerly."""
         self.runner = runner
         self.batch_sizes = graph_batch_sizes(max_batch)
         self.max_batch = self.batch_sizes[-1]
@@ -30,9 +33,7 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(n, runner.max_blocks_per_seq, dtype=torch.int32, device=dev)
-        capture = runner.capture
-        # decode rows are recorded only in prefill+decode mode; then the graphs write the pool too
-        self.capture_pool = capture.pool if capture is not None and capture.captures_decode else None
+        self.capture_pool = capture_pool
         if self.capture_pool is not None:
             self.capture_slots = torch.full((n,), self.capture_pool.scratch_slot, dtype=torch.int64, device=dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}

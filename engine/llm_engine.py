@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from engine.block_manager import BlockManager
 from engine.capture import CaptureManager
 from engine.config import EngineConfig
-from common.errors import InvalidRequestError
+from common.errors import ConfigError, InvalidRequestError
 from engine.model_runner import ModelRunner
 from engine.output_processor import SeqDelta, SequenceTextState
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
-from engine.setup import EngineParts, build_engine_parts
+from engine.setup import EngineParts, build_engine_parts, num_kv_blocks
 from engine.step_signal import StepSignal
 
 
@@ -32,27 +32,33 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, parts: EngineParts | None = None):
+    def __init__(self, config: EngineConfig, parts: EngineParts | None = None, activation_pool=None):
+        """`activation_pool` (store.activation_pool.ActivationPool, built by the composition root with
+        engine.setup.build_activation_pool): where capture records rows; None records nothing."""
         self.config = config
         parts = parts or build_engine_parts(config)
         self.hf_config, self.tokenizer = parts.hf_config, parts.tokenizer
         self.max_model_len = parts.max_model_len
         self.device = parts.device
-        self.block_manager = BlockManager(parts.num_blocks, config.block_size, config.enable_prefix_caching)
+        num_blocks = num_kv_blocks(config, parts.hf_config, parts.device, parts.dtype)  # after the pool's memory
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
         self.scheduler = Scheduler(sched_cfg, self.block_manager, parts.eos_token_ids)
-        self.activation_pool = parts.activation_pool
-        self.capture = None
-        if parts.activation_pool is not None:
-            self.capture = CaptureManager(parts.activation_pool, config.capture, config.capture_fraction)
+        if activation_pool is not None and config.capture == "none":
+            raise ConfigError("capture=none with an activation pool: build none (build_activation_pool)")
+        self.activation_pool = activation_pool
+        self.capture = None                   # the step's begin/end of recording rows into the pool
+        if self.activation_pool is not None:
+            self.capture = CaptureManager(self.activation_pool, config.capture == "prefill+decode",
+                                          config.capture_fraction, config.capture_stream == "side")
         self.adapter_version = 0              # version of the adapter the serving weights hold now
         self.step_signal = StepSignal()       # prompt tokens of the step in flight, for a trainer thread
         self.runner = ModelRunner(
-            parts.model, parts.hf_config, parts.num_blocks, config.block_size, parts.device, parts.dtype,
+            parts.model, parts.hf_config, num_blocks, config.block_size, parts.device, parts.dtype,
             use_cuda_graphs=parts.device.type == "cuda" and not config.enforce_eager,
             cuda_graph_max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs),
-            max_blocks_per_seq=-(-self.max_model_len // config.block_size), capture=self.capture,
-            capture_on_side_stream=config.capture_stream == "side")
+            max_blocks_per_seq=-(-self.max_model_len // config.block_size),
+            decode_capture_pool=self.activation_pool if self.capture and self.capture.captures_decode else None)
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
         self._text_states: dict[int, SequenceTextState] = {}
@@ -124,12 +130,13 @@ class LLMEngine:
                 return []
             self.step_signal.begin(sum(n for n in batch.num_new_tokens if n > 1))
             try:
-                results = self.runner.execute(batch)  # returns after the step's host sync: its kernels ran
+                capture = self.capture.begin(batch) if self.capture is not None else None
+                results = self.runner.execute(batch, capture)  # after the step's host sync: its kernels ran
             finally:
                 self.step_signal.end()
             self.scheduler.postprocess(batch, results)
             if self.capture is not None:
-                self.capture.commit(self.adapter_version)
+                self.capture.end(self.adapter_version)
         return self._process_outputs(batch.seqs, results)
 
     def _process_outputs(self, seqs: list[Sequence], results) -> list[SeqDelta]:

@@ -6,8 +6,10 @@ from contextlib import nullcontext
 
 import torch
 
+from common.model_shape import head_dim
+from common.paging import paged_slots
 from engine.attention import AttentionMetadata
-from engine.context import CaptureMetadata, ServingContext
+from engine.context import CaptureMetadata, ServingContext, to_device
 from engine.cuda_graph import DecodeGraphs
 from engine.sampler import SamplingMetadata, sample
 from engine.scheduler import SampleResult, ScheduledBatch
@@ -17,17 +19,18 @@ from engine.sequence import Sequence
 class ModelRunner:
     def __init__(self, model, hf_config, num_blocks: int, block_size: int, device: torch.device,
                  dtype: torch.dtype, use_cuda_graphs: bool, cuda_graph_max_batch: int, max_blocks_per_seq: int,
-                 capture=None, capture_on_side_stream: bool = False):
+                 decode_capture_pool=None):
         self.model = model
-        self.capture = capture              # engine.capture.CaptureManager or None
+        # the activation pool decode graphs write (capture prefill+decode), None when decode rows are not
+        # recorded: the graphs are captured once, so they hold the pool's buffers from the start
+        self.decode_capture_pool = decode_capture_pool
         self.device, self.dtype = device, dtype
         self.block_size = block_size
         self.vocab_size = hf_config.vocab_size
         self.max_blocks_per_seq = max_blocks_per_seq
         n_kv = hf_config.num_key_value_heads
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         # one extra block at the end: a scratch target for padded rows of CUDA-graph batches
-        shape = (num_blocks + 1, block_size, n_kv, head_dim)
+        shape = (num_blocks + 1, block_size, n_kv, head_dim(hf_config))
         self.scratch_slot = num_blocks * block_size
         self.kv_caches = [(torch.zeros(shape, device=device, dtype=dtype),
                            torch.zeros(shape, device=device, dtype=dtype))
@@ -38,8 +41,6 @@ class ModelRunner:
         # serving runs on a stream of the highest priority: a trainer on a low-priority stream of the same
         # GPU takes only the SMs serving leaves free (the block scheduler prefers high-priority work)
         self.stream = torch.cuda.Stream(device, priority=-100) if device.type == "cuda" else None
-        side = capture is not None and capture_on_side_stream and device.type == "cuda"
-        self.capture_stream = torch.cuda.Stream(device, priority=-100) if side else None
         # held while decode graphs are captured; a trainer thread holds it for each step, so no other
         # thread's CUDA calls invalidate a capture
         self.graph_capture_lock = threading.Lock()
@@ -56,18 +57,17 @@ class ModelRunner:
 
     @staticmethod
     def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-        per_token = 2 * hf_config.num_key_value_heads * head_dim * hf_config.num_hidden_layers
+        per_token = 2 * hf_config.num_key_value_heads * head_dim(hf_config) * hf_config.num_hidden_layers
         return per_token * block_size * torch.tensor([], dtype=dtype).element_size()
 
     # -- inputs ----------------------------------------------------------------
     def _to_device(self, data, dtype) -> torch.Tensor:
-        t = torch.tensor(data, dtype=dtype)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+        return to_device(data, dtype, self.device)
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, ServingContext, list[int]]:
+    def prepare(self, batch: ScheduledBatch, capture: CaptureMetadata | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, ServingContext, list[int]]:
+        """Host lists -> device tensors of the batch; `capture`: its rows to record (from the engine's
+        `CaptureManager.begin`), or None."""
         bs = self.block_size
         input_ids, positions, slots, qsl, lens, logits_idx = [], [], [], [0], [], []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
@@ -75,8 +75,7 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start:start + n])
             pos = range(start, start + n)
             positions.extend(pos)
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            slots.extend(paged_slots(seq.block_table, start, start + n, bs))
             qsl.append(qsl[-1] + n)
             lens.append(start + n)
             if batch.samples(i):
@@ -91,12 +90,7 @@ class ModelRunner:
             max_query_len=max(batch.num_new_tokens), max_seq_len=max(lens),
             is_decode=all(n == 1 for n in batch.num_new_tokens),
             query_start_loc_host=qsl, seq_lens_host=lens)
-        ctx = ServingContext(attn=meta, kv_caches=self.kv_caches, block_size=bs)
-        capture_slots = self.capture.slot_mapping(batch) if self.capture is not None else None
-        if capture_slots is not None:
-            first_slot = self.capture.run_start(capture_slots) if self.capture_stream is None else None
-            slot_mapping = self._to_device(capture_slots, torch.int64) if first_slot is None else None
-            ctx.capture = CaptureMetadata(self.capture.pool, slot_mapping, self.capture_stream, first_slot)
+        ctx = ServingContext(attn=meta, kv_caches=self.kv_caches, block_size=bs, capture=capture)
         return (self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64),
                 ctx, logits_idx)
 
@@ -136,12 +130,14 @@ class ModelRunner:
 
     # -- run -------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
-        input_ids, positions, ctx, logits_idx = self.prepare(batch)
+    def execute(self, batch: ScheduledBatch, capture: CaptureMetadata | None = None
+                ) -> list[SampleResult | None]:
+        """One step's forward and sampling; `capture`: the rows it records (CaptureManager.begin)."""
+        input_ids, positions, ctx, logits_idx = self.prepare(batch, capture)
         sampling_seqs = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         if self.use_cuda_graphs and ctx.attn.is_decode and self.graphs is None:
             with self.graph_capture_lock:
-                self.graphs = DecodeGraphs(self, self.cuda_graph_max_batch)
+                self.graphs = DecodeGraphs(self, self.cuda_graph_max_batch, self.decode_capture_pool)
         if self.graphs is not None and self.graphs.can_run(ctx):
             logits = self.graphs.run(input_ids, positions, ctx)
         else:

@@ -1,4 +1,7 @@
-"""Resolve device/dtype, load config, tokenizer and weights, and size the KV cache."""
+"""What a composition root (server state, check-grad, benchmarks, tests) builds an engine from:
+device/dtype, config, tokenizer and weights (`build_engine_parts`), and the activation pool that it
+hands to the engine (`build_activation_pool`: store/'s pool for this model, sized by the engine
+config); `num_kv_blocks` sizes the KV cache when the engine is made, after the pool took its memory."""
 from __future__ import annotations
 
 import json
@@ -13,6 +16,8 @@ from common.errors import ConfigError
 from engine.loader import build_empty, init_random, load_safetensors
 from engine.model_runner import ModelRunner
 from engine.packing import pack_model
+from store.activation_pool import ActivationPool
+from store.pool_layout import PoolLayout
 
 log = logging.getLogger("alchemist.engine")
 
@@ -28,10 +33,8 @@ class EngineParts:
     model: torch.nn.Module
     device: torch.device
     dtype: torch.dtype
-    num_blocks: int
     max_model_len: int
     eos_token_ids: set[int]
-    activation_pool: object = None       # store.activation_pool.ActivationPool, None when capture is off
 
 
 def resolve_device(name: str) -> torch.device:
@@ -97,6 +100,7 @@ def num_kv_blocks(config: EngineConfig, hf_config, device: torch.device, dtype: 
     blocks = budget // per_block
     if blocks < 2:
         raise ConfigError(f"the KV cache budget of {budget} bytes holds {blocks} blocks: raise kv_cache_bytes")
+    log.info("engine: %d KV blocks of %d tokens", blocks, config.block_size)
     return int(blocks)
 
 
@@ -119,20 +123,18 @@ def build_engine_parts(config: EngineConfig, hf_config=None, tokenizer=None) -> 
     model.eval().requires_grad_(False)     # base weights are frozen; adapters train on their own masters
     if device.type == "cuda":
         pack_model(model)          # q|k|v and gate|up as one GEMM each (same memory, same names)
-    pool = build_activation_pool(config, hf_config, device, dtype)
-    blocks = num_kv_blocks(config, hf_config, device, dtype)
-    log.info("engine: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
-             hf_config.model_type, device, dtype, blocks, config.block_size, max_len)
+    log.info("engine: %s on %s/%s, max_model_len %d", hf_config.model_type, device, dtype, max_len)
     eos = eos_ids(hf_config, tokenizer, generation_eos_id(config.model))
-    return EngineParts(hf_config, tokenizer, model, device, dtype, blocks, max_len, eos, pool)
+    return EngineParts(hf_config, tokenizer, model, device, dtype, max_len, eos)
 
 
-def build_activation_pool(config: EngineConfig, hf_config, device: torch.device, dtype: torch.dtype):
+def build_activation_pool(config: EngineConfig, parts: EngineParts) -> ActivationPool | None:
+    """The activation pool a composition root hands to `LLMEngine` (None when capture is off): every
+    projection of the model (store/'s layout), in `activation_pool_bytes` (else a share of free device
+    memory, 1 GiB on the CPU). Build it before the engine: the KV cache is sized from what is left."""
     if config.capture == "none":
         return None
-    from engine.capture import GROUPS, projection_dims
-    from store.activation_pool import ActivationPool, PoolLayout
-    budget = memory_budget(config.activation_pool_bytes, config.activation_pool_memory_fraction, device,
+    budget = memory_budget(config.activation_pool_bytes, config.activation_pool_memory_fraction, parts.device,
                            DEFAULT_CPU_POOL_BYTES)
-    layout = PoolLayout(hf_config.num_hidden_layers, projection_dims(hf_config), dtype, device, GROUPS)
+    layout = PoolLayout.for_model(parts.hf_config, parts.dtype, parts.device)
     return ActivationPool(layout, budget, config.block_size, config.activation_pool_cpu_bytes)

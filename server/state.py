@@ -10,6 +10,7 @@ from pathlib import Path
 from engine.async_engine import AsyncEngine
 from engine.embedded_model import DEFAULT_MODEL_NAME, default_model_dir, ensure_default_model
 from engine.llm_engine import LLMEngine
+from engine.setup import build_activation_pool, build_engine_parts
 from server.auth import ApiKeys
 from server.config import ServerConfig
 from server.metrics import Metrics
@@ -65,7 +66,9 @@ class ServerState:
         """run_dir: the trainer's checkpoints (default $ALCHEMIST_HOME/runs/<training.run_name>)."""
         if not config.engine.model:
             config.engine.model = str(ensure_default_model())
-        engine = AsyncEngine(LLMEngine(config.engine), max_waiting=config.max_waiting)
+        parts = build_engine_parts(config.engine)
+        pool = build_activation_pool(config.engine, parts)     # before the engine sizes its KV cache
+        engine = AsyncEngine(LLMEngine(config.engine, parts, pool), max_waiting=config.max_waiting)
         store = FeedbackStore(config.resolved_db_path(), config.retention_seconds)
         try:
             return cls(config, engine, store, run_dir)

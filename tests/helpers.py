@@ -2,14 +2,13 @@
 and engine parts, loaded once per test process), and a recorder of every logit the engine computes."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import torch
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.setup import build_engine_parts
+from engine.setup import build_activation_pool, build_engine_parts
 
 TINY_VOCAB = 256
 TINY_EOS = 2
@@ -91,7 +90,7 @@ def tiny_engine(path, **overrides) -> LLMEngine:
     config = EngineConfig(**values)
     parts = build_engine_parts(config, hf_config=AutoConfig.from_pretrained(str(path)),
                                tokenizer=NullTokenizer())
-    return LLMEngine(config, parts)
+    return LLMEngine(config, parts, build_activation_pool(config, parts))
 
 
 @torch.no_grad()
@@ -112,11 +111,11 @@ class LogitRecorder:
         self._pending: list[tuple[object, int]] = []
         original = runner.execute
 
-        def execute(batch):
+        def execute(batch, capture=None):
             self._pending = [(s, s.num_computed_tokens + j)
                              for s, n in zip(batch.seqs, batch.num_new_tokens) for j in range(n)]
             self.num_steps += 1
-            return original(batch)
+            return original(batch, capture)
 
         def hook(module, args, hidden):
             logits = model.compute_logits(hidden).float()
@@ -163,18 +162,18 @@ def chat_ids(tok, text: str) -> list[int]:
 @functools.lru_cache(maxsize=None)
 def _smollm2_parts():
     path, tok, _ = smollm2()
-    config = EngineConfig(model=path, device="cpu", dtype="float32", num_kv_blocks=64)
-    return build_engine_parts(config, tokenizer=tok)
+    return build_engine_parts(EngineConfig(model=path, device="cpu", dtype="float32"), tokenizer=tok)
 
 
 def smollm2_engine(**overrides) -> LLMEngine:
-    """A fresh engine (own KV cache and scheduler) sharing the once-loaded SmolLM2 weights."""
+    """A fresh engine (own KV cache, activation pool and scheduler) sharing the once-loaded SmolLM2
+    weights."""
     path, _, _ = smollm2()
     values = dict(model=path, device="cpu", dtype="float32", num_kv_blocks=96, block_size=16)
     values.update(overrides)
     config = EngineConfig(**values)
-    parts = dataclasses.replace(_smollm2_parts(), num_blocks=config.num_kv_blocks)
-    return LLMEngine(config, parts)
+    parts = _smollm2_parts()
+    return LLMEngine(config, parts, build_activation_pool(config, parts))
 
 
 @torch.no_grad()

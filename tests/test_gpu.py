@@ -51,11 +51,9 @@ def test_triton_paged_attention_matches_reference(dtype, tol, group, n_kv, head_
 
 
 def test_cuda_graph_decode_matches_eager():
-    from benchmarks.common import llama_config
+    from benchmarks.common import build_engine, llama_config
     from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
     from engine.sampling_params import SamplingParams
-    from engine.setup import build_engine_parts
 
     shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
                  num_key_value_heads=2, vocab_size=1000, max_position_embeddings=1024, rms_norm_eps=1e-5,
@@ -67,7 +65,7 @@ def test_cuda_graph_decode_matches_eager():
     for eager in (True, False):
         cfg = EngineConfig(load_format="random", device="cuda", dtype="float32", num_kv_blocks=256,
                            enforce_eager=eager, cuda_graph_max_batch=8, seed=0)
-        engine = LLMEngine(cfg, build_engine_parts(cfg, hf_config=llama_config(shape)))
+        engine = build_engine(cfg, llama_config(shape))
         outs.append(engine.generate(prompts, params))
         assert (engine.runner.graphs is None) == eager
     for eager_seqs, graph_seqs in zip(*outs):
@@ -78,22 +76,20 @@ def test_cuda_graph_decode_matches_eager():
 
 def test_decode_capture_has_no_host_sync():
     """Issue 4: capturing decode rows (prefill+decode) adds no host sync inside the decode forward."""
-    from benchmarks.common import llama_config
+    from benchmarks.common import build_engine, llama_config
     from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
     from engine.sampling_params import SamplingParams
-    from engine.setup import build_engine_parts
 
     shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
                  num_key_value_heads=2, vocab_size=1000, max_position_embeddings=1024, rms_norm_eps=1e-5)
     cfg = EngineConfig(load_format="random", device="cuda", num_kv_blocks=64, capture="prefill+decode",
                        activation_pool_bytes=64 << 20, cuda_graph_max_batch=8, enforce_eager=True)
-    engine = LLMEngine(cfg, build_engine_parts(cfg, hf_config=llama_config(shape)))
+    engine = build_engine(cfg, llama_config(shape))
     engine.add_request("r", list(range(3, 40)), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     engine.step()                                            # prefill
     runner = engine.runner
     batch = engine.scheduler.schedule()
-    input_ids, positions, ctx, _ = runner.prepare(batch)
+    input_ids, positions, ctx, _ = runner.prepare(batch, engine.capture.begin(batch))
     assert ctx.capture is not None
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -109,12 +105,10 @@ def test_cuda_graph_decode_captures_one_sequence_as_eager_does():
     """prefill+decode capture with one sequence decoding: its rows are one run of pool slots (no slot
     list), which the CUDA-graph decode must still write (since c43e80b it passed None: f1f905b);
     the rows equal eager decode's."""
-    from benchmarks.common import llama_config
-    from engine.capture import KINDS
+    from benchmarks.common import build_engine, llama_config
     from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
     from engine.sampling_params import SamplingParams
-    from engine.setup import build_engine_parts
+    from store.pool_layout import KINDS
 
     shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
                  num_key_value_heads=2, vocab_size=1000, max_position_embeddings=1024, rms_norm_eps=1e-5)
@@ -124,7 +118,7 @@ def test_cuda_graph_decode_captures_one_sequence_as_eager_does():
         cfg = EngineConfig(load_format="random", device="cuda", dtype="float32", num_kv_blocks=64, seed=0,
                            capture="prefill+decode", activation_pool_bytes=64 << 20, cuda_graph_max_batch=8,
                            enforce_eager=eager)
-        engine = LLMEngine(cfg, build_engine_parts(cfg, hf_config=llama_config(shape)))
+        engine = build_engine(cfg, llama_config(shape))
         engine.generate([list(range(3, 40))], params)
         assert (engine.runner.graphs is None) == eager      # captured at the first decode step
         pools.append(engine.activation_pool)
@@ -176,12 +170,10 @@ def test_side_stream_and_in_place_capture_write_the_same_pool_rows():
     """capture_stream=side (prompt steps copy captured rows on a side stream, joined before the step
     ends) and steps whose rows are one run of slots (projections write the pool in place) record
     exactly the rows the in-order copies record, packed groups included."""
-    from benchmarks.common import llama_config
-    from engine.capture import KINDS
+    from benchmarks.common import build_engine, llama_config
     from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
     from engine.sampling_params import SamplingParams
-    from engine.setup import build_engine_parts
+    from store.pool_layout import KINDS
 
     shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
                  num_key_value_heads=2, vocab_size=1000, max_position_embeddings=1024, rms_norm_eps=1e-5,
@@ -195,8 +187,8 @@ def test_side_stream_and_in_place_capture_write_the_same_pool_rows():
         cfg = EngineConfig(load_format="random", device="cuda", dtype="bfloat16", num_kv_blocks=256,
                            cuda_graph_max_batch=8, seed=0, capture="prefill", capture_stream=stream,
                            activation_pool_bytes=256 << 20, max_num_batched_tokens=256)
-        engine = LLMEngine(cfg, build_engine_parts(cfg, hf_config=llama_config(shape)))
-        assert (engine.runner.capture_stream is not None) == (stream == "side")
+        engine = build_engine(cfg, llama_config(shape))
+        assert (engine.capture.side_stream is not None) == (stream == "side")
         if variant == "copy":
             engine.capture.run_start = lambda slots: None           # every step copies its rows
         outs.append([s[0].output_token_ids for s in engine.generate(prompts, params)])
@@ -240,10 +232,8 @@ def test_varlen_training_attention_matches_per_record():
 def _served_bf16_engine(capture: str):
     """A small bf16 Llama on CUDA (packed projections, fused ops, in-place capture, CUDA-graph decode)
     with perturbed LoRA adapters, and the records it served with `capture` (chunked prefill)."""
-    from benchmarks.common import llama_config
+    from benchmarks.common import build_engine, llama_config
     from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
-    from engine.setup import build_engine_parts
     from trainer.adapters import AdapterManager
     from trainer.check_grad import perturb, serve_records
     from trainer.lora import LoRAConfig
@@ -254,7 +244,7 @@ def _served_bf16_engine(capture: str):
     cfg = EngineConfig(load_format="random", device="cuda", dtype="bfloat16", num_kv_blocks=256,
                        cuda_graph_max_batch=8, seed=0, capture=capture, activation_pool_bytes=256 << 20,
                        max_num_batched_tokens=64)
-    engine = LLMEngine(cfg, build_engine_parts(cfg, hf_config=llama_config(shape)))
+    engine = build_engine(cfg, llama_config(shape))
     gen = torch.Generator().manual_seed(0)
     manager = AdapterManager(engine.runner.model, LoRAConfig(rank=8, alpha=16), generator=gen)
     perturb(manager, gen, 1)

@@ -15,16 +15,14 @@ pytestmark = pytest.mark.gpu
 
 
 def cuda_engine(dtype: str = "float32"):
-    from benchmarks.common import llama_config
+    from benchmarks.common import build_engine, llama_config
     from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
-    from engine.setup import build_engine_parts
     shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
                  num_key_value_heads=2, vocab_size=1000, max_position_embeddings=1024, rms_norm_eps=1e-5,
                  tie_word_embeddings=False)
     cfg = EngineConfig(load_format="random", device="cuda", dtype=dtype, num_kv_blocks=256,
                        cuda_graph_max_batch=8, seed=0, capture="prefill", activation_pool_bytes=64 << 20)
-    return LLMEngine(cfg, build_engine_parts(cfg, hf_config=llama_config(shape)))
+    return build_engine(cfg, llama_config(shape))
 
 
 def serve(engine, store, rng, num: int, hook) -> list[CompletionRecord]:

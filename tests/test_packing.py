@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from engine.capture import KINDS
 from engine.packing import pack_model, packed_lora
 from engine.sampling_params import SamplingParams
+from store.pool_layout import KINDS
 from tests.helpers import pack_bases
 from trainer.check_grad import adapted_engine, perturb
 

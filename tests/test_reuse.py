@@ -168,8 +168,8 @@ def test_packed_projections_train_like_separate_ones(model, targets):
 def test_packed_serving_captures_each_group_in_one_write_and_reuse_stays_exact(monkeypatch):
     """Packed q|k|v and gate|up (as on CUDA) write their base outputs into the pool as one copy per
     group; the rows equal those of separate projections, and reuse by them equals recompute."""
-    from engine.capture import KINDS
     from engine.context import CaptureMetadata
+    from store.pool_layout import KINDS
     from trainer.check_grad import adapted_engine, compare, serve_records, train_once
     writes, write = [], CaptureMetadata.write
     monkeypatch.setattr(CaptureMetadata, "write", lambda self, layer, kinds, packed, outs:
@@ -204,7 +204,8 @@ def test_steps_recording_one_run_of_slots_write_the_pool_in_place(pack, every_gr
     straight into the pool (no copy); the rows equal those of the copying path, and reuse stays exact.
     A group the pool cannot take in place (here: o and gate|up) is copied in such a step,
     through slots made on the device from the run (no host slot list)."""
-    from engine.capture import KINDS, CaptureManager
+    from engine.capture import CaptureManager
+    from store.pool_layout import KINDS
     from trainer.check_grad import adapted_engine, compare, serve_records, train_once
     served = []
     for in_place in (False, True):

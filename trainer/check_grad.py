@@ -10,7 +10,7 @@ import torch
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from engine.setup import build_engine_parts
+from engine.setup import build_activation_pool, build_engine_parts
 from trainer.adapters import AdapterManager
 from trainer.lora import LoRAConfig
 from trainer.reuse import TrainRecord
@@ -34,9 +34,12 @@ def build_engine(model: str, capture: str, seed: int, dtype: str = "float32",
                    num_kv_blocks=512, block_size=8, activation_pool_bytes=pool_bytes)
     if model == "smollm2":
         from engine.embedded_model import ensure_default_model
-        return LLMEngine(EngineConfig(model=str(ensure_default_model()), **options))
-    config = EngineConfig(load_format="random", **options)
-    return LLMEngine(config, build_engine_parts(config, hf_config=tiny_hf_config(model)))
+        config = EngineConfig(model=str(ensure_default_model()), **options)
+        parts = build_engine_parts(config)
+    else:
+        config = EngineConfig(load_format="random", **options)
+        parts = build_engine_parts(config, hf_config=tiny_hf_config(model))
+    return LLMEngine(config, parts, build_activation_pool(config, parts))
 
 
 def perturb(manager: AdapterManager, gen: torch.Generator, version: int) -> None:

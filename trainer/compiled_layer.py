@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.capture import GROUPS, KINDS
-from engine.context import base_module
 from common.errors import ConfigError
+from engine.context import base_module
 from engine.layers import compile_fused
 from engine.packing import lora_added, packed_weights
+from store.pool_layout import GROUPS, KINDS
 from trainer.attention import per_record, varlen_applies, varlen_function
 from trainer.reuse import InjectedLinear, ProjectingContext, lora_factors
 
