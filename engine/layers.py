@@ -65,7 +65,8 @@ def _no_gemm_padding() -> None:
     (the H200 saw `13 <= x.size()[0] <= 255`): a compiled training layer warmed up on a short batch
     then recompiled, for minutes at 8B, at the first long one. Off, one graph serves every length. Set
     in the config (read when compiling), not as torch.compile options: with those, serving prefills on
-    the H200 were slower (TTFT 29-39 ms in three runs, 27.0-27.8 ms in three without; BENCHMARKS.md)."""
+    the H200 were slower (the TTFT with and without them: BENCHMARKS.md "Capture overhead on one H200",
+    `64e3f8f`)."""
     import torch._inductor.config as inductor_config
     inductor_config.shape_padding = False
 

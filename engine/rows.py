@@ -1,9 +1,10 @@
 """Row scatters as 8-byte words: `index_copy_` moves one element per GPU thread, so bf16 rows move in
 2-byte pieces at a fraction of the memory bandwidth; the same rows viewed as int64 words move 4x
-fewer, 4x wider elements. That pays for wide rows (H200, 1024 rows, benchmarks/gpu_row_copy.py:
-1.4x at 12 KiB, 2.3x at 56 KiB) and loses for narrow ones (a 2 KiB KV row: 2x slower), so rows
-under MIN_WORD_ROW_BYTES keep `index_copy_`. Used wherever serving or training scatters whole rows
-(KV cache, capture into the activation pool, injected rows of a training forward)."""
+fewer, 4x wider elements. That pays for wide rows and loses for narrow ones (a KV row of 2 KiB), so
+rows under MIN_WORD_ROW_BYTES keep `index_copy_` (benchmarks/gpu_row_copy.py; the H200's speed-up by
+row width: BENCHMARKS.md "Capture overhead on one H200", the row scatter alone). Used wherever
+serving or training scatters whole rows (KV cache, capture into the activation pool, injected rows of
+a training forward)."""
 from __future__ import annotations
 
 import math

@@ -49,7 +49,6 @@ class Sequence:
         self.num_preemptions = 0
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None
-        self.first_token_time: float | None = None
 
     # -- sizes ---------------------------------------------------------------
     @property

@@ -88,8 +88,6 @@ class Generation:
             m.generation_tokens.inc(len(delta.token_ids))
             if choice.last_token_time is None:
                 m.ttft.observe(now - self.start)
-                if delta.seq is not None and delta.seq.first_token_time is None:
-                    delta.seq.first_token_time = now
             else:
                 m.itl.observe(now - choice.last_token_time)
             choice.last_token_time = now

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError, ConflictError, NotFoundError
+from engine.packing import add_lora
 from engine.sampling_params import SamplingParams
 from tests.helpers import TINY_CONFIGS, TINY_VOCAB, LogitRecorder, hf_logits, make_tiny_model, tiny_engine
 from trainer.adapters import AdapterManager, export_peft, load_peft
@@ -106,18 +107,21 @@ def test_apply_lora_rejects_a_target_that_matches_nothing(llama):
         apply_lora(model, LoRAConfig(targets=("q_proj", "c_attn")))
 
 
-def test_forward_is_base_plus_scaled_delta():
+def test_serving_output_is_base_plus_scaled_delta():
+    """What serving computes for one wrapped projection (engine.packing.add_lora over the base output)."""
     torch.manual_seed(0)
     base = nn.Linear(8, 6)
     lin = LoRALinear(base, rank=3, scaling=2.0, generator=torch.Generator().manual_seed(1))
     assert torch.all(lin.lora_B == 0) and 0 < lin.lora_A.abs().max() <= 8 ** -0.5   # PEFT's init
     x = torch.randn(5, 8)
-    assert torch.equal(lin(x), base(x))
+    base_out = base(x)
+    assert torch.equal(add_lora(lin, x, base_out), base_out)
     with torch.no_grad():
         lin.lora_B.normal_()
-    want = base(x) + 2.0 * (x @ lin.lora_A.T) @ lin.lora_B.T
-    assert torch.allclose(lin(x), want, atol=1e-6)
-    assert torch.allclose(lin.delta(x), want - base(x), atol=1e-6)
+    want = base_out + 2.0 * (x @ lin.lora_A.T) @ lin.lora_B.T
+    out = add_lora(lin, x, base_out)
+    assert torch.allclose(out, want, atol=1e-6)
+    assert out is not base_out and torch.equal(base_out, base(x))     # out of place: base rows may be pool rows
 
 
 # -- serving: B = 0, publish, rollback ------------------------------------------------------------------

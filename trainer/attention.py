@@ -10,9 +10,9 @@ Two implementations of one function:
   cu_seqlens), CUDA and 16-bit only. Two signatures of it exist: causal by `window_size`, with
   `enable_gqa` and `scale` (torch 2.13: GQA without repeating k/v), and an earlier one causal by
   `is_causal` (k/v heads repeated for GQA; without a `scale` argument only the default 1/sqrt(d)).
-  Fewer calls matter more than flops here: each per-record cuDNN call costs ~80 µs of host time
-  forward and ~110 µs backward, and the trainer's host time is what slows a co-located engine thread
-  (BENCHMARKS.md).
+  Fewer calls matter more than flops here: each per-record cuDNN call costs host time forward and
+  backward (per call: BENCHMARKS.md "Training on one H200", where the step goes), and the trainer's
+  host time is what slows a co-located engine thread.
 `causal_attention(..., kind="auto")` takes varlen where this torch offers it and the inputs qualify,
 else per record.
 """

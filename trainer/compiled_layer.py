@@ -1,7 +1,7 @@
 """The training layer under torch.compile: each decoder layer's forward, and through AOTAutograd its
 backward, as one compiled graph, so the cheap ops, LoRA adds, casts and copies around the GEMMs fuse
-and the host launches far fewer kernels (DESIGN §2's prototype measured reuse at 1.57× recompute this
-way, against 1.27–1.35× with only the cheap ops compiled one by one).
+and the host launches far fewer kernels (what that buys over compiling only the cheap ops one by one,
+in DESIGN §2's prototype and here: BENCHMARKS.md "Training on one H200").
 
 It is the same model code that serves. One graph serves every layer because nothing inside it is
 looked up by layer index or by module: `LayerContext` carries this layer's LoRA factors (per

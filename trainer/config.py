@@ -29,9 +29,9 @@ class TrainerConfig:
     min_records_per_step: int = 8       # wait for this many ratings before a step ...
     max_wait_s: float = 20.0            # ... or until the first of them has waited this long
     max_staleness: int = 4              # adapter versions a record's activations may lag and still be reused
-    # most of the wall time training steps may take while serving; None: 0.25 on a trainer thread (GPU:
-    # TBT p99 0.98-1.49x of training off over four runs at half load, 1.35-1.37x at 0.5; BENCHMARKS.md
-    # co-location), 0.5 interleaved (CPU: the end-to-end learning runs)
+    # most of the wall time training steps may take while serving; None: 0.25 on a trainer thread (GPU),
+    # 0.5 interleaved (CPU). Serving's TBT p99 at each: BENCHMARKS.md "What slows serving, and a smaller
+    # duty cycle"; learning at 0.5: "Online learning in one process"
     duty_cycle: float | None = None
     # where steps run: "thread" = a trainer thread (on CUDA a low-priority stream beside serving's),
     # "interleaved" = on the engine thread between engine steps; "auto" = thread on CUDA, else interleaved
@@ -45,11 +45,11 @@ class TrainerConfig:
     sm_share: float | None = None
     # thread mode: the interpreter's thread switch interval while the trainer thread runs (CPython's
     # default is 5 ms): the engine thread waits at most this long for the GIL each time it needs it back.
-    # 0.1: TBT p99 on/off 1.12x, 0.94x, 1.00x in three H200 runs (0.5: 1.25x beside them; BENCHMARKS.md)
+    # Serving's TBT p99 with training on/off at 0.1 and 0.5: BENCHMARKS.md "A shorter GIL switch interval"
     switch_interval_ms: float = 0.1
     # each training layer's forward + backward as one torch.compile'd graph (trainer/compiled_layer.py),
-    # compiled at start-up: H200, 8B shape, reuse (prefill+decode) steps 1.08x faster than eager, compiled
-    # in ~2 min per graph variant (BENCHMARKS.md, session 7). compile_backend "aot_eager" generates no code
+    # compiled at start-up; its step time against eager and its compile time per graph variant (8B shape):
+    # BENCHMARKS.md "Training on one H200", session 7. compile_backend "aot_eager" generates no code
     compile_layers: bool = False
     compile_backend: str = "inductor"
     checkpoint_every: int = 10          # steps; also on shutdown

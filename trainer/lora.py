@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ConfigError
@@ -60,7 +59,10 @@ class LoRAConfig:
 
 
 class LoRALinear(nn.Module):
-    """base(x) + scaling * (x @ A^T) @ B^T, with A: [r, in], B: [out, r] in the base weight's dtype."""
+    """base(x) + scaling * (x @ A^T) @ B^T, with A: [r, in], B: [out, r] in the base weight's dtype.
+
+    It holds the factors; it has no forward of its own: the model's forward context computes every
+    projection (serving: engine.packing.add_lora / packed groups; training: trainer.reuse)."""
 
     def __init__(self, base: nn.Linear, rank: int, scaling: float,
                  generator: torch.Generator | None = None):
@@ -92,13 +94,6 @@ class LoRALinear(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., in] -> [..., out]."""
-        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.delta(x)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling}"
