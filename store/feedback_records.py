@@ -67,7 +67,7 @@ class Feedback:
                 "error": self.quarantine_error, "quarantined_at": self.quarantined_at, "created": self.created}
 
 
-def _pack(values: list, typecode: str) -> bytes:
+def pack(values: list, typecode: str) -> bytes:
     """Little-endian array blob ('i' int32 token ids, 'd' float64 logprobs)."""
     try:
         arr = array(typecode, values)
@@ -86,7 +86,7 @@ def _unpack(blob: bytes, typecode: str) -> list:
     return arr.tolist()
 
 
-def _row_to_completion(row: tuple) -> CompletionRecord:
+def row_to_completion(row: tuple) -> CompletionRecord:
     return CompletionRecord(
         response_id=row[0], choice_index=row[1], prompt_token_ids=_unpack(row[2], "i"),
         response_token_ids=_unpack(row[3], "i"), logprobs=_unpack(row[4], "d"),
@@ -94,24 +94,24 @@ def _row_to_completion(row: tuple) -> CompletionRecord:
         finish_reason=row[8], model=row[9])
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _validate_score(rating: object, stars: object, reward: object = None) -> None:
+def validate_score(rating: object, stars: object, reward: object = None) -> None:
     if sum(score is not None for score in (rating, stars, reward)) != 1:
         raise InvalidRequestError("Provide exactly one of 'rating' (-1 or 1), 'stars' (1..5) or "
                                   "'reward' (a number from -1 to 1).", param="rating")
-    if rating is not None and (not _is_int(rating) or rating not in (-1, 1)):
+    if rating is not None and (not is_int(rating) or rating not in (-1, 1)):
         raise InvalidRequestError("'rating' must be the integer -1 or 1.", param="rating")
-    if stars is not None and (not _is_int(stars) or not 1 <= stars <= 5):
+    if stars is not None and (not is_int(stars) or not 1 <= stars <= 5):
         raise InvalidRequestError("'stars' must be an integer from 1 to 5.", param="stars")
     if reward is not None and (isinstance(reward, bool) or not isinstance(reward, (int, float))
                                or not math.isfinite(reward) or not -1.0 <= reward <= 1.0):
         raise InvalidRequestError("'reward' must be a finite number from -1 to 1.", param="reward")
 
 
-def _validate_text(value: object, param: str) -> None:
+def validate_text(value: object, param: str) -> None:
     if value is None:
         return
     if not isinstance(value, str):

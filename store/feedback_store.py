@@ -21,8 +21,8 @@ from typing import Iterator
 
 from common.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
 from store.feedback_quarantine import QuarantineOps
-from store.feedback_records import (CompletionRecord, Feedback, _is_int, _pack, _row_to_completion,
-                                    _validate_score, _validate_text)
+from store.feedback_records import (CompletionRecord, Feedback, is_int, pack, row_to_completion,
+                                    validate_score, validate_text)
 from store.feedback_schema import (COMPLETION_COLS as _COMPLETION_COLS, FEEDBACK_COLS as _FEEDBACK_COLS,
                                    NUM_FEEDBACK_COLS, SCHEMA, SCHEMA_VERSION, settle_version)
 
@@ -86,8 +86,8 @@ class FeedbackStore(QuarantineOps):
             if len(rec.logprobs) != len(rec.response_token_ids):
                 raise ValueError(f"{rec.response_id}[{rec.choice_index}]: {len(rec.logprobs)} "
                                  f"logprobs for {len(rec.response_token_ids)} response tokens")
-            rows.append((rec.response_id, rec.choice_index, _pack(rec.prompt_token_ids, "i"),
-                         _pack(rec.response_token_ids, "i"), _pack(rec.logprobs, "d"),
+            rows.append((rec.response_id, rec.choice_index, pack(rec.prompt_token_ids, "i"),
+                         pack(rec.response_token_ids, "i"), pack(rec.logprobs, "d"),
                          rec.adapter_version, rec.api_key_id, rec.created,
                          rec.finish_reason, rec.model))
         try:
@@ -100,7 +100,7 @@ class FeedbackStore(QuarantineOps):
     def get_completion(self, response_id: str, choice_index: int) -> CompletionRecord | None:
         rows = self._query(f"SELECT {_COMPLETION_COLS} FROM completions "
                            f"WHERE response_id=? AND choice_index=?", (response_id, choice_index))
-        return _row_to_completion(rows[0]) if rows else None
+        return row_to_completion(rows[0]) if rows else None
 
     def num_choices(self, response_id: str) -> int:
         return self._query("SELECT COUNT(*) FROM completions WHERE response_id=?",
@@ -112,10 +112,10 @@ class FeedbackStore(QuarantineOps):
                      api_key_id: str | None = None, reward: float | None = None) -> tuple[Feedback, bool]:
         """Record (or with replace=True, overwrite) feedback; returns (row, created_new). Exactly one of
         rating, stars, reward. A replaced rating is pending again (out of the quarantine, if it was in)."""
-        _validate_score(rating, stars, reward)
+        validate_score(rating, stars, reward)
         reward = None if reward is None else float(reward)
-        _validate_text(comment, "comment")
-        _validate_text(better_response, "better_response")
+        validate_text(comment, "comment")
+        validate_text(better_response, "better_response")
         with self._transaction() as cur:
             self._check_choice(cur, response_id, choice_index, api_key_id)
             existing = cur.execute("SELECT feedback_id FROM feedback WHERE response_id=? "
@@ -149,7 +149,7 @@ class FeedbackStore(QuarantineOps):
         if not rows or any(owner != api_key_id for _, owner in rows):
             raise NotFoundError(f"No completion with id '{response_id}'.", param="id")
         indices = {index for index, _ in rows}
-        if not _is_int(choice_index) or choice_index not in indices:
+        if not is_int(choice_index) or choice_index not in indices:
             raise InvalidRequestError(
                 f"'choice_index' must be an integer from 0 to {len(rows) - 1} "
                 f"for completion '{response_id}'.", param="choice_index")
@@ -178,7 +178,7 @@ class FeedbackStore(QuarantineOps):
             f"SELECT {fb_cols}, {c_cols} FROM feedback f JOIN completions c "
             f"ON c.response_id=f.response_id AND c.choice_index=f.choice_index "
             f"WHERE f.status='pending' AND f.seq>? ORDER BY f.seq LIMIT ?", (after_seq, limit))
-        return [(Feedback(*r[:NUM_FEEDBACK_COLS]), _row_to_completion(r[NUM_FEEDBACK_COLS:])) for r in rows]
+        return [(Feedback(*r[:NUM_FEEDBACK_COLS]), row_to_completion(r[NUM_FEEDBACK_COLS:])) for r in rows]
 
     def mark_trained(self, seqs: list[int]) -> None:
         """Mark pending rows trained. A seq replaced since it was read matches nothing, so the

@@ -10,7 +10,7 @@ import pytest
 
 from common.errors import InvalidRequestError, NotFoundError
 from store import feedback_schema
-from store.feedback_records import _pack
+from store.feedback_records import pack
 from store.feedback_store import SCHEMA_VERSION, FeedbackStore
 from tests.test_feedback_store import make_records
 
@@ -42,7 +42,7 @@ def _v1_database(path) -> None:
         conn.executescript(V1_SCHEMA)
         for i in range(2):
             conn.execute("INSERT INTO completions VALUES (?,?,?,?,?,?,?,?,?,?)",
-                         ("chatcmpl-old", i, _pack([1, 2, 3], "i"), _pack([4, 5], "i"), _pack([-0.5, -1.0], "d"),
+                         ("chatcmpl-old", i, pack([1, 2, 3], "i"), pack([4, 5], "i"), pack([-0.5, -1.0], "d"),
                           3, "key-a", 100.0, "stop", "m"))
         conn.execute("INSERT INTO feedback VALUES ('fb-a', 1, 'chatcmpl-old', 0, 1, NULL, 'ok', NULL, 'key-a', "
                      "100.0, 100.0, 'trained')")
