@@ -55,6 +55,11 @@ class AsyncEngine:
         self.max_waiting = max_waiting or engine.config.max_waiting
         self._commands: queue.Queue = queue.Queue()
         self._sinks: dict[str, _Sink] = {}
+        # requests waiting to be scheduled = adds not yet taken by the engine thread + the requests
+        # in the scheduler's waiting queue. Each counter has one writing thread (ints: atomic reads).
+        self._adds_sent = 0                  # event loop
+        self._adds_taken = 0                 # engine thread
+        self._engine_waiting = 0             # engine thread: distinct requests in scheduler.waiting
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="alchemist-engine", daemon=True)
@@ -76,7 +81,19 @@ class AsyncEngine:
 
     # -- asyncio side ----------------------------------------------------------
     def num_pending(self) -> int:
+        """Requests in flight (waiting or running)."""
         return len(self._sinks)
+
+    def num_waiting(self) -> int:
+        """Requests waiting to be scheduled (what max_waiting bounds); running ones do not count."""
+        return max(0, self._adds_sent - self._adds_taken) + self._engine_waiting
+
+    def check_capacity(self, count: int = 1) -> None:
+        """OverloadedError (429) unless `count` more requests fit in the waiting queue now."""
+        waiting = self.num_waiting()
+        if waiting + count > self.max_waiting:
+            raise OverloadedError(f"{waiting} requests are waiting to be scheduled (max_waiting="
+                                  f"{self.max_waiting}); retry shortly", retry_after=1.0)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        adapter_version: int = 0, first_choice: tuple[str, int] | None = None
@@ -85,10 +102,10 @@ class AsyncEngine:
         if self.dead is not None:
             raise EngineDeadError(f"the engine stopped: {self.dead}")
         self.engine.validate_request(prompt_token_ids, params)
-        if len(self._sinks) >= self.max_waiting:
-            raise OverloadedError(f"{len(self._sinks)} requests are queued; retry shortly", retry_after=1.0)
+        self.check_capacity()
         sink = _Sink(asyncio.get_running_loop())
         self._sinks[request_id] = sink
+        self._adds_sent += 1
         self._submit(_Add(request_id, prompt_token_ids, params, adapter_version, first_choice, sink))
         remaining = params.n
         try:
@@ -113,11 +130,13 @@ class AsyncEngine:
 
     # -- engine thread ---------------------------------------------------------
     def _apply_commands(self) -> None:
+        taken, applied = 0, 0
         while True:
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
-                return
+                break
+            applied += 1
             if isinstance(cmd, _Abort):
                 self.engine.abort_request(cmd.request_id)
                 continue
@@ -126,6 +145,14 @@ class AsyncEngine:
                                         cmd.first_choice)
             except AlchemistError as err:
                 cmd.sink.put(err)
+            taken += 1
+        if applied:                           # publish the queue first: a reader may count one twice,
+            self._publish_waiting()           # never miss one
+            self._adds_taken += taken
+
+    def _publish_waiting(self) -> None:
+        waiting = self.engine.scheduler.waiting
+        self._engine_waiting = len({seq.request_id for seq in waiting}) if waiting else 0
 
     def _loop(self) -> None:
         try:
@@ -143,6 +170,7 @@ class AsyncEngine:
                     sink = self._sinks.get(delta.request_id)
                     if sink is not None:
                         sink.put(delta)
+                self._publish_waiting()
         except BaseException as err:          # a bug or device failure: fail every waiter, loudly
             log.exception("engine loop died")
             self.dead = err

@@ -46,6 +46,10 @@ class Generation:
 
     def validate(self) -> None:
         """Reject every prompt that can never be served before anything starts."""
+        max_waiting = self.state.engine.max_waiting
+        if len(self.prompts) > max_waiting:      # would be a 429 forever: it can never fit
+            raise InvalidRequestError(f"{len(self.prompts)} prompts in one request; this server queues at most "
+                                      f"{max_waiting} requests (max_waiting)", param="prompt")
         limit = self.state.config.max_prompt_tokens
         for prompt in self.prompts:
             if limit is not None and len(prompt) > limit:
@@ -57,6 +61,7 @@ class Generation:
     # -- running -----------------------------------------------------------------------
     async def stream(self) -> AsyncIterator[tuple[Choice, SeqDelta]]:
         """(choice, delta) pairs from all prompts as they come; closing it aborts what still runs."""
+        self.state.engine.check_capacity(len(self.prompts))   # all prompts or none (429)
         gens = [self._one(i, p) for i, p in enumerate(self.prompts)]
         async with aclosing(_merge(gens)) as merged:
             async for item in merged:

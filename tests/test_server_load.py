@@ -4,6 +4,7 @@ are a 400 context_length_exceeded; nothing hangs."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -68,18 +69,28 @@ def test_64_concurrent_streaming_clients_are_batched(server):
 
 def test_full_queue_is_429_with_retry_after(tiny_model, tmp_path):
     state = tiny_state(tiny_model, tmp_path / "a.db", max_waiting=1)
+    state.llm.scheduler.config.max_num_seqs = 1                 # one request runs, the next one waits
     state.engine.step_hooks.append(lambda: time.sleep(0.01))   # keep the first request running
     with ServerThread(create_app(state)) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
         client = OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
         body = {"prompt": [1, 2, 3], "max_tokens": 900, "ignore_eos": True, "stream": True}
+        queued = []
+        waiter = threading.Thread(target=lambda: queued.append(
+            client.completions.create(model=state.model_name, prompt="hi", max_tokens=2)))
         with http.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
             lines = r.iter_lines()                    # keep it: dropping it would close the stream
             assert next(lines).startswith("data:")
+            waiter.start()                            # waits to be scheduled: the queue (1) is full
+            deadline = time.monotonic() + 10
+            while state.engine.num_waiting() < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
             with pytest.raises(openai.RateLimitError) as e:
                 client.completions.create(model=state.model_name, prompt="hello", max_tokens=2)
             assert e.value.response.headers["retry-after"] == "1"
             assert e.value.body["type"] == "rate_limit_error"
+        waiter.join(timeout=30)                       # the stream's client left: the waiting one ran
+        assert queued and queued[0].choices[0].finish_reason in ("stop", "length")
         deadline = time.monotonic() + 10            # the stream's client left: its slot frees up
         while state.engine.num_pending() and time.monotonic() < deadline:
             time.sleep(0.02)
