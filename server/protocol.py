@@ -2,9 +2,10 @@
 every validation failure becomes a 400 with `param` (see app.py)."""
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
 from common.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
@@ -14,8 +15,37 @@ Int32 = Annotated[StrictInt, Field(ge=-(2 ** 31), le=2 ** 31 - 1)]    # fits the
 TokenId = Annotated[StrictInt, Field(ge=0, le=2 ** 31 - 1)]
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_PLAIN = frozenset((int, float, bool, type(None)))
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        reject_lone_surrogates(data)
+        return data
+
+
+def reject_lone_surrogates(data) -> None:
+    """400 naming the field for any string of a request body that holds a lone UTF-16 surrogate
+    (JSON "\\ud800"): Python parses it, but it is no Unicode text, and the tokenizer, the database and
+    the JSON answer would all fail on it later. Runs before the fields are validated, on every body."""
+    stack = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii() and _SURROGATE.search(value):
+                param = ".".join(map(str, path)).encode("utf-8", "backslashreplace").decode() or None
+                raise InvalidRequestError(
+                    f"{param or 'the body'}: the string holds a lone UTF-16 surrogate (such as \\ud800), "
+                    "which is not valid Unicode", param=param, code="invalid_unicode")
+        elif isinstance(value, dict):
+            stack.extend((v, (*path, k)) for k, v in value.items() if type(v) not in _PLAIN)
+        elif isinstance(value, list) and not _PLAIN.issuperset(map(type, value)):   # not a token list
+            stack.extend((v, (*path, i)) for i, v in enumerate(value) if type(v) not in _PLAIN)
 
 
 class TextPart(_Body):
