@@ -7,12 +7,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.errors import AlchemistError, OverloadedError
 from server import admin_routes, feedback_routes, openai_routes
 from server.auth import AuthMiddleware
+from server.limits import BodyLimitMiddleware, RequestWorkers
+from server.openapi import docs_urls, install_openapi
 from server.streaming import ClientDisconnected
 
 log = logging.getLogger("alchemist.server")
@@ -28,18 +30,23 @@ def create_app(state) -> FastAPI:
         try:
             yield
         finally:
+            app.state.workers.close()
             await state.stop()
 
-    app = FastAPI(title="Alchemist", version="0.1.0", lifespan=lifespan)
+    config = state.config
+    app = FastAPI(title="Alchemist", version="0.1.0", lifespan=lifespan, **docs_urls(config))
     app.state.alchemist = state
+    app.state.workers = RequestWorkers(config.request_workers)   # CPU-heavy request work (limits.py)
     app.add_middleware(JsonBodyMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)
     app.add_middleware(AuthMiddleware)            # added last = runs first
     app.include_router(openai_routes.router)
     app.include_router(feedback_routes.router)
     app.include_router(admin_routes.router)
     app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/metrics", metrics, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"], response_class=PlainTextResponse)
     install_error_handlers(app)
+    install_openapi(app, config, state.api_keys.enabled)
     return app
 
 
@@ -111,7 +118,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, err: StarletteHTTPException):
         err_type = HTTP_ERROR_TYPES.get(err.status_code, "invalid_request_error" if err.status_code < 500
                                         else "server_error")
-        return _error(err.status_code, str(err.detail), err_type, headers=getattr(err, "headers", None))
+        return _error(err.status_code, str(err.detail), err_type, code=getattr(err, "code", None),
+                      headers=getattr(err, "headers", None))
 
     @app.exception_handler(ClientDisconnected)
     async def client_gone(request: Request, err: ClientDisconnected):

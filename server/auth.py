@@ -50,7 +50,15 @@ class ApiKeys:
 
 
 API_PREFIXES = ("/v1/", "/feedback", "/tokenize", "/detokenize")
+ADMIN_PREFIXES = ("/v1/adapters", "/v1/training/")       # admin keys only (checked by the routes)
 OPS_PATHS = ("/health", "/metrics")
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
+def guarded_path(path: str, config) -> bool:
+    """Whether `path` needs a key when keys are configured (config: ServerConfig)."""
+    return (path.startswith(API_PREFIXES) or (config.metrics_auth and path in OPS_PATHS)
+            or (config.docs_auth and path in DOCS_PATHS))
 
 
 class AuthMiddleware:
@@ -63,9 +71,7 @@ class AuthMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             state = scope["app"].state.alchemist
-            path = scope["path"]
-            guarded = path.startswith(API_PREFIXES) or (state.config.metrics_auth and path in OPS_PATHS)
-            if guarded and state.api_keys.enabled:
+            if guarded_path(scope["path"], state.config) and state.api_keys.enabled:
                 headers = dict(scope.get("headers") or [])
                 raw = headers.get(b"authorization", b"").decode("latin-1")
                 try:

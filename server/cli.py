@@ -61,6 +61,7 @@ def serve(args) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.http_protocol import uvicorn_config
     from server.state import ServerState
     cfg = _config(args)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -70,9 +71,7 @@ def serve(args) -> int:
              "on" if cfg.api_keys or cfg.admin_api_keys else "off", cfg.resolved_db_path())
     log.info("online training %s (checkpoints in %s)", "on" if state.trainer else "off", state.run_dir)
     try:
-        server = uvicorn.Server(uvicorn.Config(
-            create_app(state), host=cfg.host, port=cfg.port, log_level=cfg.log_level.lower(),
-            timeout_graceful_shutdown=cfg.graceful_shutdown_s))
+        server = uvicorn.Server(uvicorn_config(create_app(state), cfg))   # limits: server/http_protocol.py
         server.run()                          # returns after SIGINT/SIGTERM and the lifespan shutdown
     finally:
         state.close()

@@ -28,6 +28,14 @@ class ServerConfig:
     max_waiting: int | None = None                       # pending requests before 429; None: engine's
     max_prompt_tokens: int | None = None                 # None: the model context decides
     metrics_auth: bool = False                           # True: /metrics and /health need a key too
+    docs: bool = True                                    # False: no /docs, /redoc, /openapi.json
+    docs_auth: bool = True                               # with keys configured the docs need one too
+    max_request_bytes: int = 4 << 20                     # bigger bodies: 413 before they are read
+    request_workers: int = 4                             # threads for tokenizing / templating requests
+    header_timeout_s: float = 10.0                       # a request's headers must arrive within this
+    keep_alive_timeout_s: float = 5.0                    # idle keep-alive connections close after this
+    limit_concurrency: int | None = 1000                 # open connections beyond this: 503 (None: no limit)
+    max_header_bytes: int = 65536                        # request line + headers beyond this: 431
     log_level: str = "info"
     graceful_shutdown_s: float = 5.0                     # in-flight requests get this long on SIGTERM
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -47,6 +55,21 @@ class ServerConfig:
             raise ConfigError("max_waiting must be >= 1")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ConfigError("max_prompt_tokens must be >= 1")
+        self._validate_limits()
+
+    def _validate_limits(self) -> None:
+        for name, low in (("max_request_bytes", 1024), ("request_workers", 1), ("max_header_bytes", 1024)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name}={value!r}: use an integer >= {low}")
+        for name in ("header_timeout_s", "keep_alive_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+                raise ConfigError(f"{name}={value!r}: use a number of seconds in (0, 3600]")
+        if self.limit_concurrency is not None and (isinstance(self.limit_concurrency, bool) or
+                                                   not isinstance(self.limit_concurrency, int) or
+                                                   self.limit_concurrency < 1):
+            raise ConfigError(f"limit_concurrency={self.limit_concurrency!r}: use an integer >= 1 or null")
 
     @property
     def retention_seconds(self) -> float | None:

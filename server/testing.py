@@ -20,8 +20,14 @@ class ServerThread:
     """`with ServerThread(app) as srv: srv.url` -- uvicorn bound to 127.0.0.1:0 (a free port)."""
 
     def __init__(self, app, log_level: str = "warning"):
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level=log_level,
-                                timeout_graceful_shutdown=2)
+        state = getattr(app.state, "alchemist", None)
+        if state is not None:                    # the limits `alchemist serve` runs with
+            from server.http_protocol import uvicorn_config
+            config = uvicorn_config(app, state.config, host="127.0.0.1", port=0, log_level=log_level,
+                                    timeout_graceful_shutdown=2)
+        else:
+            config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level=log_level,
+                                    timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
         self.port: int | None = None

@@ -42,14 +42,34 @@ class TokenTexts:
                                                       tokenize=False)
         except Exception as exc:                 # a template that rejects this conversation
             raise InvalidRequestError(f"cannot apply the chat template: {exc}", param="messages") from exc
-        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return self.encode(text, add_special_tokens=False)
 
     def text_prompt(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+        return self.encode(text, add_special_tokens)
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Token ids of `text`, through the Rust tokenizer's batch call where there is one: that call
+        lets go of the GIL while it works, its one-text call does not (10 MB of text: ~20 s in which
+        no other Python thread, the event loop included, runs)."""
+        backend = self._backend()
+        if backend is None:
+            return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)   # fast: no offsets (5x)
+        return encode([text], add_special_tokens=add_special_tokens)[0].ids
+
+    def _backend(self):
+        """The tokenizers.Tokenizer of a fast tokenizer that neither truncates nor pads, else None."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or backend.truncation is not None or backend.padding is not None:
+            return None
+        return backend
 
     def decode(self, token_ids: list[int]) -> str:
         vocab = len(self.tokenizer)
         if any(not 0 <= t < vocab for t in token_ids):
             raise InvalidRequestError(f"token ids must be in [0, {vocab})", param="tokens")
+        backend = self._backend()
+        if backend is not None:                  # the batch call lets go of the GIL (see encode)
+            return backend.decode_batch([token_ids], skip_special_tokens=False)[0]
         return self.tokenizer.decode(token_ids, skip_special_tokens=False,
                                      clean_up_tokenization_spaces=False)
