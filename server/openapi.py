@@ -86,8 +86,11 @@ def _statuses(method: str, path: str, op: dict, guarded: bool) -> set[int]:
     statuses = set(EXTRA.get((method, path), ()))
     if "requestBody" in op:
         statuses |= {400, 413}
-    if any(p.get("in") == "path" for p in op.get("parameters", ())):
-        statuses |= {400, 404}
+    parameters = op.get("parameters", ())
+    if parameters:                            # a query or path value of the wrong type
+        statuses.add(400)
+    if any(p.get("in") == "path" for p in parameters):
+        statuses.add(404)
     if guarded:
         statuses.add(401)
         if path.startswith(ADMIN_PREFIXES):
