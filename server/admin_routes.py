@@ -1,14 +1,16 @@
-"""Admin API: adapter versions, rollback, and control of the online trainer.
+"""Admin API: adapter versions, rollback, control of the online trainer, and its quarantine (ratings
+the trainer could not train: list, retry, drop).
 
 With API keys configured these need an admin key (403 `permission_error` for any other valid key);
 with no keys configured at all they are open, like the rest of the API. With training off they
-answer 409 `conflict_error` (code `training_disabled`), except the two read-only listings."""
+answer 409 `conflict_error` (code `training_disabled`), except the read-only listings and the
+quarantine (rows of the feedback store, kept from a run with training on)."""
 from __future__ import annotations
 
 import asyncio
 import time
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from common.errors import ConflictError
@@ -86,7 +88,9 @@ async def training_status(request: Request):
     trainer = state.trainer
     if trainer is None:
         pending = await asyncio.to_thread(state.store.count_feedback, "pending")
-        return {"enabled": False, "adapter_version": state.adapter_version, "pending_feedback": pending}
+        quarantined = await asyncio.to_thread(state.store.count_feedback, "quarantined")
+        return {"enabled": False, "adapter_version": state.adapter_version, "pending_feedback": pending,
+                "quarantined_feedback": quarantined}
     body = await asyncio.to_thread(_locked, trainer, lambda: _status(state, trainer))
     return body
 
@@ -99,3 +103,30 @@ def _status(state, trainer) -> dict:
                  "totals": dict(trainer.totals), "last_error": state.train_error,
                  "run_dir": str(state.run_dir)})
     return body
+
+# -- the quarantine (store/feedback_quarantine.py) ----------------------------------------------
+@router.get("/v1/training/quarantine")
+async def list_quarantine(request: Request, limit: int = Query(100, ge=1, le=1000)):
+    """Quarantined ratings, the most recently quarantined first, with why (reason, error) and when."""
+    state = _admin(request)
+    rows = await asyncio.to_thread(state.store.quarantined, limit)
+    total = await asyncio.to_thread(state.store.count_feedback, "quarantined")
+    return {"object": "list", "total": total, "data": [row.to_quarantine_dict() for row in rows]}
+
+
+@router.post("/v1/training/quarantine/{feedback_id}/retry")
+async def retry_quarantined(feedback_id: str, request: Request):
+    """Back to pending with a new seq: the trainer reads it again (and quarantines it again if it fails)."""
+    state = _admin(request)
+    row = await asyncio.to_thread(state.store.retry_quarantined, feedback_id)     # 404 if not quarantined
+    if state.trainer is not None:
+        state.trainer.wake()
+    return row.to_quarantine_dict()
+
+
+@router.delete("/v1/training/quarantine/{feedback_id}")
+async def drop_quarantined(feedback_id: str, request: Request):
+    """Status 'dropped': never trained; the row stays (its rater still reads it; retention purges it)."""
+    state = _admin(request)
+    row = await asyncio.to_thread(state.store.drop_quarantined, feedback_id)      # 404 if not quarantined
+    return row.to_quarantine_dict()

@@ -11,6 +11,8 @@ import math
 from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from trainer.isolation import QUARANTINE_REASONS
+
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_PATHS = ("reuse", "recompute")
 REUSE_OUTCOMES = ("hit", "stale", "evicted", "too_stale")
@@ -37,6 +39,7 @@ class TrainingCollector:
         trainer = state.trainer
         totals = trainer.totals if trainer is not None else {}
         skipped = trainer.skipped if trainer is not None else {}
+        quarantined = trainer.quarantine.counts if trainer is not None else {}
         yield _counter("alchemist_train_steps", "Optimizer steps taken (each publishes a version).",
                        name, [((), totals.get("steps", 0))])
         yield _counter("alchemist_train_tokens", "Tokens trained, by how their activations were obtained.",
@@ -47,6 +50,10 @@ class TrainingCollector:
         yield _counter("alchemist_train_skipped_steps", "Steps not applied (non_finite) or applied with "
                        "a scaled-down update (update_capped).",
                        name, [((r,), skipped.get(r, 0)) for r in SKIP_REASONS], ["reason"])
+        yield _counter("alchemist_train_quarantined", "Ratings quarantined (not trainable: skipped until an "
+                       "admin retries them), by reason: too_long (over the context), oom (out of device "
+                       "memory alone), error (its step raised alone while a probe step ran).",
+                       name, [((r,), quarantined.get(r, 0)) for r in QUARANTINE_REASONS], ["reason"])
         loss = GaugeMetricFamily("alchemist_train_loss", "Loss of the last training step (absent before it).",
                                  labels=["model_name"])
         last = trainer.last if trainer is not None else None
@@ -57,6 +64,8 @@ class TrainingCollector:
                      name, [((), state.adapter_version)])
         yield _gauge("alchemist_feedback_pending", "Ratings committed and not yet trained on.",
                      name, [((), _pending(state))])
+        yield _gauge("alchemist_feedback_quarantined", "Ratings in the quarantine now (all runs).",
+                     name, [((), _stored(state, "quarantined"))])
         pool = state.llm.activation_pool
         sizes = pool.stats()["bytes"] if pool is not None else {}
         yield _gauge("alchemist_activation_pool_bytes", "Bytes of captured activations held, by tier.",
@@ -65,8 +74,16 @@ class TrainingCollector:
 
 def _pending(state) -> int:
     try:
-        after = state.trainer.read_seq if state.trainer is not None else 0   # taken into a step: trained
-        return state.store.count_feedback("pending", after_seq=after)
+        if state.trainer is not None:       # not counting those taken into a step (trained)
+            return state.trainer.pending_count()
+        return state.store.count_feedback("pending")
+    except RuntimeError:                    # the store is closed (shutting down)
+        return 0
+
+
+def _stored(state, status: str) -> int:
+    try:
+        return state.store.count_feedback(status)
     except RuntimeError:                    # the store is closed (shutting down)
         return 0
 

@@ -254,7 +254,7 @@ def test_training_off_and_no_keys_configured(tiny_model, tmp_path):
     state = tiny_state(tiny_model, tmp_path / "a.db")          # no keys: the admin API is open
     with ServerThread(create_app(state)) as srv, client(srv.url, None) as anon:
         assert anon.get("/v1/training/status").json() == {"enabled": False, "adapter_version": 0,
-                                                           "pending_feedback": 0}
+                                                           "pending_feedback": 0, "quarantined_feedback": 0}
         assert anon.get("/v1/adapters").json()["data"] == [{"object": "adapter", "version": 0, "active": True}]
         for path in ("/v1/adapters/0/activate", "/v1/training/pause", "/v1/training/resume"):
             r = anon.post(path)

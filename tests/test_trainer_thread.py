@@ -64,7 +64,7 @@ def test_a_step_pins_the_records_it_reads(tmp_path):
     keys = [(r.response_id, r.choice_index) for r in records]
     assert not any(pool.get(k).pinned for k in keys)
     taken = rig.trainer._take(rig.store.pending_feedback(0, 16))
-    assert [r.key for _, r in taken] == keys and all(pool.get(k).pinned for k in keys)
+    assert [w.record.key for w in taken] == keys and all(pool.get(k).pinned for k in keys)
 
 
 def test_rollback_and_failure_in_thread_mode(rig, monkeypatch):

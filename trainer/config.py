@@ -53,6 +53,11 @@ class TrainerConfig:
     compile_layers: bool = False
     compile_backend: str = "inductor"
     checkpoint_every: int = 10          # steps; also on shutdown
+    # a rating whose step fails alone (after bisecting the failing step; trainer/isolation.py) while a
+    # 12-token probe step succeeds is quarantined and training goes on; this many quarantined in a row,
+    # with no step succeeding in between, look like a fault of the trainer, not of the ratings: training
+    # pauses (an admin resumes it and retries the quarantined ones). None: never pause for this
+    max_consecutive_quarantines: int | None = 8
     run_name: str = "default"
     kto_beta: float = 0.1
     pg_clip: float = 0.2
@@ -86,6 +91,8 @@ class TrainerConfig:
             raise ConfigError("training.prompt_lm_weight must be >= 0 (0 turns the prompt LM term off)")
         if self.compile_backend not in COMPILE_BACKENDS:
             raise ConfigError(f"training.compile_backend={self.compile_backend!r}: use one of {COMPILE_BACKENDS}")
+        if self.max_consecutive_quarantines is not None and self.max_consecutive_quarantines < 1:
+            raise ConfigError("training.max_consecutive_quarantines must be >= 1 (or null: never pause for them)")
         if self.checkpoint_every < 1 or self.max_staleness < 0:
             raise ConfigError("training.checkpoint_every must be >= 1 and max_staleness >= 0")
         if not self.run_name or "/" in self.run_name or self.run_name.startswith("."):

@@ -28,8 +28,10 @@ from trainer.config import TrainerConfig
 from trainer.lora import LoRAConfig
 from trainer.objectives import RunningMean, batch_loss
 from trainer.pacing import StepPacing
-from trainer.reuse import TrainRecord, better_response_record
-from trainer.step import StepResult, forward_backward, warm_up
+from trainer.admission import model_positions
+from trainer.isolation import Quarantine, RatingWork, rating_work, train_bisecting, watermark
+from trainer.reuse import TrainRecord
+from trainer.step import StepResult, forward_backward, probe_records, warm_up
 from trainer.user_text import prompt_lm_positions
 from trainer.versions import Versions
 
@@ -59,6 +61,8 @@ class OnlineTrainer:
         self.totals = Counter()            # tokens by path, outcomes by kind, steps, seconds
         self.read_seq = 0                  # highest feedback seq taken into a step (in memory)
         self.unmarked: list[int] = []      # feedback seqs trained since the last durable checkpoint
+        self.quarantine = Quarantine(store, config.max_consecutive_quarantines)   # ratings it cannot train
+        self.max_positions = model_positions(engine.runner.model)   # a record longer than this is never run
         self.skipped = Counter()
         self.last: StepResult | None = None
         self.prompt_lm_targets = prompt_lm_positions(engine.tokenizer)   # the users' message tokens
@@ -157,43 +161,77 @@ class OnlineTrainer:
             return False
         t = time.monotonic()
         with self.lock:
-            self._train(self._take(pending))
-            self._commit_if_interleaved()      # status never shows a step whose version is not live
+            try:
+                self._train(self._take(pending))
+            finally:                           # also the versions of a step halted midway
+                self._commit_if_interleaved()  # status never shows a step whose version is not live
         spent = time.monotonic() - t
         self.pacing.spent(spent)
         self.totals["seconds"] += spent
         self.on_step(spent)
         return True
 
-    def _take(self, pending) -> list[tuple[object, TrainRecord]]:
-        taken, tokens = [], 0
+    def _take(self, pending) -> list[RatingWork]:
+        taken, tokens, trained = [], 0, set(self.unmarked)
         for feedback, completion in pending:
-            record = TrainRecord((feedback.response_id, feedback.choice_index), completion.prompt_token_ids,
-                                 completion.response_token_ids, completion.logprobs, feedback.reward())
-            size = len(record.prompt_ids) + len(record.response_ids)
-            if taken and tokens + size > self.config.step_tokens:
+            if feedback.seq in trained:    # trained in a step that halted midway: marked at the checkpoint
+                continue
+            work = rating_work(feedback, completion, self.engine.tokenizer, self.max_positions, self._counts)
+            if taken and tokens + work.tokens > self.config.step_tokens:
                 break
-            taken.append((feedback, record))
-            tokens += size
-            self._pin(record.key)          # no eviction while the step reads its rows (the engine runs on)
+            taken.append(work)
+            tokens += work.tokens
+            self._pin(work.record.key)     # no eviction while the step reads its rows (the engine runs on)
         return taken
 
-    def _train(self, taken) -> None:
-        trainable = [r for _, r in taken if len(r.response_ids) >= 1 and self._counts(r)]
-        trainable += [better_response_record(self.engine.tokenizer, fb.better_response, r.prompt_ids)
-                      for fb, r in taken if fb.better_response]
-        trainable = [r for r in trainable if r is not None]
-        seqs = [fb.seq for fb, _ in taken]
-        if trainable:
-            self._optimize(trainable)          # raises: nothing taken (resume retries these ratings)
-        self.read_seq = max(fb.seq for fb, _ in taken)
+    def _train(self, taken: list[RatingWork]) -> None:
+        """One optimizer step over the taken ratings; a failing step is bisected to the ratings at fault,
+        which are quarantined (trainer/isolation.py) while the others train. A failure that is not a
+        rating's raises (training pauses): the ratings not trained stay pending, still pinned."""
+        done = [w for w in taken if w.problem or not w.trainable]
+        for work in done:
+            if work.problem:
+                self.quarantine.put(work.feedback, *work.problem)
+            else:                          # nothing for the objective to learn (sft: a bad rating)
+                self.unmarked.append(work.feedback.seq)
+
+        def trained(works: list[RatingWork]) -> None:
+            self.unmarked += [w.feedback.seq for w in works]
+            self.quarantine.reset()
+            done.extend(works)
+
+        def isolate(work: RatingWork, err: Exception) -> None:
+            if not self._probe_ok():       # the trainer cannot train at all: not this rating's fault
+                raise err
+            done.append(work)
+            self.quarantine.failed(work.feedback, err)     # TrainingHalted after too many in a row
+
+        try:
+            train_bisecting([w for w in taken if w.trainable and not w.problem], self._optimize, trained, isolate)
+        finally:
+            self._finish(taken, done)
+        if self.unmarked and self.step_count - self._saved[1] >= self.config.checkpoint_every:
+            self.checkpoint()
+
+    def _finish(self, taken: list[RatingWork], done: list[RatingWork]) -> None:
         if self.engine.device.type == "cuda":   # the step's reads of pool rows are done before release
             torch.cuda.current_stream(self.engine.device).synchronize()
-        self.unmarked += seqs
-        for _, r in taken:
-            self._release(r.key)
-        if self.step_count and self.step_count % self.config.checkpoint_every == 0 and self.unmarked:
-            self.checkpoint()
+        for work in done:
+            self._release(work.record.key)
+        self.read_seq = watermark(taken, done, self.read_seq)
+
+    def _probe_ok(self) -> bool:
+        """Whether a 12-token step (forward and backward, no update) runs: if it does, a rating whose
+        step fails alone is at fault; if not, the trainer is."""
+        try:
+            forward_backward(self.engine.runner.model, probe_records(self.engine.hf_config.vocab_size),
+                             self._adapter_map(), reuse=False, compiled=self.compiled)
+            return True
+        except Exception:
+            log.warning("trainer: the probe step failed too", exc_info=True)
+            return False
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def _counts(self, record: TrainRecord) -> bool:
         """Whether the objective learns anything from this record (sft ignores bad and neutral)."""
@@ -249,8 +287,12 @@ class OnlineTrainer:
     # -- control (server thread) ---------------------------------------------------
     def pin_for_feedback(self, response_id: str, choice_index: int) -> None:
         """Feedback arrived: keep that record's activations until it is trained, and look for it now."""
-        self.pacing.poll_now()
         self._pin((response_id, choice_index))
+        self.wake()
+
+    def wake(self) -> None:
+        """Look for pending feedback now (a rating arrived, came back from the quarantine, or resume)."""
+        self.pacing.poll_now()
         if self.thread is not None:
             self.thread.wake()
 
@@ -285,9 +327,8 @@ class OnlineTrainer:
 
     def resume(self) -> None:
         self.paused, self.last_error = False, None
-        self.pacing.poll_now()
-        if self.thread is not None:
-            self.thread.wake()
+        self.quarantine.reset()
+        self.wake()
 
     def request_activate(self, version: int) -> None:
         """Roll back (or forward) to a kept version; live at the next engine step boundary after the
@@ -317,9 +358,17 @@ class OnlineTrainer:
         last = self.last
         return {"enabled": self.config.enabled, "paused": self.paused, "objective": self.config.objective,
                 "adapter_version": self.version, "steps": self.step_count,
-                "pending_feedback": self.store.count_feedback("pending", after_seq=self.read_seq),
-                "trained_since_checkpoint": len(self.unmarked),
+                "pending_feedback": self.pending_count(), "trained_since_checkpoint": len(self.unmarked),
+                "quarantined_feedback": self.store.count_feedback("quarantined"),
+                "quarantine": {"since_start": dict(self.quarantine.counts),
+                               "recent": [f.to_quarantine_dict() for f in self.store.quarantined(limit=3)]},
                 "kept_versions": self.adapters.versions(), "skipped_steps": dict(self.skipped),
                 "last_step": None if last is None else {
                     "loss": last.loss, "outcomes": dict(last.outcomes), "reused_rows": last.reused_rows,
                     "computed_rows": last.computed_rows, "response_tokens": last.response_tokens}}
+
+    def pending_count(self) -> int:
+        """Ratings waiting to be trained (pending, not yet read; a step halted midway may have trained
+        some past the read watermark: those are not waiting)."""
+        trained_unread = sum(seq > self.read_seq for seq in self.unmarked)
+        return self.store.count_feedback("pending", after_seq=self.read_seq) - trained_unread

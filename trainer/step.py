@@ -76,6 +76,13 @@ def build_injection(records: list[TrainRecord], plans: list[RecordPlan], pool,
     return Injection(as_index(stored), as_index(fresh), PoolRows(pool, slots))
 
 
+def probe_records(vocab_size: int) -> list[TrainRecord]:
+    """One 12-token record (8 prompt + 4 response tokens, nothing captured): warm_up's step, and the
+    trainer's probe of whether it can train at all (trainer/isolation.py)."""
+    ids = [i % vocab_size for i in range(1, 13)]
+    return [TrainRecord(None, ids[:8], ids[8:], [0.0] * 4)]
+
+
 def warm_up(model, adapters: dict, vocab_size: int, device: torch.device, pool=None, compiled=None) -> None:
     """Tiny training steps (forward and backward, 12 tokens) so the training graphs are compiled now,
     before serving: compiling them at the first real step would hold the interpreter for seconds (the
@@ -85,8 +92,8 @@ def warm_up(model, adapters: dict, vocab_size: int, device: torch.device, pool=N
     every row injected (prefill+decode). Leaves gradients on the adapters' tensors: the caller clears them."""
     if device.type != "cuda" and compiled is None:    # fused ops are compiled on CUDA only (engine/layers.py)
         return
-    ids = [i % vocab_size for i in range(1, 13)]
-    records = [TrainRecord(None, ids[:8], ids[8:], [0.0] * 4)]
+    records = probe_records(vocab_size)
+    ids = records[0].prompt_ids + records[0].response_ids
     try:
         forward_backward(model, records, adapters, reuse=False, compiled=compiled)
     except (RuntimeError, NotImplementedError) as err:     # varlen attention's backward, say: do without it
