@@ -17,6 +17,10 @@ T = TypeVar("T")
 TOO_LARGE_CODE = "request_too_large"
 
 
+def _too_large(limit: int) -> str:
+    return f"The request body is larger than this server accepts ({limit} bytes, max_request_bytes)."
+
+
 class RequestTooLarge(HTTPException):
     """The body passed max_request_bytes while it was read. An HTTPException, so it crosses FastAPI's
     body reading unchanged (other exceptions there become a 400); app.py renders it with `code`."""
@@ -24,13 +28,11 @@ class RequestTooLarge(HTTPException):
     code = TOO_LARGE_CODE
 
     def __init__(self, limit: int):
-        super().__init__(413, f"The request body is larger than this server accepts "
-                              f"({limit} bytes, max_request_bytes).")
+        super().__init__(413, _too_large(limit))
 
 
 def too_large_body(limit: int) -> dict:
-    err = RequestTooLarge(limit)
-    return {"error": {"message": err.detail, "type": "invalid_request_error", "param": None,
+    return {"error": {"message": _too_large(limit), "type": "invalid_request_error", "param": None,
                       "code": TOO_LARGE_CODE}}
 
 

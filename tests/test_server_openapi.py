@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
+from schemathesis.core.failures import FailureGroup       # a BaseExceptionGroup: the failed checks
 from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
                                               status_code_conformance)
 
@@ -101,7 +102,7 @@ def _fuzz(operation, mode, examples: int, auth: dict, failures: list) -> int:
         run()
     except Unsatisfiable:                     # negative mode, and nothing to send: /health, /metrics
         assert mode is GenerationMode.NEGATIVE and not ran
-    except (Exception, BaseExceptionGroup) as exc:   # noqa: BLE001 -- reported together below
+    except (Exception, FailureGroup) as exc:   # noqa: BLE001 -- reported together below
         failures.append(f"{operation.label} ({mode.value}): {exc}")
     return len(ran)
 
