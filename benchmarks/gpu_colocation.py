@@ -5,9 +5,9 @@ engine, and the training throughput reached meanwhile. Target: TBT p99 on <= 1.2
 The engine is the server's: random weights of the shape, capture=prefill, LoRA applied by the same
 ServerState that `alchemist serve` builds (training enabled). This thread drives it like the server's
 engine thread (on the serving stream): add the requests that have arrived, run the server's step hooks
-(queue stamp, then OnlineTrainer.step_or_pause: in `interleaved` mode a training step with its duty
-cycle, in `thread` mode only making a new version live while the trainer thread trains on its
-low-priority stream), engine.step(), stamp new tokens. Completions are recorded (and, in the `on` runs,
+(queue stamp, then in `interleaved` mode OnlineTrainer.step: a training step with its duty cycle; in
+`thread` mode the trainer thread trains on its low-priority stream and offers versions), engine.step()
+(which first makes the newest offered version live), stamp new tokens. Completions are recorded (and, in the `on` runs,
 30% rated +1/-1, seeded) on a writer thread, like the server's `asyncio.to_thread`; a rating pins the
 record's activations as POST /feedback does. Order: capacity, `off` (adapter kept, trainer hook runs,
 no feedback: no steps), then per `--modes` entry (concurrency:duty_cycle) one warm-up step and an `on`
@@ -64,13 +64,15 @@ def build(args, tmp: Path):
 
 class TrainerOnly:
     """What ServerState adds for training, without the web stack: the OnlineTrainer on the engine's
-    step hooks (the same `step_or_pause` the server's hook calls)."""
+    step hooks in interleaved mode (the same `step` the server's hook calls)."""
 
     def __init__(self, training, engine, store, run_dir: Path, step_hooks: list):
         from trainer.online import OnlineTrainer
         self.store = store
-        self.trainer = OnlineTrainer(training, engine, store, run_dir, base_model=engine.config.model)
-        step_hooks.append(self.trainer.step_or_pause)
+        self.trainer = OnlineTrainer(training, engine.training_port(), store, run_dir,
+                                     base_model=engine.config.model)
+        if self.trainer.thread is None:
+            step_hooks.append(self.trainer.step)
 
     @property
     def train_error(self) -> str | None:
@@ -127,8 +129,7 @@ def drive(engine, hooks, sched: list[dict], duration: float, writer: Writer, tag
     while now < duration or engine.has_unfinished():
         while i < len(sched) and sched[i]["t"] <= now:
             prompt = [salt.randrange(vocab)] + sched[i]["prompt"][1:]
-            engine.add_request(ids[i], prompt, params(sched[i]["max_tokens"], sched[i]["capture"]),
-                               engine.adapter_version)
+            engine.add_request(ids[i], prompt, params(sched[i]["max_tokens"], sched[i]["capture"]))
             tokens[ids[i]] = []
             i += 1
         for hook in hooks:                       # what the server's engine thread runs between steps

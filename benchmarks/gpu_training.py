@@ -84,7 +84,7 @@ def ours(engine, manager, records, reuse: bool, checkpoint_layers: bool, attenti
          compiled: CompiledLayers | None = None):
     """One training step of a mode, as a function; its `grads()` are the LoRA gradients summed over the
     steps it ran ([n] fp32; None before the first)."""
-    masters = manager.masters()
+    masters = manager.masters(engine.adapter_version)
     adapters = manager.training_adapters(masters)
 
     def step():

@@ -68,11 +68,11 @@ def main() -> None:
                            lora_alpha=2.0 * args.rank, weight_decay=args.weight_decay,
                            prompt_lm_weight=args.prompt_lm_weight, pg_clip=args.pg_clip,
                            max_update_norm=args.max_update_norm)
-    trainer = OnlineTrainer(config, engine, store, tmp / "run")
+    trainer = OnlineTrainer(config, engine.training_port(), store, tmp / "run")
     rng, ratings, start = random.Random(args.seed), [], time.time()
     for step in range(args.events // 8):
         ratings += serve_and_rate(engine, store, rng, step, args.temperature, seed=args.seed)
-        trainer.maybe_step()
+        trainer.step()
         window = ratings[-args.window:]
         print(f"events {len(ratings)} rate {sum(r > 0 for r in window) / len(window):.2f} "
               f"version {trainer.version} t {time.time() - start:.0f}s {dict(trainer.totals)}", flush=True)

@@ -23,7 +23,6 @@ class _Add:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    adapter_version: int
     first_choice: tuple[str, int] | None
     sink: "_Sink"
 
@@ -65,6 +64,7 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="alchemist-engine", daemon=True)
         self.step_hooks: list = []          # callables run on the engine thread between steps
         self.dead: BaseException | None = None
+        engine.adapter.on_offer = self._wake.set   # an idle loop applies an offered version at once
 
     @property
     def tokenizer(self):
@@ -96,8 +96,7 @@ class AsyncEngine:
                                   f"{self.max_waiting}); retry shortly", retry_after=1.0)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       adapter_version: int = 0, first_choice: tuple[str, int] | None = None
-                       ) -> AsyncIterator[SeqDelta]:
+                       first_choice: tuple[str, int] | None = None) -> AsyncIterator[SeqDelta]:
         """Yield deltas of every choice of the request until all are finished; abort on cancel."""
         if self.dead is not None:
             raise EngineDeadError(f"the engine stopped: {self.dead}")
@@ -106,7 +105,7 @@ class AsyncEngine:
         sink = _Sink(asyncio.get_running_loop())
         self._sinks[request_id] = sink
         self._adds_sent += 1
-        self._submit(_Add(request_id, prompt_token_ids, params, adapter_version, first_choice, sink))
+        self._submit(_Add(request_id, prompt_token_ids, params, first_choice, sink))
         remaining = params.n
         try:
             while remaining:
@@ -141,8 +140,7 @@ class AsyncEngine:
                 self.engine.abort_request(cmd.request_id)
                 continue
             try:
-                self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.adapter_version,
-                                        cmd.first_choice)
+                self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.first_choice)
             except AlchemistError as err:
                 cmd.sink.put(err)
             taken += 1
@@ -162,6 +160,7 @@ class AsyncEngine:
                 self._apply_commands()
                 for hook in self.step_hooks:
                     hook()
+                self.engine.apply_adapter_offer()     # also while idle: an offer goes live at once
                 if not self.engine.has_unfinished():
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()

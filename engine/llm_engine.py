@@ -15,7 +15,9 @@ from engine.output_processor import SeqDelta, SequenceTextState
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
+from engine.serving_adapter import AdapterOffer, ServingAdapter
 from engine.setup import EngineParts, build_engine_parts, num_kv_blocks
+from engine.training_port import TrainingPort
 from engine.step_signal import StepSignal
 
 
@@ -51,7 +53,7 @@ class LLMEngine:
         if self.activation_pool is not None:
             self.capture = CaptureManager(self.activation_pool, config.capture == "prefill+decode",
                                           config.capture_fraction, config.capture_stream == "side")
-        self.adapter_version = 0              # version of the adapter the serving weights hold now
+        self.adapter = ServingAdapter()       # the live adapter's version; trainers offer new ones
         self.step_signal = StepSignal()       # prompt tokens of the step in flight, for a trainer thread
         self.runner = ModelRunner(
             parts.model, parts.hf_config, num_blocks, config.block_size, parts.device, parts.dtype,
@@ -63,6 +65,37 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self._text_states: dict[int, SequenceTextState] = {}
         self.request_seqs: dict[str, list[Sequence]] = {}
+
+    # -- the live adapter ------------------------------------------------------
+    @property
+    def adapter_version(self) -> int:
+        """The adapter version new tokens are computed with (the one owner of that fact)."""
+        return self.adapter.version
+
+    def offer_adapter(self, offer: AdapterOffer) -> None:
+        """Any thread: serve `offer` from the next step boundary on (a newer offer replaces it)."""
+        self.adapter.offer(offer)
+
+    def apply_adapter_offer(self) -> int | None:
+        """At a step boundary (engine thread): make the newest offer live; its version, or None."""
+        offer = self.adapter.take_offer()
+        if offer is None:
+            return None
+        with self.runner.stream_context():       # ordered with the serving kernels
+            self.adapter.apply(offer)
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            seq.adapter_went_live(offer.version)
+        return offer.version
+
+    def training_port(self) -> TrainingPort:
+        """What a trainer may use of this engine (the trainer gets this, never the engine)."""
+        runner = self.runner
+        return TrainingPort(model=runner.model, hf_config=self.hf_config, tokenizer=self.tokenizer,
+                            device=self.device, activation_pool=self.activation_pool,
+                            serving_stream=runner.stream, step_signal=self.step_signal,
+                            graph_capture_lock=runner.graph_capture_lock,
+                            invalidate_graphs=runner.invalidate_graphs, has_unfinished=self.has_unfinished,
+                            offer=self.offer_adapter, live_version=lambda: self.adapter.version)
 
     # -- requests --------------------------------------------------------------
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -90,7 +123,7 @@ class LLMEngine:
                     f"{bm.num_blocks * bm.block_size}", param="max_tokens")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    adapter_version: int = 0, first_choice: tuple[str, int] | None = None) -> list[Sequence]:
+                    first_choice: tuple[str, int] | None = None) -> list[Sequence]:
         """`first_choice`: (response id, choice index) of the request's first choice where the API answer
         is not this request alone (a /v1/completions call with several prompts); choice i is keyed
         (response id, index + i) for its activation record and its feedback."""
@@ -103,7 +136,7 @@ class LLMEngine:
             seed = base_seed if i == 0 else hash((base_seed, i)) & 0xFFFFFFFF
             key = None if first_choice is None else (first_choice[0], first_choice[1] + i)
             seq = Sequence(next(self._seq_ids), request_id, i, prompt_token_ids, params, seed,
-                           adapter_version, prefix_parent=seqs[0] if seqs else None, record_key=key)
+                           self.adapter_version, prefix_parent=seqs[0] if seqs else None, record_key=key)
             self.scheduler.add(seq)
             self._text_states[seq.seq_id] = SequenceTextState(seq, self.tokenizer)
             seqs.append(seq)
@@ -124,6 +157,7 @@ class LLMEngine:
 
     # -- stepping --------------------------------------------------------------
     def step(self) -> list[SeqDelta]:
+        self.apply_adapter_offer()
         with self.runner.stream_context():        # pool evictions, forward and sampling on the serving stream
             batch = self.scheduler.schedule()
             if batch.is_empty:

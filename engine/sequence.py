@@ -36,7 +36,9 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
         self.seed = seed                        # resolved per-sequence sampling seed
-        self.adapter_version = adapter_version
+        self.adapter_version = adapter_version  # the version its prompt's KV (and prefix-cache key) is computed with
+        # (first output token index, adapter version) each time a version went live for this sequence
+        self.adapter_versions: list[tuple[int, int]] = [(0, adapter_version)]
         self.prefix_parent = prefix_parent      # sibling whose prefill this one waits for (shared blocks)
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
@@ -77,6 +79,19 @@ class Sequence:
 
     def block_tokens(self, block_index: int, block_size: int) -> list[int]:
         return self.token_ids[block_index * block_size:(block_index + 1) * block_size]
+
+    def adapter_went_live(self, version: int) -> None:
+        """A new adapter version serves this sequence from its next computed token on. Before its first
+        computed token the whole sequence is the new version's (its prompt KV too)."""
+        if self.num_computed_tokens == 0:
+            self.adapter_version = version
+            self.adapter_versions = [(0, version)]
+        elif self.adapter_versions[-1][1] != version:
+            start = self.num_output_tokens
+            if self.adapter_versions[-1][0] == start:       # no token produced with the previous one
+                self.adapter_versions[-1] = (start, version)
+            else:
+                self.adapter_versions.append((start, version))
 
     def append_token(self, token_id: int, logprob: float, top: list[tuple[int, float]] | None) -> None:
         self.token_ids.append(token_id)

@@ -68,10 +68,11 @@ async def activate_adapter(version: int, request: Request):
 @router.post("/v1/training/pause")
 async def pause_training(request: Request):
     """After the 200 no training step runs (a step in flight has finished) until /resume."""
-    trainer = _trainer(_admin(request))
+    state = _admin(request)
+    trainer = _trainer(state)
     trainer.pause()
     await asyncio.to_thread(_locked, trainer, lambda: None)
-    return {"paused": True, "adapter_version": trainer.version}
+    return {"paused": True, "adapter_version": state.adapter_version}
 
 
 @router.post("/v1/training/resume")
@@ -79,7 +80,7 @@ async def resume_training(request: Request):
     state = _admin(request)
     trainer = _trainer(state)
     trainer.resume()                             # also clears the last training error
-    return {"paused": False, "adapter_version": trainer.version}
+    return {"paused": False, "adapter_version": state.adapter_version}
 
 
 @router.get("/v1/training/status")
@@ -97,12 +98,12 @@ async def training_status(request: Request):
 
 def _status(state, trainer) -> dict:
     body = trainer.status()
-    body.update({"serving_adapter_version": state.adapter_version,
-                 "pending_activation": trainer.pending_activation, "next_version": trainer.next_version,
+    body.update({"pending_activation": trainer.pending_activation, "next_version": trainer.next_version,
                  "trained_feedback": state.store.count_feedback("trained"),
                  "totals": dict(trainer.totals), "last_error": state.train_error,
                  "run_dir": str(state.run_dir)})
     return body
+
 
 # -- the quarantine (store/feedback_quarantine.py) ----------------------------------------------
 @router.get("/v1/training/quarantine")

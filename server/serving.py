@@ -75,7 +75,7 @@ class Generation:
 
     async def _one(self, prompt_index: int, prompt: list[int]) -> AsyncIterator[tuple[Choice, SeqDelta]]:
         rid = self.response_id if len(self.prompts) == 1 else f"{self.response_id}-{prompt_index}"
-        gen = self.state.engine.generate(rid, prompt, self.params, adapter_version=self.state.adapter_version,
+        gen = self.state.engine.generate(rid, prompt, self.params,
                                          first_choice=(self.response_id, prompt_index * self.params.n))
         counted = False
         async with aclosing(gen):

@@ -45,7 +45,6 @@ class ServerState:
         self.api_keys = ApiKeys(config.api_keys, config.admin_api_keys)
         self.metrics = Metrics(self.model_name, self.llm)
         self.tokens = TokenTexts(self.tokenizer)
-        self.adapter_version = 0                 # the trainer publishes newer versions here
         self.created = int(time.time())
         self._started = self._closed = False
         self._purge_task: asyncio.Task | None = None
@@ -55,10 +54,10 @@ class ServerState:
         self.run_dir = Path(run_dir) if run_dir else config.resolved_run_dir()
         self.step_seconds = step_histogram(self.metrics.registry, self.model_name)
         if config.training.enabled:                # LoRA goes in before the engine thread serves
-            self.trainer = OnlineTrainer(config.training, self.llm, store, self.run_dir,
-                                         base_model=config.engine.model, on_publish=self._published,
-                                         on_step=self.step_seconds.observe)
-            engine.step_hooks.append(self.trainer.step_or_pause)   # trains (interleaved) or makes versions live
+            self.trainer = OnlineTrainer(config.training, self.llm.training_port(), store, self.run_dir,
+                                         base_model=config.engine.model, on_step=self.step_seconds.observe)
+            if self.trainer.thread is None:      # interleaved: train between engine steps
+                engine.step_hooks.append(self.trainer.step)
         self.metrics.registry.register(TrainingCollector(self))
 
     @classmethod
@@ -143,8 +142,10 @@ class ServerState:
     def train_error(self) -> str | None:
         return self.trainer.last_error if self.trainer else None
 
-    def _published(self, version: int) -> None:
-        self.adapter_version = version           # new requests are served (and recorded) with it
+    @property
+    def adapter_version(self) -> int:
+        """The version new tokens are served with: the engine's (its one owner)."""
+        return self.llm.adapter_version
 
     @property
     def healthy(self) -> bool:

@@ -189,3 +189,9 @@ def pack_bases(model) -> None:
     from engine.packing import pack_model, pack_model_lora
     pack_model(model)
     pack_model_lora(model)
+
+
+def go_live(engine: LLMEngine, offer) -> None:
+    """Offer an adapter version to `engine` and pass a step boundary: it serves from now on."""
+    engine.offer_adapter(offer)
+    engine.apply_adapter_offer()

@@ -107,14 +107,15 @@ def test_warm_up_compiles_the_layer_graphs_of_recompute_mixed_and_injected_steps
     pool, compiled = engine.activation_pool, CompiledLayers("aot_eager")
     free, model = pool.num_free_blocks, engine.runner.model
     before = counters["stats"]["unique_graphs"]
-    warm_up(model, manager.training_adapters(manager.masters()), engine.hf_config.vocab_size, engine.device,
+    warm_up(model, manager.training_adapters(manager.masters(engine.adapter_version)), engine.hf_config.vocab_size, engine.device,
             pool, compiled)
     assert counters["stats"]["unique_graphs"] - before >= 6         # 3 kinds of step x (first layer, rest)
     assert pool.num_free_blocks == free and pool.get(("alchemist-warm-up", 0)) is None
     for capture, records in (("prefill", lambda r: r[:2]), ("prefill+decode", lambda r: r[:1])):
         engine, manager, all_records = served[capture]
         before = counters["stats"]["unique_graphs"]
+        live = engine.adapter_version
         result = forward_backward(engine.runner.model, records(all_records), manager.training_adapters(
-            manager.masters()), pool=engine.activation_pool, trainer_version=manager.version, compiled=compiled)
+            manager.masters(live)), pool=engine.activation_pool, trainer_version=live, compiled=compiled)
         assert result.reused_rows > 0 and (result.computed_rows > 0) == (capture == "prefill")
         assert counters["stats"]["unique_graphs"] == before, capture

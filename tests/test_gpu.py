@@ -247,8 +247,7 @@ def _served_bf16_engine(capture: str):
     engine = build_engine(cfg, llama_config(shape))
     gen = torch.Generator().manual_seed(0)
     manager = AdapterManager(engine.runner.model, LoRAConfig(rank=8, alpha=16), generator=gen)
-    perturb(manager, gen, 1)
-    engine.adapter_version = manager.version
+    perturb(engine, manager, gen)
     return engine, manager, serve_records(engine, 0)
 
 

@@ -31,7 +31,7 @@ def serve(engine, store, rng, num: int, hook) -> list[CompletionRecord]:
     for i in range(num):
         prompt = [rng.randrange(1000) for _ in range(rng.randrange(20, 120))]
         params = SamplingParams(temperature=1.0, seed=i, max_tokens=12, ignore_eos=True, detokenize=False)
-        seqs += engine.add_request(f"r{rng.random()}", prompt, params, engine.adapter_version)
+        seqs += engine.add_request(f"r{rng.random()}", prompt, params)
     while engine.has_unfinished():
         engine.step()
         hook()                                            # what the engine thread runs between steps
@@ -46,20 +46,20 @@ def test_trainer_thread_trains_beside_cuda_graph_decode(tmp_path, sm_share):
     engine, store, rng = cuda_engine(), FeedbackStore(tmp_path / "f.db"), random.Random(0)
     torch.cuda.set_stream(engine.runner.stream)           # this thread plays the engine thread
     trainer = OnlineTrainer(TrainerConfig(lora_rank=4, lora_alpha=8.0, lr=1e-2, min_records_per_step=2,
-                                          sm_share=sm_share), engine, store, tmp_path / "run")
+                                          sm_share=sm_share), engine.training_port(), store, tmp_path / "run")
     assert trainer.thread is not None                     # auto: a thread on CUDA
     trainer.start()
     try:
-        for rec in serve(engine, store, rng, 4, trainer.step_or_pause):
+        for rec in serve(engine, store, rng, 4, engine.apply_adapter_offer):
             store.add_feedback(response_id=rec.response_id, choice_index=rec.choice_index, rating=1)
             trainer.pin_for_feedback(rec.response_id, rec.choice_index)
         deadline = time.monotonic() + 120
         while trainer.totals["steps"] < 1 and time.monotonic() < deadline:
-            serve(engine, store, rng, 2, trainer.step_or_pause)   # the engine keeps serving meanwhile
+            serve(engine, store, rng, 2, engine.apply_adapter_offer)   # the engine keeps serving meanwhile
         assert trainer.totals["steps"] >= 1 and trainer.last_error is None
         assert trainer.totals["outcome_hit"] + trainer.totals["outcome_stale"] >= 2   # reused on CUDA
         with trainer.lock:
-            trainer.step_or_pause()                       # the newest version goes live here
+            engine.apply_adapter_offer()                  # the newest version goes live here
             assert engine.adapter_version == trainer.version >= 1
             for name, (a, b) in trainer.masters.items():
                 module = trainer.adapters.modules[name]
@@ -67,7 +67,7 @@ def test_trainer_thread_trains_beside_cuda_graph_decode(tmp_path, sm_share):
         assert engine.runner.graphs is not None           # decode ran through CUDA graphs meanwhile
         total = torch.cuda.get_device_properties(0).multi_processor_count
         assert trainer.thread.sms == total if sm_share is None else trainer.thread.sms <= total
-        later = serve(engine, store, rng, 2, trainer.step_or_pause)
+        later = serve(engine, store, rng, 2, engine.apply_adapter_offer)
         assert all(r.adapter_version >= 1 for r in later)
     finally:
         trainer.stop()
@@ -83,7 +83,7 @@ def test_trainer_start_compiles_the_training_graphs_before_serving(tmp_path):
     from trainer.step import forward_backward
     torch._dynamo.reset()                     # forget graphs earlier tests compiled
     engine, store = cuda_engine(), FeedbackStore(tmp_path / "f.db")
-    trainer = OnlineTrainer(TrainerConfig(lora_rank=4, lora_alpha=8.0), engine, store, tmp_path / "run")
+    trainer = OnlineTrainer(TrainerConfig(lora_rank=4, lora_alpha=8.0), engine.training_port(), store, tmp_path / "run")
     assert all(t.grad is None for pair in trainer.masters.values() for t in pair)   # warm-up left no grads
     compiled = counters["stats"]["unique_graphs"]
     rng = random.Random(0)
@@ -101,13 +101,13 @@ def test_compiled_layers_are_compiled_at_start_up_and_train_any_batch(tmp_path):
     from torch._dynamo.utils import counters
     engine, store, rng = cuda_engine("bfloat16"), FeedbackStore(tmp_path / "f.db"), random.Random(0)
     trainer = OnlineTrainer(TrainerConfig(lora_rank=4, lora_alpha=8.0, lr=1e-2, min_records_per_step=1,
-                                          concurrency="interleaved", compile_layers=True), engine, store,
+                                          concurrency="interleaved", compile_layers=True), engine.training_port(), store,
                             tmp_path / "run")
     for num in (2, 5):
         for rec in serve(engine, store, rng, num, lambda: None):    # may compile serving's fused ops
             store.add_feedback(response_id=rec.response_id, choice_index=rec.choice_index, rating=1)
             trainer.pin_for_feedback(rec.response_id, rec.choice_index)
         graphs = counters["stats"]["unique_graphs"]
-        assert trainer.maybe_step()
+        assert trainer.step()
         assert counters["stats"]["unique_graphs"] == graphs, "a training step compiled a graph"
         assert trainer.last.outcomes == {"hit": num} and trainer.last.reused_rows > 0

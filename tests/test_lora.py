@@ -10,7 +10,8 @@ from torch import nn
 from common.errors import ConfigError, ConflictError, NotFoundError
 from engine.packing import add_lora
 from engine.sampling_params import SamplingParams
-from tests.helpers import TINY_CONFIGS, TINY_VOCAB, LogitRecorder, hf_logits, make_tiny_model, tiny_engine
+from tests.helpers import (TINY_CONFIGS, TINY_VOCAB, LogitRecorder, go_live, hf_logits, make_tiny_model,
+                           tiny_engine)
 from trainer.adapters import AdapterManager, export_peft, load_peft
 from trainer.lora import ALL_PROJECTIONS, LoRAConfig, LoRALinear, apply_lora
 
@@ -130,7 +131,7 @@ def test_zero_b_keeps_the_engine_logits(llama):
     engine, rec = engine_with_recorder(llama)
     before = run_greedy(engine, rec)
     manager = AdapterManager(engine.runner.model, LoRAConfig())
-    assert manager.version == 0 and len(manager.modules) == 2 * len(ALL_PROJECTIONS)
+    assert engine.adapter_version == 0 and len(manager.modules) == 2 * len(ALL_PROJECTIONS)
     assert same_outputs(run_greedy(engine, rec), before)
 
 
@@ -146,39 +147,41 @@ def test_publish_copies_in_place_and_bumps_the_version(llama):
     assert set(adapters) == set(manager.modules.values())
     assert adapters[manager.modules[next(iter(masters))]] == (a0, b0, CONFIG.scaling)
     new = random_masters(manager, seed=1)
-    manager.publish(new, version=1)
-    assert manager.version == 1 and manager.versions() == [0, 1]
+    offer = manager.stage(new, version=1)
+    assert engine.adapter_version == 0 and manager.versions() == [0, 1]      # kept, not served yet
+    go_live(engine, offer)
+    assert engine.adapter_version == 1
     for name, (a, b) in manager.serving_state().items():
         assert (a.data_ptr(), b.data_ptr()) == ptrs[name]
         assert torch.equal(a, new[name][0].detach()) and torch.equal(b, new[name][1].detach())
-    assert all(torch.equal(m[0], new[n][0]) for n, m in manager.masters().items())
+    assert all(torch.equal(m[0], new[n][0]) for n, m in manager.masters(1).items())
     with pytest.raises(ConflictError):
-        manager.publish(new, version=1)
+        manager.stage(new, version=1)
     bad = dict(new)
     bad.pop(next(iter(bad)))
     with pytest.raises(ConfigError):
-        manager.publish(bad, version=2)
+        manager.stage(bad, version=2)
 
 
 def test_activate_rolls_back_to_old_outputs(llama):
     engine, rec = engine_with_recorder(llama)
     manager = AdapterManager(engine.runner.model, CONFIG, max_history=3)
     base = run_greedy(engine, rec)
-    manager.publish(random_masters(manager, seed=1), version=1)
+    go_live(engine, manager.stage(random_masters(manager, seed=1), version=1))
     v1 = run_greedy(engine, rec)
-    manager.publish(random_masters(manager, seed=2), version=2)
+    go_live(engine, manager.stage(random_masters(manager, seed=2), version=2))
     v2 = run_greedy(engine, rec)
     assert not same_outputs(v1, base) and not same_outputs(v2, v1)
-    manager.activate(1)
-    assert manager.version == 1 and same_outputs(run_greedy(engine, rec), v1)
-    manager.activate(0)
+    go_live(engine, manager.stage_kept(1))
+    assert engine.adapter_version == 1 and same_outputs(run_greedy(engine, rec), v1)
+    go_live(engine, manager.stage_kept(0))
     assert same_outputs(run_greedy(engine, rec), base)
-    # the history keeps the most recently published or activated versions: 2 is the one to go
-    manager.publish(random_masters(manager, seed=3), version=3)
+    # the history keeps the most recently staged or re-staged versions: 2 is the one to go
+    go_live(engine, manager.stage(random_masters(manager, seed=3), version=3))
     assert manager.versions() == [0, 1, 3]
     with pytest.raises(NotFoundError):
-        manager.activate(2)
-    manager.activate(1)
+        manager.stage_kept(2)
+    go_live(engine, manager.stage_kept(1))
     assert same_outputs(run_greedy(engine, rec), v1)
 
 
@@ -197,8 +200,8 @@ def test_exported_adapter_loads_in_peft_with_the_same_logits(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
     engine, rec = engine_with_recorder(tiny)
     manager = AdapterManager(engine.runner.model, CONFIG)
-    manager.publish(random_masters(manager, seed=5), version=1)
-    export_peft(manager.state(), tmp_path / "adapter", CONFIG, str(tiny))
+    go_live(engine, manager.stage(random_masters(manager, seed=5), version=1))
+    export_peft(manager.state(1), tmp_path / "adapter", CONFIG, str(tiny))
     hf = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32).eval()
     base_logits = hf_logits(hf, prompts()[1])
     peft_model = PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
@@ -219,7 +222,7 @@ def test_adapter_saved_by_peft_loads_into_the_engine(llama, tmp_path):
     assert (config.rank, config.alpha, set(config.targets)) == (4, 16, {"q_proj", "v_proj", "down_proj"})
     engine, rec = engine_with_recorder(llama)
     manager = AdapterManager(engine.runner.model, config)
-    manager.publish(state, version=1)
+    go_live(engine, manager.stage(state, version=1))
     assert_engine_matches(engine, rec, peft_model)
 
 
@@ -238,4 +241,4 @@ def test_load_peft_round_trip_and_validation(llama, tmp_path):
         load_peft(tmp_path / "a")
     other = AdapterManager(tiny_engine(llama).runner.model, LoRAConfig(rank=8, alpha=16))
     with pytest.raises(ConfigError, match="same rank"):
-        other.publish(loaded, version=1)
+        other.stage(loaded, version=1)

@@ -29,8 +29,7 @@ def served(model: str, pack_adapters: bool):
     gen = torch.Generator().manual_seed(0)
     engine, manager = adapted_engine(model, "prefill", 0, gen)
     (pack_bases if pack_adapters else pack_model)(engine.runner.model)
-    perturb(manager, gen, 2)
-    engine.adapter_version = manager.version
+    perturb(engine, manager, gen)                    # version 2
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, detokenize=False, logprobs=0)
     prompts = [[(7 * i + 3 * j) % 200 + 3 for j in range(n)] for i, n in enumerate((5, 23, 40))]
     return engine, [s[0] for s in engine.generate(prompts, params)]

@@ -112,11 +112,12 @@ def status(admin: httpx.Client) -> dict:
 
 
 def train_one(user, admin, serve=chat) -> dict:
-    """One rated answer, then wait until it is trained and checkpointed (checkpoint_every=1)."""
+    """One rated answer, then wait until it is trained and checkpointed (checkpoint_every=1) and its
+    version is live (the engine applies the trainer's offer at its next step boundary)."""
     steps = status(admin)["steps"]
     rate(user, serve(user))
-    return wait_for(lambda: (s := status(admin))["steps"] > steps and s["pending_feedback"] == 0 and s,
-                    what="a training step")
+    return wait_for(lambda: (s := status(admin))["steps"] > steps and s["pending_feedback"] == 0
+                    and s["adapter_version"] == s["trainer_version"] and s, what="a training step")
 
 
 def test_admin_endpoints_need_an_admin_key(server):
@@ -196,7 +197,7 @@ def test_rollback_through_the_admin_api(server, user, admin):
     r = admin.post("/v1/adapters/1/activate")
     assert (r.status_code, r.json()["active"]) in ((200, True), (202, False)), r.text   # 202: a slow machine
     s = wait_for(lambda: (v := status(admin))["adapter_version"] == 1 and v, what="the rollback")
-    assert s["adapter_version"] == 1 == s["serving_adapter_version"]
+    assert s["adapter_version"] == 1 == s["trainer_version"]
     assert admin.get("/v1/adapters").json()["active_version"] == 1
     assert server.state.store.get_completion(chat(user), 0).adapter_version == 1
     assert train_one(user, admin)["adapter_version"] == s["next_version"] > latest   # numbers never reused
@@ -224,13 +225,13 @@ def test_trainer_thread_behind_the_http_server(tiny_model, tmp_path):
         assert state.trainer.thread is not None and state.trainer.thread.alive
         for _ in range(2):
             train_one(user, admin, serve=complete)
-        s = wait_for(lambda: (v := status(admin))["serving_adapter_version"] == v["adapter_version"] >= 2 and v,
+        s = wait_for(lambda: (v := status(admin))["trainer_version"] == v["adapter_version"] >= 2 and v,
                      what="the newest version live")
         assert s["last_error"] is None and s["totals"].get("tokens_reuse", 0) > 0
         assert state.store.get_completion(chat(user), 0).adapter_version == s["adapter_version"]
         r = admin.post("/v1/adapters/1/activate")
         assert r.status_code == 200 and r.json()["active"], r.text
-        assert status(admin)["serving_adapter_version"] == 1
+        assert status(admin)["adapter_version"] == 1
     assert not state.trainer.thread.alive                       # stopped at shutdown, then checkpointed
     assert (tmp_path / "run" / "latest").read_text().strip() == "ckpt-000001"
 

@@ -53,7 +53,7 @@ def test_a_rating_whose_step_raises_is_quarantined_and_the_others_train(tmp_path
     served = rig.serve(4)
     rig.rate(served)
     calls = inject(monkeypatch, poisoned_by({key(served[1])}))
-    assert rig.trainer.step_or_pause()
+    assert rig.step()
     trainer = rig.trainer
     assert not trainer.paused and trainer.last_error is None
     bad = status_of(rig, served[1])
@@ -66,7 +66,7 @@ def test_a_rating_whose_step_raises_is_quarantined_and_the_others_train(tmp_path
     assert trainer.totals["steps"] == 2 and trainer.version == 2 and rig.engine.adapter_version == 2
     assert {status_of(rig, r).status for r in served if r is not served[1]} == {"trained"}   # checkpointed
     assert trainer.pending_count() == 0 and rig.engine.activation_pool.get(key(served[1])) is None
-    assert not rig.trainer.step_or_pause()                                            # nothing left: not retried
+    assert not rig.step()                                            # nothing left: not retried
     s = trainer.status()
     assert s["quarantined_feedback"] == 1 and s["quarantine"]["since_start"] == {"error": 1}
     assert s["quarantine"]["recent"][0]["feedback_id"] == bad.feedback_id
@@ -79,7 +79,7 @@ def test_device_oom_halves_the_step_then_quarantines_a_rating_that_still_ooms_al
     oom = lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     too_big = lambda records: oom() if len(records) > 2 else poisoned_by({key(served[0])}, oom)(records)
     calls = inject(monkeypatch, too_big)
-    assert rig.trainer.step_or_pause() and not rig.trainer.paused
+    assert rig.step() and not rig.trainer.paused
     bad = status_of(rig, served[0])
     assert (bad.status, bad.quarantine_reason) == ("quarantined", "oom") and "out of memory" in bad.quarantine_error
     assert rig.trainer.totals["steps"] == 2 and len(calls) == 6          # halves of 2 and 1 fit
@@ -94,14 +94,14 @@ def test_a_failure_that_is_not_a_ratings_pauses_training_and_quarantines_nothing
     served = rig.serve(3)
     rig.rate(served)
     calls = inject(monkeypatch, lambda records: RuntimeError("device lost"))
-    assert not rig.trainer.step_or_pause()
+    assert not rig.step()
     assert rig.trainer.paused and rig.trainer.last_error == "RuntimeError: device lost"
     assert calls[-1] == [None] and rig.store.count_feedback("quarantined") == 0
     assert rig.trainer.pending_count() == 3 and rig.trainer.read_seq == 0
     assert all(rig.engine.activation_pool.get(key(r)).pinned for r in served)
     monkeypatch.undo()
     rig.trainer.resume()
-    assert rig.trainer.step_or_pause() and rig.trainer.version == 1 and rig.trainer.totals["outcome_hit"] == 3
+    assert rig.step() and rig.trainer.version == 1 and rig.trainer.totals["outcome_hit"] == 3
 
 
 def test_too_many_quarantines_in_a_row_pause_training_and_a_halted_step_trains_nothing_twice(tmp_path, monkeypatch):
@@ -112,7 +112,7 @@ def test_too_many_quarantines_in_a_row_pause_training_and_a_halted_step_trains_n
     served = rig.serve(3)
     rig.rate(served, [1, 1, -1])
     calls = inject(monkeypatch, poisoned_by({key(served[0])}))
-    assert not rig.trainer.step_or_pause()
+    assert not rig.step()
     trainer = rig.trainer
     assert trainer.paused and "max_consecutive_quarantines" in trainer.last_error
     assert status_of(rig, served[0]).status == "quarantined"
@@ -120,7 +120,7 @@ def test_too_many_quarantines_in_a_row_pause_training_and_a_halted_step_trains_n
     assert trainer.pending_count() == 1                                        # served[1]; [2] is done
     trainer.resume()
     calls.clear()
-    assert rig.trainer.step_or_pause() and calls == [[key(served[1])]]
+    assert rig.step() and calls == [[key(served[1])]]
     trainer.checkpoint()
     assert [status_of(rig, r).status for r in served] == ["quarantined", "trained", "trained"]
 
@@ -136,7 +136,7 @@ def test_a_rating_past_the_context_is_quarantined_without_running_a_step(tmp_pat
     good = rig.serve(1)
     rig.rate([long_one] + good)
     calls = inject(monkeypatch, lambda records: None)
-    assert rig.trainer.step_or_pause() and calls == [[key(good[0])]]
+    assert rig.step() and calls == [[key(good[0])]]
     row = status_of(rig, long_one)
     assert (row.status, row.quarantine_reason) == ("quarantined", "too_long") and str(limit) in row.quarantine_error
     assert rig.trainer.quarantine.in_a_row == 0                  # knowable, not a failure: no pause counts it
@@ -147,17 +147,17 @@ def test_the_quarantine_holds_across_a_restart_until_retried(tmp_path, monkeypat
     poisoned = rig.serve(1)
     rig.rate(poisoned)
     inject(monkeypatch, poisoned_by({key(poisoned[0])}))
-    assert rig.trainer.step_or_pause() and status_of(rig, poisoned[0]).status == "quarantined"
+    assert rig.step() and status_of(rig, poisoned[0]).status == "quarantined"
     monkeypatch.undo()                                           # the fault is gone, the row stays
     rig.restart()
-    assert not rig.trainer.step_or_pause() and status_of(rig, poisoned[0]).status == "quarantined"
+    assert not rig.step() and status_of(rig, poisoned[0]).status == "quarantined"
     good = rig.serve(1)
     rig.rate(good)
-    assert rig.trainer.step_or_pause() and rig.trainer.version == 1 and status_of(rig, good[0]).status == "trained"
+    assert rig.step() and rig.trainer.version == 1 and status_of(rig, good[0]).status == "trained"
     retried = rig.store.retry_quarantined(status_of(rig, poisoned[0]).feedback_id)
     assert retried.seq > rig.trainer.read_seq
     rig.trainer.wake()
-    assert rig.trainer.step_or_pause() and rig.trainer.version == 2 and status_of(rig, poisoned[0]).status == "trained"
+    assert rig.step() and rig.trainer.version == 2 and status_of(rig, poisoned[0]).status == "trained"
 
 
 @pytest.mark.parametrize("value", [0, -3])

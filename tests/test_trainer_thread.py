@@ -1,6 +1,6 @@
 """training.concurrency=thread (the default on CUDA), here on the CPU: the trainer thread trains while
-the engine thread keeps stepping; a new version goes live only in the engine's step hook
-(`step_or_pause`, which in this mode trains nothing itself); rows of a step's records are pinned while it
+the engine thread keeps stepping; a new version is offered by the trainer and goes live only at an
+engine step boundary (`LLMEngine.apply_adapter_offer`, no trainer hook in this mode); rows of a step's records are pinned while it
 reads them; rollback and failures behave as in interleaved mode."""
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def rig(tmp_path):
     rig.trainer.stop()
 
 
-def test_thread_trains_and_the_version_goes_live_only_in_the_engine_hook(rig):
+def test_thread_trains_and_the_version_goes_live_only_at_an_engine_step_boundary(rig):
     assert rig.trainer.thread is not None
     records = rig.serve(3)
     before = rig.serving()
@@ -35,12 +35,11 @@ def test_thread_trains_and_the_version_goes_live_only_in_the_engine_hook(rig):
     rig.trainer.start()
     assert wait_for(lambda: rig.trainer.totals["steps"] == 1 and rig.trainer.version == 1)
     assert rig.trainer.totals["outcome_hit"] == 3              # reused while another thread could step
-    assert rig.engine.adapter_version == 0 and rig.published == [] and same(before, rig.serving())
-    assert not rig.trainer.step_or_pause()                     # the engine's hook: no training here ...
-    assert rig.engine.adapter_version == 1 and rig.published == [1]      # ... only the commit
-    assert same(rig.serving(), rig.masters())
-    rig.serve(2)                                               # served (and recorded) with version 1
-    assert rig.trainer.adapters.version == 1
+    assert rig.published == [1]                                # offered, but not live ...
+    assert rig.engine.adapter_version == 0 and same(before, rig.serving())
+    assert rig.engine.apply_adapter_offer() == 1               # ... until the engine's step boundary
+    assert rig.engine.adapter_version == 1 and same(rig.serving(), rig.masters())
+    assert rig.serve(2)[0].adapter_version == 1                # served (and recorded) with version 1
 
 
 def test_engine_keeps_stepping_while_the_thread_trains(rig):
@@ -48,9 +47,9 @@ def test_engine_keeps_stepping_while_the_thread_trains(rig):
     for _ in range(3):                                         # rate, then serve more at once
         rig.rate(rig.serve(2))
         rig.serve(2)
-        rig.trainer.step_or_pause()
+        rig.engine.apply_adapter_offer()
     assert wait_for(lambda: rig.trainer.totals["steps"] >= 1 and not rig.store.pending_feedback(rig.trainer.read_seq, 1))
-    rig.trainer.step_or_pause()
+    rig.engine.apply_adapter_offer()
     assert rig.engine.adapter_version == rig.trainer.version >= 1
     assert rig.trainer.last_error is None
 
@@ -71,16 +70,16 @@ def test_rollback_and_failure_in_thread_mode(rig, monkeypatch):
     rig.trainer.start()
     rig.rate(rig.serve(2))
     assert wait_for(lambda: rig.trainer.version == 1)
-    rig.trainer.step_or_pause()
+    rig.engine.apply_adapter_offer()
     serving_v1 = rig.serving()
     rig.rate(rig.serve(2))
     assert wait_for(lambda: rig.trainer.version == 2)
-    rig.trainer.step_or_pause()
+    rig.engine.apply_adapter_offer()
     rig.trainer.request_activate(1)
     assert wait_for(lambda: rig.trainer.pending_activation is None and rig.trainer.version == 1)
-    rig.trainer.step_or_pause()
+    rig.engine.apply_adapter_offer()
     assert rig.engine.adapter_version == 1 and same(rig.serving(), serving_v1)
-    monkeypatch.setattr(rig.trainer, "work", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(rig.trainer, "_work", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
     assert wait_for(lambda: rig.trainer.paused)                # a failure pauses; serving goes on
     assert "boom" in rig.trainer.last_error
     assert rig.trainer.stop(timeout=10)

@@ -11,13 +11,13 @@ import json
 import math
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from common.errors import ConfigError, ConflictError, NotFoundError
+from engine.serving_adapter import AdapterOffer
 from trainer.lora import LoRAConfig, apply_lora
 
 AdapterState = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -59,18 +59,6 @@ def check_state(state: AdapterState, shapes: dict[str, tuple[torch.Size, torch.S
                               f"A {tuple(want_a)} / B {tuple(want_b)}: use an adapter of the same rank and base")
 
 
-@dataclass
-class StagedAdapter:
-    """A version ready to serve: its tensors already in the serving dtype and device, laid out like the
-    serving buffers, so that making it live is one `_foreach_copy_` at an engine step boundary."""
-    version: int
-    buffers: list[torch.Tensor]            # per serving buffer, its staged contents (1-D)
-
-    @property
-    def is_cuda(self) -> bool:
-        return self.buffers[0].is_cuda
-
-
 def whole_storage(t: torch.Tensor) -> torch.Tensor:
     """The 1-D tensor over all of t's storage (t's packed buffer when t is one block of it)."""
     return t.new_empty(0).set_(t.untyped_storage())
@@ -86,13 +74,13 @@ def serving_buffers(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 class AdapterManager:
-    """Owns the serving adapter of one model: its version, publish, rollback and history.
+    """The trainer's side of the serving adapter: LoRA applied to the model, versions staged as engine
+    offers, and the history kept for checkpoints, export and rollback.
 
-    Keeps the `max_history` most recently published or activated versions (CPU fp32) for rollback.
-    Call `publish` / `activate` / `commit` only at an engine step boundary (between `LLMEngine.step`
-    calls), so a batch never sees a half-written adapter; `stage` may run on another thread (a trainer's)
-    meanwhile. On CUDA, apply it to the model before decode CUDA graphs are captured, or the graphs
-    replay the model without the adapter.
+    Keeps the `max_history` most recently staged or re-staged versions (CPU fp32). Which version serves is
+    the engine's fact (`LLMEngine.adapter_version`): the manager never writes the serving tensors, it
+    builds `AdapterOffer`s (on any thread) that the engine applies at a step boundary. On CUDA, apply
+    LoRA to the model before decode CUDA graphs are captured (or invalidate them after).
     """
 
     def __init__(self, model: nn.Module, config: LoRAConfig, max_history: int = 8,
@@ -102,34 +90,32 @@ class AdapterManager:
         self.config = config
         self.max_history = max_history
         self.modules = apply_lora(model, config, generator)
-        self.version = 0
-        self._last_version = 0
         self._lock = threading.Lock()          # history: staged on the trainer's thread, read by the server's
         self._history: OrderedDict[int, AdapterState] = OrderedDict()
         self._history[0] = cpu_fp32(self.serving_state())
 
     def serving_state(self) -> AdapterState:
-        """The live serving tensors (model dtype, frozen); do not write them outside publish."""
+        """The live serving tensors (model dtype, frozen); only the engine writes them (offers)."""
         return {name: (m.lora_A, m.lora_B) for name, m in self.modules.items()}
 
     def shapes(self) -> dict[str, tuple[torch.Size, torch.Size]]:
         return {name: (m.lora_A.shape, m.lora_B.shape) for name, m in self.modules.items()}
 
-    def masters(self) -> AdapterState:
-        """fp32 copies of the active version on the serving device: leaf tensors that require grad."""
+    def masters(self, version: int = 0) -> AdapterState:
+        """fp32 copies of kept `version` on the serving device: leaf tensors that require grad."""
         device = next(iter(self.modules.values())).lora_A.device
         def leaf(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, copy=True).requires_grad_(True)
-        return {name: (leaf(a), leaf(b)) for name, (a, b) in self._history[self.version].items()}
+        return {name: (leaf(a), leaf(b)) for name, (a, b) in self.kept(version).items()}
 
     def training_adapters(self, masters: AdapterState) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor, float]]:
         """{LoRALinear module: (A, B, scaling)}: the form trainer.reuse.TrainingContext takes."""
         check_state(masters, self.shapes())
         return {m: (*masters[name], self.config.scaling) for name, m in self.modules.items()}
 
-    def state(self, version: int | None = None) -> AdapterState:
-        """CPU fp32 copy of a kept version (default: the active one), e.g. for export_peft."""
-        return cpu_fp32(self.kept(self.version if version is None else version))
+    def state(self, version: int) -> AdapterState:
+        """CPU fp32 copy of kept `version`, e.g. for a checkpoint or export_peft."""
+        return cpu_fp32(self.kept(version))
 
     def kept(self, version: int) -> AdapterState:
         """The kept CPU fp32 tensors of `version` themselves (read them, never write; `state` copies)."""
@@ -142,62 +128,44 @@ class AdapterManager:
         with self._lock:
             return sorted(self._history)
 
-    def publish(self, masters: AdapterState, version: int) -> None:
-        """Copy `masters` into the serving tensors in place and make `version` active."""
-        self.commit(self.stage(masters, version))
-
-    def activate(self, version: int) -> None:
-        """Roll back (or forward) to a kept version: publish its tensors again."""
-        self.commit(self.stage_kept(version))
-
-    def stage(self, masters: AdapterState, version: int) -> StagedAdapter:
-        """Prepare new `version` from `masters` (any thread; nothing served changes until `commit`). The
-        version is kept (for checkpoints, export and rollback) from now on."""
-        if isinstance(version, bool) or not isinstance(version, int) or version <= self._last_version:
-            raise ConflictError(f"adapter version {version!r} is not newer than {self._last_version}: "
-                                "publish increasing integer versions (use activate to roll back)")
+    def stage(self, masters: AdapterState, version: int) -> AdapterOffer:
+        """New `version` from `masters` as an engine offer (any thread; nothing served changes until the
+        engine applies it). The version is kept (for checkpoints, export and rollback) from now on."""
+        newest = max(self.versions())
+        if isinstance(version, bool) or not isinstance(version, int) or version <= newest:
+            raise ConflictError(f"adapter version {version!r} is not newer than {newest}: "
+                                "stage increasing integer versions (stage_kept serves an older one again)")
         check_state(masters, self.shapes())
-        staged = self._staged(masters, version)
+        offer = self._offer(masters, version)
         with self._lock:
             self._history[version] = cpu_fp32(masters)
-            self._last_version = version
             self._trim_history(keep=version)
-        return staged
+        return offer
 
-    def stage_kept(self, version: int) -> StagedAdapter:
-        """Prepare a kept version to be served again (rollback or forward)."""
-        return self._staged(self.kept(version), version)
+    def stage_kept(self, version: int) -> AdapterOffer:
+        """A kept version as an engine offer (rollback or forward); it counts as recently used."""
+        offer = self._offer(self.kept(version), version)
+        with self._lock:
+            self._history.move_to_end(version)
+        return offer
 
     @torch.no_grad()
-    def _staged(self, state: AdapterState, version: int) -> StagedAdapter:
+    def _offer(self, state: AdapterState, version: int) -> AdapterOffer:
         serving = [(t, src) for name, m in self.modules.items() for t, src in zip((m.lora_A, m.lora_B), state[name])]
         targets = serving_buffers([t for t, _ in serving])
         staged = {target.untyped_storage().data_ptr(): torch.zeros_like(target) for target in targets}
         for t, src in serving:        # into t's place in its buffer (a packed B's off-diagonal stays 0)
             buffer = staged[t.untyped_storage().data_ptr()]
             buffer.as_strided(t.shape, t.stride(), t.storage_offset()).copy_(src.detach())   # casts
-        buffers = list(staged.values())
-        if buffers[0].is_cuda:   # copies done before another thread's stream (or SM partition) reads them
-            torch.cuda.current_stream(buffers[0].device).synchronize()
-        return StagedAdapter(version, buffers)
-
-    @torch.no_grad()
-    def commit(self, staged: StagedAdapter) -> None:
-        """Make a staged version live: copy into the serving buffers in place (the pointers stay)."""
-        targets = serving_buffers([t for m in self.modules.values() for t in (m.lora_A, m.lora_B)])
-        torch._foreach_copy_(targets, staged.buffers)
-        if staged.is_cuda:            # done before any stream reads them (between engine steps: ~free)
-            torch.cuda.current_stream(staged.buffers[0].device).synchronize()
-        with self._lock:
-            if staged.version in self._history:   # most recently served first to be kept
-                self._history.move_to_end(staged.version)
-            self.version = staged.version
-            self._trim_history(keep=staged.version)
+        sources = list(staged.values())
+        if sources[0].is_cuda:   # copies done before another thread's stream (or SM partition) reads them
+            torch.cuda.current_stream(sources[0].device).synchronize()
+        return AdapterOffer(version, targets, sources)
 
     def _trim_history(self, keep: int) -> None:
-        """Drop the least recently published/activated versions, never the active one nor `keep`."""
-        while len(self._history) > max(self.max_history, 2 if keep != self.version else 1):
-            oldest = next(v for v in self._history if v not in (self.version, keep))
+        """Drop the least recently staged versions beyond `max_history`, never `keep`."""
+        while len(self._history) > self.max_history:
+            oldest = next(v for v in self._history if v != keep)
             del self._history[oldest]
 
 

@@ -2,7 +2,7 @@
 training step never holds the engine thread. On CUDA the thread issues its kernels on a stream of the
 lowest priority while the engine serves on one of the highest: the GPU's block scheduler gives serving's
 kernels the SMs first and training fills what is left. A new adapter version still goes live only at
-an engine step boundary (`OnlineTrainer.commit_published`, run by the engine's step hook).
+an engine step boundary (the trainer offers it through its port; the engine applies the newest offer).
 
 Between layers (forward and backward) a step from this thread waits for its own kernels and then
 while the engine's step in flight computes >= `training.yield_prefill_tokens` prompt tokens
@@ -29,7 +29,7 @@ LOWEST_PRIORITY = 0         # CUDA stream priorities: lower numbers run first; 0
 
 class TrainerThread:
     def __init__(self, trainer):
-        self.trainer = trainer                 # an OnlineTrainer: work_or_pause() trains at most one step
+        self.trainer = trainer                 # an OnlineTrainer: step() trains at most one step
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self._green = None                     # the green context limiting the trainer's SMs, if any
@@ -82,31 +82,32 @@ class TrainerThread:
         self._wake.set()
 
     def _loop(self) -> None:
-        runner = self.trainer.engine.runner
+        port = self.trainer.port
         try:
-            if runner.stream is not None:
-                torch.cuda.set_stream(self._stream(runner.device, self.trainer.config.sm_share))
+            if port.serving_stream is not None:
+                torch.cuda.set_stream(self._stream(port.device, self.trainer.config.sm_share))
         except Exception as err:               # no stream for training: say so where status shows it
             log.exception("trainer thread could not start")
             self.trainer.last_error = f"trainer thread: {type(err).__name__}: {err}"
             self.trainer.pause()
             return
         while not self._stop.is_set():
-            with runner.graph_capture_lock:
-                trained = self.trainer.work_or_pause()    # failures pause training (last_error)
+            with port.graph_capture_lock:
+                trained = self.trainer.step()    # failures pause training (last_error)
             if not trained:
                 self._wake.wait(IDLE_WAIT_S)
                 self._wake.clear()
 
 
-def yield_gate(engine, prefill_tokens: int | None):
-    """The `between_layers` callback of a step on the trainer thread (None: never wait)."""
+def yield_gate(port, prefill_tokens: int | None):
+    """The `between_layers` callback of a step on the trainer thread (None: never wait); `port`: the
+    trainer's engine.training_port.TrainingPort."""
     if prefill_tokens is None:
         return None
-    stream = torch.cuda.current_stream(engine.device) if engine.device.type == "cuda" else None
+    stream = torch.cuda.current_stream(port.device) if port.device.type == "cuda" else None
 
     def gate() -> None:
         if stream is not None:
             stream.synchronize()             # this thread's previous layer is done: little queued behind
-        engine.step_signal.wait_below(prefill_tokens)
+        port.step_signal.wait_below(prefill_tokens)
     return gate

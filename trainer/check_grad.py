@@ -42,14 +42,16 @@ def build_engine(model: str, capture: str, seed: int, dtype: str = "float32",
     return LLMEngine(config, parts, build_activation_pool(config, parts))
 
 
-def perturb(manager: AdapterManager, gen: torch.Generator, version: int) -> None:
-    """Publish a new random adapter version (B non-zero, so every LoRA factor gets a gradient)."""
-    masters = manager.masters()
+def perturb(engine: LLMEngine, manager: AdapterManager, gen: torch.Generator) -> None:
+    """Serve a new random adapter version, the next after the live one (B non-zero, so every LoRA factor
+    gets a gradient)."""
+    masters = manager.masters(engine.adapter_version)
     with torch.no_grad():
         for a, b in masters.values():
             a.add_(torch.randn(a.shape, generator=gen).to(a.device) * 0.05)
             b.add_(torch.randn(b.shape, generator=gen).to(b.device) * 0.05)
-    manager.publish(masters, version)
+    engine.offer_adapter(manager.stage(masters, engine.adapter_version + 1))
+    engine.apply_adapter_offer()                   # a step boundary: live now
 
 
 def serve_records(engine: LLMEngine, seed: int, num: int = 6, shared_prefix: int = 0) -> list[TrainRecord]:
@@ -87,17 +89,17 @@ def adapted_engine(model: str, capture: str, seed: int, gen: torch.Generator, dt
     and live in the engine."""
     engine = build_engine(model, capture, seed, dtype, pool_bytes)
     manager = AdapterManager(engine.runner.model, lora or LoRAConfig(rank=4, alpha=8), generator=gen)
-    perturb(manager, gen, 1)
-    engine.adapter_version = manager.version
+    perturb(engine, manager, gen)
     return engine, manager
 
 
 def train_once(engine, manager, records, reuse: bool, max_staleness: int, checkpoint_layers: bool = False,
                compiled=None):
-    masters = manager.masters()
+    """Gradients against the live adapter version (the trainer's masters = what serves now)."""
+    masters = manager.masters(engine.adapter_version)
     adapters = manager.training_adapters(masters)
     result = forward_backward(engine.runner.model, records, adapters, pool=engine.activation_pool, reuse=reuse,
-                              trainer_version=manager.version, max_staleness=max_staleness,
+                              trainer_version=engine.adapter_version, max_staleness=max_staleness,
                               checkpoint_layers=checkpoint_layers, compiled=compiled)
     return result, [t.grad for pair in masters.values() for t in pair]
 
@@ -110,8 +112,7 @@ def run_check(model: str = "tiny-llama", capture: str = "prefill", staleness: in
     engine, manager = adapted_engine(model, capture, seed, gen, dtype, pool_bytes)
     records = serve_records(engine, seed, shared_prefix=shared_prefix)
     for k in range(staleness):                     # the adapter moves on after serving
-        perturb(manager, gen, manager.version + 1)
-    engine.adapter_version = manager.version
+        perturb(engine, manager, gen)
     max_staleness = staleness if max_staleness is None else max_staleness
     reuse, g_reuse = train_once(engine, manager, records, True, max_staleness)
     recompute, g_recompute = train_once(engine, manager, records, False, max_staleness)

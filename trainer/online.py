@@ -1,9 +1,11 @@
 """The online trainer inside the serving process: committed feedback -> a training step (reuse of
-captured activations, or recompute) -> AdamW on fp32 LoRA masters -> adapter version N+1, staged by the
-trainer and made live by `commit_published()` on the engine thread between engine steps, so serving
-never sees a half-written adapter. Steps run where `training.concurrency` says: on a trainer thread
-(`trainer/background.py`; on CUDA a low-priority stream beside serving's) or interleaved on the engine
-thread (`maybe_step()`). A duty cycle bounds the share of wall time steps may take while serving.
+captured activations, or recompute) -> AdamW on fp32 LoRA masters -> adapter version N+1, offered to the
+engine through the trainer's port (engine.training_port.TrainingPort) and made live by the engine at its
+next step boundary, so serving never sees a half-written adapter. The trainer never holds the engine.
+One unit of work, `step()`, runs where `training.concurrency` says: on a trainer thread
+(`trainer/background.py`; on CUDA a low-priority stream beside serving's; `start()` / `stop()`) or
+interleaved on the engine thread (the server installs `step` as the engine's step hook). A duty cycle
+bounds the share of wall time steps may take while serving.
 
 Exactly-once: feedback is marked trained in the store only after a checkpoint that contains its
 update is durable. After a crash, the adapter restarts from that checkpoint and the feedback trained
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from common.errors import ConfigError
+from engine.training_port import TrainingPort
 from trainer import checkpoint as ckpt
 from trainer.adapters import AdapterManager, cap_update, check_state
 from trainer.background import TrainerThread, yield_gate
@@ -39,16 +42,16 @@ log = logging.getLogger("alchemist.trainer")
 
 
 class OnlineTrainer:
-    def __init__(self, config: TrainerConfig, engine, store, run_dir: Path, base_model: str = "",
-                 on_publish=None, on_step=None):
-        self.config, self.engine, self.store = config, engine, store
-        self.compiled = compiled_layers(config, engine.device)      # raises first: no side effects yet
+    def __init__(self, config: TrainerConfig, port: TrainingPort, store, run_dir: Path, base_model: str = "",
+                 on_step=None):
+        self.config, self.port, self.store = config, port, store
+        self.compiled = compiled_layers(config, port.device)        # raises first: no side effects yet
         self.run_dir, self.base_model = Path(run_dir), base_model
         self.on_step = on_step or (lambda seconds: None)           # a step trained, in this many seconds
         self.lora = LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha, targets=tuple(config.lora_targets))
-        self.adapters = AdapterManager(engine.runner.model, self.lora)
-        engine.runner.invalidate_graphs()      # decode graphs must replay the adapted modules
-        self.masters = self.adapters.masters()
+        self.adapters = AdapterManager(port.model, self.lora)
+        port.invalidate_graphs()               # decode graphs must replay the adapted modules
+        self.masters = self.adapters.masters(0)    # a checkpoint, if any, is loaded below
         self.names = sorted(self.masters)
         self.optimizer = torch.optim.AdamW([t for n in self.names for t in self.masters[n]], lr=config.lr,
                                            weight_decay=config.weight_decay)
@@ -57,28 +60,27 @@ class OnlineTrainer:
         self.paused = False
         self.last_error: str | None = None        # the last training failure (training pauses on one)
         self.step_count = 0
-        self.versions = Versions(self.adapters, engine, self.run_dir, on_publish or (lambda version: None))
+        self.versions = Versions(self.adapters, port.offer, self.run_dir)
         self.totals = Counter()            # tokens by path, outcomes by kind, steps, seconds
         self.read_seq = 0                  # highest feedback seq taken into a step (in memory)
         self.unmarked: list[int] = []      # feedback seqs trained since the last durable checkpoint
         self.quarantine = Quarantine(store, config.max_consecutive_quarantines)   # ratings it cannot train
-        self.max_positions = model_positions(engine.runner.model)   # a record longer than this is never run
+        self.max_positions = model_positions(port.model)   # a record longer than this is never run
         self.skipped = Counter()
         self.last: StepResult | None = None
-        self.prompt_lm_targets = prompt_lm_positions(engine.tokenizer)   # the users' message tokens
+        self.prompt_lm_targets = prompt_lm_positions(port.tokenizer)     # the users' message tokens
         self._saved = (0, 0)               # (version, step) of the last durable checkpoint
-        threaded = config.concurrency == "thread" or (config.concurrency == "auto" and engine.device.type == "cuda")
+        threaded = config.concurrency == "thread" or (config.concurrency == "auto" and port.device.type == "cuda")
         self.thread = TrainerThread(self) if threaded else None
         self.pacing = StepPacing(config, threaded)
         loaded = ckpt.load_latest(self.run_dir)
         if loaded is not None:
             self._load(*loaded)
-        self.versions.commit()             # before the engine serves: the resumed version is live
-        warm_up(engine.runner.model, self._adapter_map(), engine.hf_config.vocab_size, engine.device,
-                engine.activation_pool, self.compiled)
+        warm_up(port.model, self._adapter_map(), port.hf_config.vocab_size, port.device,
+                port.activation_pool, self.compiled)
         self.optimizer.zero_grad(set_to_none=True)
-        if engine.device.type == "cuda":   # adapters made on this thread's stream: ready before serving's
-            torch.cuda.synchronize(engine.device)
+        if port.device.type == "cuda":     # adapters made on this thread's stream: ready before serving's
+            torch.cuda.synchronize(port.device)
 
     def start(self) -> None:
         """Start the trainer thread (thread mode; interleaved mode trains from the engine's step hook)."""
@@ -90,7 +92,8 @@ class OnlineTrainer:
 
     @property
     def version(self) -> int:
-        """The version the masters hold (live at the next engine step boundary, if not already)."""
+        """The version the masters hold: the trainer's own fact (its gradients are taken against it); the
+        version serving uses is the engine's (`port.live_version()`), the same once the offer is applied."""
         return self.versions.current
 
     @property
@@ -100,9 +103,6 @@ class OnlineTrainer:
     @property
     def pending_activation(self) -> int | None:
         return self.versions.pending_activation
-
-    def commit_published(self) -> None:
-        self.versions.commit()
 
     # -- lifecycle -------------------------------------------------------------
     def _load(self, state, lora, optimizer_state, meta) -> None:
@@ -141,30 +141,34 @@ class OnlineTrainer:
         ckpt.prune(self.run_dir)
         return path
 
-    # -- the step hook -----------------------------------------------------------
-    def maybe_step(self) -> bool:
-        """Interleaved mode, on the engine thread: `work()`; a version it publishes is live on return
-        (committed under the trainer lock, see `_commit_if_interleaved`)."""
-        return self.work()
+    # -- the unit of work -----------------------------------------------------------
+    def step(self) -> bool:
+        """Apply a requested rollback, then train one step if allowed and feedback is waiting; True if a
+        step trained. The engine's step hook (interleaved mode) or the trainer thread's loop. A failure
+        pauses training (serving goes on) and is kept in `last_error` until `resume`."""
+        try:
+            return self._work()
+        except Exception as err:
+            log.exception("training step failed; training paused (POST /v1/training/resume retries)")
+            self.last_error = f"{type(err).__name__}: {err}"
+            self.pause()
+            return False
 
-    def work(self) -> bool:
+    def _work(self) -> bool:
         """Apply a requested rollback, then train one step if allowed and feedback is waiting."""
         if self.versions.pending_activation is not None:
             self._apply_activation()
         if not self.config.enabled or self.paused:
             return False
         now = time.monotonic()
-        if not self.pacing.may_look(now, serving=self.engine.has_unfinished()):
+        if not self.pacing.may_look(now, serving=self.port.has_unfinished()):
             return False
         pending = self.store.pending_feedback(self.read_seq, self.config.max_records_per_step)
         if not self.pacing.batch_ready(len(pending), now):
             return False
         t = time.monotonic()
         with self.lock:
-            try:
-                self._train(self._take(pending))
-            finally:                           # also the versions of a step halted midway
-                self._commit_if_interleaved()  # status never shows a step whose version is not live
+            self._train(self._take(pending))
         spent = time.monotonic() - t
         self.pacing.spent(spent)
         self.totals["seconds"] += spent
@@ -176,7 +180,7 @@ class OnlineTrainer:
         for feedback, completion in pending:
             if feedback.seq in trained:    # trained in a step that halted midway: marked at the checkpoint
                 continue
-            work = rating_work(feedback, completion, self.engine.tokenizer, self.max_positions, self._counts)
+            work = rating_work(feedback, completion, self.port.tokenizer, self.max_positions, self._counts)
             if taken and tokens + work.tokens > self.config.step_tokens:
                 break
             taken.append(work)
@@ -214,8 +218,8 @@ class OnlineTrainer:
             self.checkpoint()
 
     def _finish(self, taken: list[RatingWork], done: list[RatingWork]) -> None:
-        if self.engine.device.type == "cuda":   # the step's reads of pool rows are done before release
-            torch.cuda.current_stream(self.engine.device).synchronize()
+        if self.port.device.type == "cuda":     # the step's reads of pool rows are done before release
+            torch.cuda.current_stream(self.port.device).synchronize()
         for work in done:
             self._release(work.record.key)
         self.read_seq = watermark(taken, done, self.read_seq)
@@ -224,8 +228,8 @@ class OnlineTrainer:
         """Whether a 12-token step (forward and backward, no update) runs: if it does, a rating whose
         step fails alone is at fault; if not, the trainer is."""
         try:
-            forward_backward(self.engine.runner.model, probe_records(self.engine.hf_config.vocab_size),
-                             self._adapter_map(), reuse=False, compiled=self.compiled)
+            forward_backward(self.port.model, probe_records(self.port.hf_config.vocab_size), self._adapter_map(),
+                             reuse=False, compiled=self.compiled)
             return True
         except Exception:
             log.warning("trainer: the probe step failed too", exc_info=True)
@@ -238,8 +242,8 @@ class OnlineTrainer:
         return record.weight > 0 if self.config.objective == "sft" else record.weight != 0
 
     def _release(self, key) -> None:
-        if self.engine.activation_pool is not None and key is not None:
-            self.engine.activation_pool.release(key)
+        if self.port.activation_pool is not None and key is not None:
+            self.port.activation_pool.release(key)
 
     # -- one optimizer step ------------------------------------------------------
     def _loss(self, logprobs: list[torch.Tensor], records: list[TrainRecord]) -> torch.Tensor:
@@ -252,8 +256,8 @@ class OnlineTrainer:
         params = [t for n in self.names for t in self.masters[n]]
         self.optimizer.zero_grad(set_to_none=True)
         before = [p.detach().clone() for p in params] if self.config.max_update_norm else None
-        result = forward_backward(self.engine.runner.model, records, self._adapter_map(),
-                                  pool=self.engine.activation_pool, reuse=True, trainer_version=self.version,
+        result = forward_backward(self.port.model, records, self._adapter_map(),
+                                  pool=self.port.activation_pool, reuse=True, trainer_version=self.version,
                                   max_staleness=self.config.max_staleness, loss_fn=self._loss,
                                   prompt_lm_weight=self.config.prompt_lm_weight,
                                   prompt_lm_targets=self.prompt_lm_targets,
@@ -278,7 +282,7 @@ class OnlineTrainer:
 
     def _gate(self):
         """On the trainer thread: yield to prompt-heavy engine steps between layers."""
-        return yield_gate(self.engine, self.config.yield_prefill_tokens) if self.thread is not None else None
+        return yield_gate(self.port, self.config.yield_prefill_tokens) if self.thread is not None else None
 
     def _cap_update(self, params, before) -> None:
         if cap_update(params, before, self.config.max_update_norm):
@@ -297,30 +301,8 @@ class OnlineTrainer:
             self.thread.wake()
 
     def _pin(self, key) -> None:
-        if self.engine.activation_pool is not None and key is not None:   # gone (trained, evicted): nothing to keep
-            self.engine.activation_pool.pin_if_present(key)
-
-    def step_or_pause(self) -> bool:
-        """The engine's step hook: in interleaved mode `maybe_step`, in thread mode only
-        `commit_published` (the thread trains). A failure pauses training (serving goes on) and is
-        kept in `last_error` until `resume`."""
-        if self.thread is not None:
-            self.commit_published()
-            return False
-        return self._guarded(self.maybe_step)
-
-    def work_or_pause(self) -> bool:
-        """The trainer thread's unit of work: `work`, guarded like `step_or_pause`."""
-        return self._guarded(self.work)
-
-    def _guarded(self, fn) -> bool:
-        try:
-            return fn()
-        except Exception as err:
-            log.exception("training step failed; training paused (POST /v1/training/resume retries)")
-            self.last_error = f"{type(err).__name__}: {err}"
-            self.pause()
-            return False
+        if self.port.activation_pool is not None and key is not None:   # gone (trained, evicted): nothing to keep
+            self.port.activation_pool.pin_if_present(key)
 
     def pause(self) -> None:
         self.paused = True
@@ -342,11 +324,6 @@ class OnlineTrainer:
         with self.lock:
             self._set_masters(self.adapters.kept(version))   # copied into the masters
             self.versions.activate(version)
-            self._commit_if_interleaved()
-
-    def _commit_if_interleaved(self) -> None:
-        if self.thread is None:                # on the engine thread between engine steps
-            self.versions.commit()
 
     @torch.no_grad()
     def _set_masters(self, state) -> None:
@@ -357,7 +334,8 @@ class OnlineTrainer:
     def status(self) -> dict:
         last = self.last
         return {"enabled": self.config.enabled, "paused": self.paused, "objective": self.config.objective,
-                "adapter_version": self.version, "steps": self.step_count,
+                "adapter_version": self.port.live_version(), "trainer_version": self.version,
+                "steps": self.step_count,
                 "pending_feedback": self.pending_count(), "trained_since_checkpoint": len(self.unmarked),
                 "quarantined_feedback": self.store.count_feedback("quarantined"),
                 "quarantine": {"since_start": dict(self.quarantine.counts),
