@@ -116,6 +116,7 @@ class Generation:
             response_id=self.response_id, choice_index=choice.index,
             prompt_token_ids=list(seq.prompt_token_ids), response_token_ids=list(seq.output_token_ids),
             logprobs=list(seq.logprobs), adapter_version=seq.adapter_version,
+            adapter_versions=tuple(seq.adapter_versions),
             api_key_id=self.api_key_id, created=time.time(), finish_reason=choice.finish_reason,
             model=self.state.model_name)
         await asyncio.to_thread(self.state.store.record_completions, [rec])

@@ -24,6 +24,18 @@ class CompletionRecord:
     created: float
     finish_reason: str | None = None
     model: str | None = None
+    # (first response token index, adapter version) for each version that produced part of the response,
+    # in order; None -> the whole response came from `adapter_version`
+    adapter_versions: tuple[tuple[int, int], ...] | None = None
+
+    def __post_init__(self):
+        spans = self.adapter_versions or ((0, self.adapter_version),)
+        object.__setattr__(self, "adapter_versions", tuple((int(t), int(v)) for t, v in spans))
+
+    def versions_per_token(self) -> list[int]:
+        """The adapter version that produced each response token."""
+        spans = list(self.adapter_versions) + [(len(self.response_token_ids), -1)]
+        return [v for (start, v), (end, _) in zip(spans, spans[1:]) for _ in range(max(0, end - start))]
 
 
 @dataclass(frozen=True)
@@ -68,7 +80,7 @@ class Feedback:
 
 
 def pack(values: list, typecode: str) -> bytes:
-    """Little-endian array blob ('i' int32 token ids, 'd' float64 logprobs)."""
+    """Little-endian array blob ('i' int32 token ids, 'd' float64 logprobs, 'q' int64 version spans)."""
     try:
         arr = array(typecode, values)
     except (OverflowError, TypeError) as exc:
@@ -91,7 +103,8 @@ def row_to_completion(row: tuple) -> CompletionRecord:
         response_id=row[0], choice_index=row[1], prompt_token_ids=_unpack(row[2], "i"),
         response_token_ids=_unpack(row[3], "i"), logprobs=_unpack(row[4], "d"),
         adapter_version=row[5], api_key_id=row[6], created=row[7],
-        finish_reason=row[8], model=row[9])
+        finish_reason=row[8], model=row[9],
+        adapter_versions=None if row[10] is None else tuple(zip(*[iter(_unpack(row[10], "q"))] * 2)))
 
 
 def is_int(value: object) -> bool:

@@ -2,7 +2,9 @@
 
 Version 2 (issue 15) added to `feedback`: `reward` (a programmatic grader's score in [-1, 1], the
 third form beside `rating` and `stars`) and the quarantine columns (`quarantine_reason`,
-`quarantine_error`, `quarantined_at`) of a rating the trainer could not train. Feedback status is one of
+`quarantine_error`, `quarantined_at`) of a rating the trainer could not train, and to `completions`
+`adapter_versions` (int64 pairs: first response token, version — each version that produced part of the
+answer; NULL in rows from v1: all from `adapter_version`). Feedback status is one of
 FEEDBACK_STATUSES."""
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ CREATE TABLE IF NOT EXISTS completions (
     response_id TEXT NOT NULL, choice_index INTEGER NOT NULL,
     prompt_token_ids BLOB NOT NULL, response_token_ids BLOB NOT NULL, logprobs BLOB NOT NULL,
     adapter_version INTEGER NOT NULL, api_key_id TEXT, created REAL NOT NULL,
-    finish_reason TEXT, model TEXT,
+    finish_reason TEXT, model TEXT, adapter_versions BLOB,
     PRIMARY KEY (response_id, choice_index));
 CREATE INDEX IF NOT EXISTS completions_created ON completions (created);
 CREATE TABLE IF NOT EXISTS feedback (
@@ -37,7 +39,7 @@ CREATE INDEX IF NOT EXISTS feedback_status_seq ON feedback (status, seq);
 """
 
 COMPLETION_COLS = ("response_id, choice_index, prompt_token_ids, response_token_ids, logprobs, "
-                   "adapter_version, api_key_id, created, finish_reason, model")
+                   "adapter_version, api_key_id, created, finish_reason, model, adapter_versions")
 FEEDBACK_COLS = ("feedback_id, seq, response_id, choice_index, rating, stars, comment, "
                  "better_response, api_key_id, created, updated, status, "
                  "reward, quarantine_reason, quarantine_error, quarantined_at")
@@ -48,7 +50,8 @@ _MIGRATIONS = {
     1: ("ALTER TABLE feedback ADD COLUMN reward REAL",
         "ALTER TABLE feedback ADD COLUMN quarantine_reason TEXT",
         "ALTER TABLE feedback ADD COLUMN quarantine_error TEXT",
-        "ALTER TABLE feedback ADD COLUMN quarantined_at REAL"),
+        "ALTER TABLE feedback ADD COLUMN quarantined_at REAL",
+        "ALTER TABLE completions ADD COLUMN adapter_versions BLOB"),
 }
 
 

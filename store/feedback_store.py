@@ -89,11 +89,12 @@ class FeedbackStore(QuarantineOps):
             rows.append((rec.response_id, rec.choice_index, pack(rec.prompt_token_ids, "i"),
                          pack(rec.response_token_ids, "i"), pack(rec.logprobs, "d"),
                          rec.adapter_version, rec.api_key_id, rec.created,
-                         rec.finish_reason, rec.model))
+                         rec.finish_reason, rec.model,
+                         pack([x for span in rec.adapter_versions for x in span], "q")))
         try:
             with self._transaction() as cur:
                 cur.executemany(f"INSERT INTO completions ({_COMPLETION_COLS}) "
-                                f"VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+                                f"VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
         except sqlite3.IntegrityError as exc:
             raise ConflictError(f"Completion already recorded: {exc}") from exc
 

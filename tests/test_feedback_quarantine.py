@@ -61,6 +61,7 @@ def test_a_v1_database_is_migrated_in_place(tmp_path):
         [(pending, completion)] = store.pending_feedback()
         assert pending.feedback_id == "fb-b" and pending.stars == 2 and pending.better_response == "better"
         assert pending.reward() == -1.0 and completion.response_token_ids == [4, 5]
+        assert completion.adapter_versions == ((0, completion.adapter_version),)  # v1: one version
         assert store.quarantine(pending.seq, "error", "IndexError: boom")         # the new columns work
         assert store.quarantined()[0].quarantine_error == "IndexError: boom"
         store.record_completions(make_records("chatcmpl-new", 1))

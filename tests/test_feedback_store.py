@@ -1,6 +1,7 @@
 """Tests for store.feedback_store: validation, durability, concurrency, training watermark."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 import subprocess
@@ -335,3 +336,14 @@ def test_schema_version_mismatch_is_config_error(tmp_path):
     conn.close()
     with pytest.raises(ConfigError):
         FeedbackStore(path)
+
+
+def test_per_token_adapter_versions_round_trip(store):
+    """A response produced partly by version 7 and, from its 3rd token, by version 9 (a version went live
+    while it was generated) keeps both spans; a record without spans is its adapter_version's alone."""
+    spanned = dataclasses.replace(make_records("chatcmpl-span", 1)[0], adapter_versions=((0, 7), (2, 9)))
+    store.record_completions([spanned, *make_records("chatcmpl-plain", 1)])
+    got = store.get_completion("chatcmpl-span", 0)
+    assert got.adapter_versions == ((0, 7), (2, 9)) and got.versions_per_token() == [7, 7, 9]
+    plain = store.get_completion("chatcmpl-plain", 0)
+    assert plain.adapter_versions == ((0, 7),) and plain.versions_per_token() == [7, 7, 7]

@@ -185,6 +185,27 @@ def test_activate_rolls_back_to_old_outputs(llama):
     assert same_outputs(run_greedy(engine, rec), v1)
 
 
+def test_a_version_going_live_mid_answer_is_recorded_per_token(llama):
+    """An offer applied while a sequence decodes serves its next tokens; the sequence records where each
+    version began, and a sequence still waiting moves to the new version whole (its prompt KV too)."""
+    engine = tiny_engine(llama, enable_prefix_caching=False)
+    manager = AdapterManager(engine.runner.model, CONFIG)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, detokenize=False)
+    (running,) = engine.add_request("running", prompts()[1], params)
+    while running.num_output_tokens < 2:
+        engine.step()
+    (waiting,) = engine.add_request("waiting", prompts()[0], params)
+    engine.offer_adapter(manager.stage(random_masters(manager, seed=1), version=1))
+    assert running.adapter_versions == [(0, 0)]                  # an offer is not live before a boundary
+    engine.step()
+    first = running.num_output_tokens - 1                         # the token this step produced
+    assert running.adapter_versions == [(0, 0), (first, 1)] and running.adapter_version == 0
+    assert waiting.adapter_versions == [(0, 1)] and waiting.adapter_version == 1
+    while engine.has_unfinished():
+        engine.step()
+    assert running.adapter_versions == [(0, 0), (first, 1)]
+
+
 # -- PEFT format -------------------------------------------------------------------------------------
 
 def assert_engine_matches(engine, rec, hf) -> None:

@@ -72,7 +72,7 @@ def test_chat_non_streaming_is_recorded(server, greedy):
     assert len(rec.prompt_token_ids) == u.prompt_tokens
     assert len(rec.response_token_ids) == len(rec.logprobs) == u.completion_tokens
     assert all(lp <= 0.0 for lp in rec.logprobs) and rec.finish_reason == choice.finish_reason
-    assert rec.adapter_version == 0 and abs(rec.created - time.time()) < 120
+    assert rec.adapter_version == 0 and rec.adapter_versions == ((0, 0),) and abs(rec.created - time.time()) < 120
 
 
 def test_streaming_equals_greedy_and_reports_usage(client, greedy):
