@@ -49,9 +49,9 @@ class EngineDeadError(AlchemistError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_waiting: int | None = None):
+    def __init__(self, engine: LLMEngine, max_waiting: int = 1024):
         self.engine = engine
-        self.max_waiting = max_waiting or engine.config.max_waiting
+        self.max_waiting = max_waiting       # requests waiting to be scheduled before OverloadedError
         self._commands: queue.Queue = queue.Queue()
         self._sinks: dict[str, _Sink] = {}
         # requests waiting to be scheduled = adds not yet taken by the engine thread + the requests
@@ -97,10 +97,11 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        first_choice: tuple[str, int] | None = None) -> AsyncIterator[SeqDelta]:
-        """Yield deltas of every choice of the request until all are finished; abort on cancel."""
+        """Yield deltas of every choice of the request until all are finished; abort on cancel. A request
+        the engine cannot serve raises its InvalidRequestError here (from `add_request`, on the engine
+        thread); the server checks every prompt of an API call before it starts any (server/serving.py)."""
         if self.dead is not None:
             raise EngineDeadError(f"the engine stopped: {self.dead}")
-        self.engine.validate_request(prompt_token_ids, params)
         self.check_capacity()
         sink = _Sink(asyncio.get_running_loop())
         self._sinks[request_id] = sink

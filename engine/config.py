@@ -17,7 +17,6 @@ def alchemist_home() -> Path:
 @dataclass
 class EngineConfig:
     model: str = ""                      # folder with config.json, *.safetensors, tokenizer files
-    served_model_name: str | None = None
     load_format: str = "safetensors"     # safetensors | random (benchmarks: speed does not depend on values)
     device: str = "auto"                 # auto | cpu | cuda
     dtype: str = "auto"                  # auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
@@ -31,7 +30,6 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False          # no CUDA graphs for decode
     cuda_graph_max_batch: int = 128
-    max_waiting: int = 1024              # bounded waiting queue; beyond it: OverloadedError (429)
     capture: str = "prefill"             # none | prefill | prefill+decode: activations kept for training
     capture_fraction: float = 1.0        # share of requests recorded (deterministic in the request id)
     # where eager (prompt) steps copy captured rows into the pool on CUDA: "serving" = in order on the
@@ -71,11 +69,13 @@ class EngineConfig:
             raise ConfigError("activation_pool_memory_fraction must be in (0, 0.9)")
         if self.load_format not in ("safetensors", "random"):
             raise ConfigError(f"load_format={self.load_format!r}: use safetensors or random")
-        if self.max_waiting < 1:
-            raise ConfigError("max_waiting must be >= 1")
 
     @classmethod
     def from_dict(cls, values: dict) -> "EngineConfig":
+        moved = sorted(set(values) & {"max_waiting", "served_model_name"})
+        if moved:
+            raise ConfigError(f"engine option(s) {moved} are server options now: put them at the top level "
+                              "of the config file")
         return from_known_dict(cls, values, "engine")
 
 

@@ -25,7 +25,7 @@ class ServerConfig:
     served_model_name: str | None = None                 # None: derived from the model folder
     db_path: str | None = None                           # None: $ALCHEMIST_HOME/alchemist.db
     retention_days: float | None = DEFAULT_RETENTION_DAYS  # None: keep completions forever
-    max_waiting: int | None = None                       # pending requests before 429; None: engine's
+    max_waiting: int = 1024                              # requests waiting to be scheduled before 429
     max_prompt_tokens: int | None = None                 # None: the model context decides
     metrics_auth: bool = False                           # True: /metrics and /health need a key too
     docs: bool = True                                    # False: no /docs, /redoc, /openapi.json
@@ -51,8 +51,8 @@ class ServerConfig:
             raise ConfigError("api_keys and admin_api_keys must be non-empty strings")
         if self.retention_days is not None and self.retention_days <= 0:
             raise ConfigError("retention_days must be > 0 (or null to keep everything)")
-        if self.max_waiting is not None and self.max_waiting < 1:
-            raise ConfigError("max_waiting must be >= 1")
+        if isinstance(self.max_waiting, bool) or not isinstance(self.max_waiting, int) or self.max_waiting < 1:
+            raise ConfigError(f"max_waiting={self.max_waiting!r}: use an integer >= 1")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ConfigError("max_prompt_tokens must be >= 1")
         self._validate_limits()

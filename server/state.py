@@ -24,7 +24,7 @@ PURGE_INTERVAL_S = 3600.0
 
 
 def served_name(config: ServerConfig) -> str:
-    name = config.served_model_name or config.engine.served_model_name
+    name = config.served_model_name
     if name:
         return name
     model = Path(config.engine.model)

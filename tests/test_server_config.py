@@ -53,6 +53,8 @@ def test_config_file_layers_and_env_keys(tmp_path, monkeypatch):
     ('{"engine": {"block_size": 3}}', "block_size"),
     ('{"training": {"duty_cycle": 0}}', "duty_cycle"),
     ('{"engine": {"capture_stream": "fast"}}', "capture_stream"),
+    ('{"engine": {"max_waiting": 8}}', "server options now: put them at the top level"),
+    ('{"max_waiting": 0}', "max_waiting"),
 ])
 def test_config_errors_say_what_to_change(tmp_path, content, words):
     path = tmp_path / "c.json"
