@@ -5,7 +5,7 @@
 # gpu_training's eager recompute / reuse modes (no compile: the comparison is the host-side redesign).
 # Prepare here:  git archive <old commit> -o .bench/old.tar   (and .bench/sharegpt.json)
 # Usage (device machine, carry .bench):
-#   OLD=<old commit> NEW=<new commit> STAGE=tests|serving|training bash benchmarks/run_gpu_issue16.sh
+#   OLD=<old commit> NEW=<new commit> STAGE=tests|serving|training [SIDES="new old"] bash benchmarks/run_gpu_issue16.sh
 # Writes $OUT/<stage>-<old|new>-<i>/*.json and $OUT/<stage>.log.
 set -u
 source benchmarks/device_env.sh
@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv
 run_pair() {   # run_pair STAGE CMD...: old/new/old/new, each run's JSON under $OUT/STAGE-SIDE-I, its log beside
   local stage=$1; shift
   for i in 1 2; do
-    for side in old new; do
+    for side in ${SIDES:-old new}; do
       local tree=$OLD_TREE commit=$OLD
       [ "$side" = new ] && { tree=$NEW_TREE; commit=$NEW; }
       (cd "$tree" && ALCHEMIST_COMMIT=$commit timeout "${RUN_TIMEOUT:-140}" "$@" --out "$OUT/$stage-$side-$i") \
