@@ -19,3 +19,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer, for tests that run a live server."""
+    from engine.embedded_model import ensure_default_model
+    from server.testing import make_tiny_model
+    return make_tiny_model(tmp_path_factory.getbasetemp() / "tiny-llama", ensure_default_model())

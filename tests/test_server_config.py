@@ -3,24 +3,17 @@ validation-error mapping, and metrics_auth."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import pytest
 
 from engine.config import EngineConfig
-from engine.embedded_model import ensure_default_model
 from common.errors import AuthenticationError, ConfigError
 from server.app import create_app, validation_message
 from server.auth import ApiKeys, key_identity
 from server.cli import _config, _parser, main
 from server.config import ServerConfig, build_config
-from server.testing import ServerThread, make_tiny_model, tiny_state
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.getbasetemp() / "tiny-llama", ensure_default_model())
+from server.testing import ServerThread, tiny_state
 
 
 def test_config_file_layers_and_env_keys(tmp_path, monkeypatch):

@@ -13,18 +13,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.embedded_model import ensure_default_model
 from server.app import create_app
 from server.auth import key_identity
-from server.testing import ServerThread, free_port, make_tiny_model, serve_process, tiny_state
+from server.testing import ServerThread, free_port, serve_process, tiny_state
 
 ROOT = Path(__file__).resolve().parent.parent
 K1, K2 = "sk-feedback-one", "sk-feedback-two"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.getbasetemp() / "tiny-llama", ensure_default_model())
 
 
 @pytest.fixture(scope="module")

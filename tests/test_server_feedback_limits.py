@@ -4,25 +4,18 @@ form of a rating beside thumbs and stars (stored, returned, counted in a bounded
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.embedded_model import ensure_default_model
 from server.app import create_app
-from server.testing import ServerThread, make_tiny_model, tiny_state
+from server.testing import ServerThread, tiny_state
 from tests.test_server_training import TRAINING, chat, client
 from trainer.config import TrainerConfig
 
 USER = "sk-limits-user"
 STEP_TOKENS = 512                     # under the tiny model's context (1024): the tighter of the two limits
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.getbasetemp() / "tiny-llama", ensure_default_model())
 
 
 @pytest.fixture(scope="module")

@@ -14,19 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.embedded_model import ensure_default_model
 from server.app import create_app
-from server.testing import ServerThread, make_tiny_model, tiny_state
+from server.testing import ServerThread, tiny_state
 
 KEY = "sk-inputs"
 S = "\ud800"                                             # json.dumps writes it as the escape \ud800
 CHAT = "/v1/chat/completions"
 USER = {"role": "user", "content": "hi"}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.getbasetemp() / "tiny-llama", ensure_default_model())
 
 
 @pytest.fixture(scope="module")

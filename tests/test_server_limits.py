@@ -6,21 +6,14 @@ from __future__ import annotations
 import json
 import socket
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from engine.embedded_model import ensure_default_model
 from server.app import create_app
-from server.testing import ServerThread, make_tiny_model, tiny_state
+from server.testing import ServerThread, tiny_state
 
 SMALL_CAP = 64 << 10
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.getbasetemp() / "tiny-llama", ensure_default_model())
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ every answer's status, content type and body are the ones the schema declares.""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -19,19 +18,13 @@ from schemathesis.core.failures import FailureGroup       # a BaseExceptionGroup
 from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
                                               status_code_conformance)
 
-from engine.embedded_model import ensure_default_model
 from server.app import create_app
-from server.testing import ServerThread, make_tiny_model, tiny_state
+from server.testing import ServerThread, tiny_state
 from trainer.config import TrainerConfig
 
 USER, ADMIN = "sk-openapi-user", "sk-openapi-admin"
 DOCS = ("/docs", "/redoc", "/openapi.json")
 POSITIVE, NEGATIVE = 12, 6        # seeded cases per operation and mode: ~290 over the 17 operations
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.getbasetemp() / "tiny-llama", ensure_default_model())
 
 
 @pytest.fixture(scope="module")

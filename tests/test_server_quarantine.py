@@ -8,20 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from engine.embedded_model import ensure_default_model
 from server.app import create_app
-from server.testing import ServerThread, make_tiny_model, tiny_state
+from server.testing import ServerThread, tiny_state
 from tests.test_server_feedback_limits import STEP_TOKENS, error_of, metric
 from tests.test_server_training import TRAINING, chat, client, rate, status, wait_for
 from trainer import online
 from trainer.config import TrainerConfig
 
 USER, ADMIN = "sk-quarantine-user", "sk-quarantine-admin"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.getbasetemp() / "tiny-llama", ensure_default_model())
 
 
 def start(tiny_model: Path, home: Path) -> ServerThread:

@@ -20,10 +20,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.embedded_model import ensure_default_model
 from common.errors import ConfigError
 from server.app import create_app
-from server.testing import ServerThread, free_port, make_tiny_model, serve_process, tiny_state
+from server.testing import ServerThread, free_port, serve_process, tiny_state
 from trainer.adapters import load_peft
 from trainer.config import TrainerConfig
 
@@ -39,11 +38,6 @@ LABELS = {"alchemist_activation_reuse_total": ("outcome", {"hit", "stale", "evic
           "alchemist_activation_pool_bytes": ("tier", {"device", "cpu"}),
           "alchemist_train_tokens_total": ("path", {"reuse", "recompute"}),
           "alchemist_train_skipped_steps_total": ("reason", {"non_finite", "update_capped"})}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.getbasetemp() / "tiny-llama", ensure_default_model())
 
 
 @pytest.fixture(scope="module")
