@@ -91,7 +91,8 @@ class LLMEngine:
         """What a trainer may use of this engine (the trainer gets this, never the engine)."""
         runner = self.runner
         return TrainingPort(model=runner.model, hf_config=self.hf_config, tokenizer=self.tokenizer,
-                            device=self.device, activation_pool=self.activation_pool,
+                            device=self.device, max_model_len=self.max_model_len,
+                            activation_pool=self.activation_pool,
                             serving_stream=runner.stream, step_signal=self.step_signal,
                             graph_capture_lock=runner.graph_capture_lock,
                             invalidate_graphs=runner.invalidate_graphs, has_unfinished=self.has_unfinished,

@@ -20,6 +20,7 @@ class TrainingPort:
     hf_config: object                           # its transformers config
     tokenizer: object                           # or None (tiny test models)
     device: torch.device
+    max_model_len: int                          # positions the model serves (and trains) at most
     activation_pool: object                     # store.activation_pool.ActivationPool, or None
     serving_stream: torch.cuda.Stream | None    # serving's CUDA stream (None off CUDA)
     step_signal: StepSignal                     # prompt tokens of the serving step in flight

@@ -87,7 +87,9 @@ def validation_message(errors: list) -> tuple[str, str | None]:
     if not errors:
         return "Invalid request body.", None
     err = errors[0]
-    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    loc = [str(x) for x in err.get("loc", ())]
+    if loc and loc[0] in ("body", "query", "path", "header"):   # where it came from is not its name
+        loc = loc[1:]
     if err.get("type") == "json_invalid":
         return f"The request body is not valid JSON: {err.get('ctx', {}).get('error', 'parse error')}", None
     if not loc:

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from common.errors import ConfigError, InvalidRequestError
+from store.feedback_records import Feedback, validate_score
 from trainer.config import TrainerConfig
-from trainer.objectives import (RunningMean, batch_loss, kto_loss, pg_loss, response_logprobs, reward,
+from trainer.objectives import (RunningMean, batch_loss, kto_loss, pg_loss, response_logprobs,
                                 sft_loss)
 from trainer.reuse import TrainRecord
 
@@ -202,16 +203,22 @@ def test_pg_validates():
 @pytest.mark.parametrize("kwargs, want", [
     (dict(rating=1), 1.0), (dict(rating=-1), -1.0),
     (dict(stars=5), 1.0), (dict(stars=4), 1.0), (dict(stars=3), 0.0), (dict(stars=2), -1.0), (dict(stars=1), -1.0),
+    (dict(reward_value=0.25), 0.25), (dict(reward_value=-1.0), -1.0),
 ])
 def test_reward_mapping(kwargs, want):
-    assert reward(**kwargs) == want
+    """The record weight the objectives train with: Feedback.reward() (what the trainer calls)."""
+    score = {"rating": None, "stars": None, **kwargs}
+    feedback = Feedback("fb", 1, "r", 0, score["rating"], score["stars"], None, None, None, 0.0, 0.0, "pending",
+                        reward_value=kwargs.get("reward_value"))
+    assert feedback.reward() == want
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(rating=1, stars=5), dict(rating=0), dict(rating=2),
-                                    dict(stars=0), dict(stars=6), dict(stars=3.5), dict(rating=True)])
+@pytest.mark.parametrize("kwargs", [dict(), dict(rating=1, stars=5), dict(rating=1, reward=0.5), dict(rating=0),
+                                    dict(rating=2), dict(stars=0), dict(stars=6), dict(stars=3.5),
+                                    dict(rating=True), dict(reward=1.5), dict(reward=float("nan"))])
 def test_reward_rejects_bad_input(kwargs):
     with pytest.raises(InvalidRequestError):
-        reward(**kwargs)
+        validate_score(kwargs.get("rating"), kwargs.get("stars"), kwargs.get("reward"))
 
 
 def test_running_mean_baseline_and_checkpoint():

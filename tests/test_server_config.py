@@ -86,6 +86,7 @@ def test_validation_errors_become_param_and_message():
     assert validation_message([{"type": "int_type", "loc": ("body", "stop", "list[str]", 0), "msg": "m"}])[1] \
         == "stop.0"
     assert validation_message([{"type": "missing", "loc": ("body",), "msg": "Field required"}])[1] is None
+    assert validation_message([{"type": "int_parsing", "loc": ("query", "limit"), "msg": "m"}])[1] == "limit"
 
 
 def test_metrics_auth_guards_metrics_and_health(tiny_model, tmp_path):

@@ -13,13 +13,6 @@ from store.feedback_records import MAX_TEXT_BYTES
 from trainer.reuse import better_response_ids
 
 
-def model_positions(model) -> int:
-    """How many positions the served model's rotary table holds: engine.setup sizes it to the engine's
-    max_model_len (every architecture here is engine.models.llama's LlamaForCausalLM). A training record
-    past it fails (on CUDA: a device-side assert, which breaks serving too), so the trainer never runs one."""
-    return model.model.rotary_emb.cos_cache.shape[0]
-
-
 def check_trainable(prompt_tokens: int, response_tokens: int, better_tokens: int | None,
                     max_model_len: int, step_tokens: int | None) -> None:
     """InvalidRequestError unless prompt + response fits the context and prompt + better answer (if

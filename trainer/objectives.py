@@ -164,17 +164,3 @@ def batch_loss(config, baseline: RunningMean, logprobs: list[torch.Tensor], reco
     if config.objective == "kto":          # desirable if rated good; each record weighs |reward|
         return total + kto_loss(lp, ref, rewards > 0, beta=config.kto_beta, weights=rewards.abs())
     return total + pg_loss(lp, ref, baseline.advantages(rewards), clip_eps=config.pg_clip)
-
-
-def reward(rating: int | None = None, stars: int | None = None) -> float:
-    """Thumbs -1 / +1 -> -1.0 / +1.0; stars 1-5: >= 4 -> +1.0, <= 2 -> -1.0, 3 -> 0.0."""
-    if (rating is None) == (stars is None):
-        raise InvalidRequestError("give exactly one of rating (thumbs -1/+1) or stars (1-5)", param="rating")
-    if rating is not None:
-        if isinstance(rating, bool) or rating not in (-1, 1):
-            raise InvalidRequestError(f"rating={rating!r}: use -1 (thumbs down) or 1 (thumbs up)",
-                                      param="rating")
-        return float(rating)
-    if isinstance(stars, bool) or not isinstance(stars, int) or not 1 <= stars <= 5:
-        raise InvalidRequestError(f"stars={stars!r}: use an integer from 1 to 5", param="stars")
-    return 1.0 if stars >= 4 else (-1.0 if stars <= 2 else 0.0)

@@ -31,7 +31,6 @@ from trainer.config import TrainerConfig
 from trainer.lora import LoRAConfig
 from trainer.objectives import RunningMean, batch_loss
 from trainer.pacing import StepPacing
-from trainer.admission import model_positions
 from trainer.isolation import Quarantine, RatingWork, rating_work, train_bisecting, watermark
 from trainer.reuse import TrainRecord
 from trainer.step import StepResult, forward_backward, probe_records, warm_up
@@ -65,7 +64,8 @@ class OnlineTrainer:
         self.read_seq = 0                  # highest feedback seq taken into a step (in memory)
         self.unmarked: list[int] = []      # feedback seqs trained since the last durable checkpoint
         self.quarantine = Quarantine(store, config.max_consecutive_quarantines)   # ratings it cannot train
-        self.max_positions = model_positions(port.model)   # a record longer than this is never run
+        # a record longer than the context is never run (on CUDA: a device-side assert that breaks serving)
+        self.max_positions = port.max_model_len
         self.skipped = Counter()
         self.last: StepResult | None = None
         self.prompt_lm_targets = prompt_lm_positions(port.tokenizer)     # the users' message tokens
