@@ -13,6 +13,7 @@ from engine.llm_engine import LLMEngine
 from engine.setup import build_activation_pool, build_engine_parts
 from server.auth import ApiKeys
 from server.config import ServerConfig
+from server.memory_metrics import MemoryCollector
 from server.metrics import Metrics
 from server.tokens import TokenTexts
 from server.training_metrics import TrainingCollector, step_histogram
@@ -59,6 +60,7 @@ class ServerState:
             if self.trainer.thread is None:      # interleaved: train between engine steps
                 engine.step_hooks.append(self.trainer.step)
         self.metrics.registry.register(TrainingCollector(self))
+        self.metrics.registry.register(MemoryCollector(self.model_name, self.llm, self.trainer is not None))
 
     @classmethod
     def build(cls, config: ServerConfig, run_dir: Path | None = None) -> "ServerState":
