@@ -1,6 +1,7 @@
 """The FastAPI application: routes, auth, OpenAI-shaped errors (client input is never a 500)."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from contextlib import asynccontextmanager
@@ -13,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from common.errors import AlchemistError, OverloadedError
 from server import admin_routes, feedback_routes, openai_routes
 from server.auth import AuthMiddleware
+from server.dashboard import install_dashboard
 from server.limits import BodyLimitMiddleware, RequestWorkers
 from server.openapi import docs_urls, install_openapi
 from server.streaming import ClientDisconnected
@@ -27,9 +29,12 @@ def create_app(state) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await state.start()
+        sampler = asyncio.create_task(app.state.dashboard.run())
         try:
             yield
         finally:
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
             app.state.workers.close()
             await state.stop()
 
@@ -45,6 +50,7 @@ def create_app(state) -> FastAPI:
     app.include_router(admin_routes.router)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"], response_class=PlainTextResponse)
+    install_dashboard(app, state)
     install_error_handlers(app)
     install_openapi(app, config, state.api_keys.enabled)
     return app

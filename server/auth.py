@@ -51,7 +51,7 @@ class ApiKeys:
 
 API_PREFIXES = ("/v1/", "/feedback", "/tokenize", "/detokenize")
 ADMIN_PREFIXES = ("/v1/adapters", "/v1/training/")       # admin keys only (checked by the routes)
-OPS_PATHS = ("/health", "/metrics")
+OPS_PATHS = ("/health", "/metrics", "/dashboard/data")   # the page shell holds no data
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 
 

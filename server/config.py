@@ -27,7 +27,9 @@ class ServerConfig:
     retention_days: float | None = DEFAULT_RETENTION_DAYS  # None: keep completions forever
     max_waiting: int = 1024                              # requests waiting to be scheduled before 429
     max_prompt_tokens: int | None = None                 # None: the model context decides
-    metrics_auth: bool = False                           # True: /metrics and /health need a key too
+    metrics_auth: bool = False                           # True: /metrics, /health, /dashboard/data need a key
+    dashboard_interval_s: float = 2.0                    # /dashboard: one history point every this often
+    dashboard_history_s: float = 900.0                   # /dashboard: points kept (in memory) for this long
     docs: bool = True                                    # False: no /docs, /redoc, /openapi.json
     docs_auth: bool = True                               # with keys configured the docs need one too
     max_request_bytes: int = 4 << 20                     # bigger bodies: 413 before they are read
@@ -56,6 +58,16 @@ class ServerConfig:
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ConfigError("max_prompt_tokens must be >= 1")
         self._validate_limits()
+        self._validate_dashboard()
+
+    def _validate_dashboard(self) -> None:
+        interval, history = self.dashboard_interval_s, self.dashboard_history_s
+        for name, value in (("dashboard_interval_s", interval), ("dashboard_history_s", history)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400:
+                raise ConfigError(f"{name}={value!r}: use a number of seconds in (0, 86400]")
+        if history < interval or history / interval > 100_000:
+            raise ConfigError(f"dashboard_history_s={history!r} over dashboard_interval_s={interval!r}: "
+                              "keep between 1 and 100000 points")
 
     def _validate_limits(self) -> None:
         for name, low in (("max_request_bytes", 1024), ("request_workers", 1), ("max_header_bytes", 1024)):
