@@ -43,7 +43,7 @@
       return v.toFixed(i ? 1 : 0) + " " + units[i];
     }
     const a = Math.abs(v);
-    const s = a >= 100 ? v.toFixed(0) : a >= 1 ? v.toFixed(2) : a === 0 ? "0" : v.toPrecision(2);
+    const s = Number.isInteger(v) ? String(v) : a >= 100 ? v.toFixed(0) : a >= 1 ? v.toFixed(2) : a === 0 ? "0" : v.toPrecision(2);
     return unit ? s + " " + unit : s;
   }
 

@@ -1,0 +1,114 @@
+"""Acceptance of /dashboard in a real browser: headless Chromium (Debian's `chromium` package, never a
+downloaded one) driven by Playwright, against a live server with online training that has served
+chats and completions, taken ratings and trained. Every panel must render data (asserted on the DOM:
+each <section data-panel> carries data-points, the count of values it drew, and its newest values as
+text), with no console errors. The screenshot is written to $ALCHEMIST_ARTIFACTS/dashboard.png
+(default tests/artifacts/, ignored by git). Skipped, saying why, when no Chromium is found."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.app import create_app
+from server.testing import ServerThread, tiny_state
+from trainer.config import TrainerConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY, ADMIN = "sk-dashboard", "sk-dashboard-admin"     # the page needs only a plain key
+PANELS = ("throughput", "ttft", "itl", "requests", "kv_cache", "memory", "trained_tokens", "reuse_outcomes",
+          "ratings", "positive_share", "pending", "adapter")
+CHROMIUM_FLAGS = ["--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+def chromium_path() -> str | None:
+    for candidate in (os.environ.get("ALCHEMIST_CHROMIUM"), shutil.which("chromium"), "/usr/bin/chromium"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+CHROMIUM = chromium_path()
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium found: install Debian's package "
+                                "(apt-get install chromium; .ci/run does) or set ALCHEMIST_CHROMIUM")
+
+
+def artifacts_dir() -> Path:
+    path = Path(os.environ.get("ALCHEMIST_ARTIFACTS") or ROOT / "tests" / "artifacts")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    home = tmp_path_factory.mktemp("dashboard")
+    training = TrainerConfig(lora_rank=4, lora_alpha=8.0, lr=1e-3, checkpoint_every=1, min_records_per_step=1)
+    state = tiny_state(tiny_model, home / "alchemist.db", run_dir=home / "run", api_keys=[KEY], admin_api_keys=[ADMIN],
+                       metrics_auth=True, dashboard_interval_s=0.5, training=training)
+    with ServerThread(create_app(state)) as srv:
+        yield srv
+
+
+def serve_and_rate(url: str) -> None:
+    """Chats and completions, rated up and down, until a training step is live."""
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as http:
+        for i in range(6):
+            if i % 2:
+                r = http.post("/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": f"hello number {i}"}], "max_tokens": 8})
+            else:
+                r = http.post("/v1/completions", json={
+                    "prompt": f"{i} is the number that starts this prompt, long enough for two blocks",
+                    "max_tokens": 8})
+            assert r.status_code == 200, r.text
+            r = http.post("/feedback", json={"id": r.json()["id"], "choice_index": 0, "rating": 1 if i % 3 else -1})
+            assert r.status_code == 201, r.text
+    end = time.monotonic() + 60
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30) as admin:
+        while time.monotonic() < end:
+            s = admin.get("/v1/training/status")
+            assert s.status_code == 200, s.text
+            if s.json()["adapter_version"] >= 1 and s.json()["pending_feedback"] == 0:
+                return
+            time.sleep(0.1)
+    raise AssertionError(f"no training step went live: {s.text}")
+
+
+def test_every_panel_renders_data_in_chromium(server):
+    from playwright.sync_api import sync_playwright
+    serve_and_rate(server.url)
+    errors = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, chromium_sandbox=False,
+                                     args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
+            page.on("pageerror", lambda err: errors.append(str(err)))
+            page.goto(f"{server.url}/dashboard#key={KEY}")   # the fragment never reaches the server
+            page.wait_for_function("""panels => panels.every(p => {
+                    const s = document.querySelector(`section[data-panel="${p}"]`);
+                    return s && Number(s.dataset.points) > 0; })""", arg=list(PANELS), timeout=30_000)
+            page.wait_for_timeout(500)
+            shot = artifacts_dir() / "dashboard.png"
+            page.screenshot(path=str(shot), full_page=True)
+            panels = page.eval_on_selector_all("section[data-panel]", """nodes => nodes.map(n => ({
+                id: n.dataset.panel, points: Number(n.dataset.points),
+                latest: n.querySelector('.latest').textContent, paths: n.querySelectorAll('svg path').length}))""")
+            status = page.get_attribute("#status", "data-state")
+            assert "key=" not in page.url                           # taken out of the address bar
+        finally:
+            browser.close()
+    by_id = {p["id"]: p for p in panels}
+    assert sorted(by_id) == sorted(PANELS), by_id
+    assert all(p["points"] > 0 and p["paths"] >= 1 for p in panels), panels
+    assert status == "ok", status
+    assert "version" in by_id["adapter"]["latest"] and "weights" in by_id["memory"]["latest"], by_id
+    assert "positive" in by_id["positive_share"]["latest"] and "p50" in by_id["ttft"]["latest"], by_id
+    assert not errors, errors
+    assert shot.stat().st_size > 10_000
