@@ -33,7 +33,7 @@ needs_prometheus = pytest.mark.skipif(PROMTOOL is None or PROMETHEUS is None, re
 PANELS = ("Output and prompt tokens/s", "Time to first token p50 / p99", "Inter-token latency p50 / p99",
           "Running / waiting requests", "KV-cache usage", "Memory by component", "Trained tokens/s by path",
           "Activation reuse outcomes (per minute)", "Ratings per minute",
-          "Positive share of ratings (15 min window)", "Feedback backlog", "Adapter version and training loss")
+          "Positive share of ratings (5 min window)", "Feedback backlog", "Adapter version and training loss")
 ALERTS = ("AlchemistDown", "AlchemistAbsent", "AlchemistTrainingStalled", "AlchemistTrainingFailing",
           "AlchemistFeedbackBacklogGrowing", "AlchemistInterTokenLatencyP99High", "AlchemistKVCacheFull",
           "AlchemistNonFiniteTrainingSteps")
