@@ -80,7 +80,7 @@ def serve_and_rate(url: str) -> None:
 
 
 def test_every_panel_renders_data_in_chromium(server):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout, sync_playwright
     serve_and_rate(server.url)
     errors = []
     with sync_playwright() as pw:
@@ -91,9 +91,14 @@ def test_every_panel_renders_data_in_chromium(server):
             page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
             page.on("pageerror", lambda err: errors.append(str(err)))
             page.goto(f"{server.url}/dashboard#key={KEY}")   # the fragment never reaches the server
-            page.wait_for_function("""panels => panels.every(p => {
-                    const s = document.querySelector(`section[data-panel="${p}"]`);
-                    return s && Number(s.dataset.points) > 0; })""", arg=list(PANELS), timeout=30_000)
+            try:
+                page.wait_for_function("""panels => panels.every(p => {
+                        const s = document.querySelector(`section[data-panel="${p}"]`);
+                        return s && Number(s.dataset.points) > 0; })""", arg=list(PANELS), timeout=30_000)
+            except PlaywrightTimeout:
+                empty = page.eval_on_selector_all("section[data-panel]", """nodes => nodes
+                    .filter(n => !(Number(n.dataset.points) > 0)).map(n => n.dataset.panel)""")
+                pytest.fail(f"panels without data after 30 s: {empty}; console errors: {errors}")
             page.wait_for_timeout(500)
             shot = artifacts_dir() / "dashboard.png"
             page.screenshot(path=str(shot), full_page=True)
