@@ -128,9 +128,12 @@ class DashboardHistory:
         self._prev_t = 0.0
 
     def sample(self, now: float | None = None) -> dict:
-        now = time.time() if now is None else now
-        cur = snapshot(self.registry)
-        point = derive(self._prev, cur, now - self._prev_t)
+        return self.add(snapshot(self.registry), time.time() if now is None else now)
+
+    def add(self, cur: Snapshot, now: float) -> dict:
+        """Append the point of snapshot `cur` (on the event loop, which also serves data())."""
+        point = {k: (v if v is None or math.isfinite(v) else None)     # JSON has no NaN
+                 for k, v in derive(self._prev, cur, now - self._prev_t).items()}
         point["t"] = now
         point["positive_share"] = self._share(point)
         self._prev, self._prev_t = cur, now
@@ -156,7 +159,8 @@ class DashboardHistory:
     async def run(self) -> None:
         while True:
             try:
-                await asyncio.to_thread(self.sample)
+                cur = await asyncio.to_thread(snapshot, self.registry)     # collectors off the loop
+                self.add(cur, time.time())
             except Exception:                   # never let a sampling failure stop serving
                 log.exception("dashboard sample failed")
             await asyncio.sleep(self.interval_s)

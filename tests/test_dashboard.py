@@ -2,6 +2,8 @@
 buffer, the positive share's sliding window, the config fields and the /metrics auth rule."""
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -91,3 +93,11 @@ def test_dashboard_data_follows_the_metrics_auth_rule(tiny_model, tmp_path):
     open_state = tiny_state(tiny_model, tmp_path / "b.db", api_keys=["k"])
     with ServerThread(create_app(open_state)) as srv:
         assert httpx.get(srv.url + "/dashboard/data").status_code == 200
+
+
+def test_non_finite_values_become_null():
+    fake = FakeServer()
+    fake.running.set(float("nan"))
+    history = DashboardHistory(fake.registry, interval_s=1.0, history_s=10.0)
+    assert history.sample(now=1.0)["running"] is None
+    json.dumps(history.data(), allow_nan=False)
