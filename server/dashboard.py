@@ -169,7 +169,8 @@ class DashboardHistory:
 def install_dashboard(app: FastAPI, state) -> DashboardHistory:
     """Routes of the page and its data; the caller runs history.run() for the app's lifetime."""
     config = state.config
-    history = DashboardHistory(state.metrics.registry, config.dashboard_interval_s, config.dashboard_history_s)
+    history = DashboardHistory(state.metrics.registry, config.dashboard_interval_s,
+                               config.dashboard_history_s)
     static = files("server") / "static"
     pages = {path: (static.joinpath(name).read_bytes(), media) for path, (name, media) in STATIC.items()}
 

@@ -48,8 +48,9 @@ def artifacts_dir() -> Path:
 def server(tiny_model, tmp_path_factory):
     home = tmp_path_factory.mktemp("dashboard")
     training = TrainerConfig(lora_rank=4, lora_alpha=8.0, lr=1e-3, checkpoint_every=1, min_records_per_step=1)
-    state = tiny_state(tiny_model, home / "alchemist.db", run_dir=home / "run", api_keys=[KEY], admin_api_keys=[ADMIN],
-                       metrics_auth=True, dashboard_interval_s=0.5, training=training)
+    state = tiny_state(tiny_model, home / "alchemist.db", run_dir=home / "run", api_keys=[KEY],
+                       admin_api_keys=[ADMIN], metrics_auth=True, dashboard_interval_s=0.5,
+                       training=training)
     with ServerThread(create_app(state)) as srv:
         yield srv
 
@@ -66,7 +67,8 @@ def serve_and_rate(url: str) -> None:
                     "prompt": f"{i} is the number that starts this prompt, long enough for two blocks",
                     "max_tokens": 8})
             assert r.status_code == 200, r.text
-            r = http.post("/feedback", json={"id": r.json()["id"], "choice_index": 0, "rating": 1 if i % 3 else -1})
+            rating = 1 if i % 3 else -1                     # four up, two down
+            r = http.post("/feedback", json={"id": r.json()["id"], "choice_index": 0, "rating": rating})
             assert r.status_code == 201, r.text
     end = time.monotonic() + 60
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30) as admin:
@@ -104,7 +106,8 @@ def test_every_panel_renders_data_in_chromium(server):
             page.screenshot(path=str(shot), full_page=True)
             panels = page.eval_on_selector_all("section[data-panel]", """nodes => nodes.map(n => ({
                 id: n.dataset.panel, points: Number(n.dataset.points),
-                latest: n.querySelector('.latest').textContent, paths: n.querySelectorAll('svg path').length}))""")
+                latest: n.querySelector('.latest').textContent,
+                paths: n.querySelectorAll('svg path').length}))""")
             status = page.get_attribute("#status", "data-state")
             assert "key=" not in page.url                           # taken out of the address bar
         finally:

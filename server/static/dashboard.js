@@ -7,7 +7,8 @@
   const MEM = ["weights", "kv_cache", "activation_pool_device", "activation_pool_cpu", "training_peak",
                "device_allocated", "device_reserved", "process_rss"];
   const PANELS = [
-    {id: "throughput", title: "Serving tokens/s", unit: "tok/s", series: {output_tps: "output", prompt_tps: "prompt"}},
+    {id: "throughput", title: "Serving tokens/s", unit: "tok/s",
+     series: {output_tps: "output", prompt_tps: "prompt"}},
     {id: "ttft", title: "Time to first token", unit: "s", series: {ttft_p50: "p50", ttft_p99: "p99"}},
     {id: "itl", title: "Inter-token latency", unit: "s", series: {itl_p50: "p50", itl_p99: "p99"}},
     {id: "requests", title: "Requests", unit: "", series: {running: "running", waiting: "waiting"}},
@@ -43,7 +44,8 @@
       return v.toFixed(i ? 1 : 0) + " " + units[i];
     }
     const a = Math.abs(v);
-    const s = Number.isInteger(v) ? String(v) : a >= 100 ? v.toFixed(0) : a >= 1 ? v.toFixed(2) : a === 0 ? "0" : v.toPrecision(2);
+    const s = Number.isInteger(v) ? String(v) : a >= 100 ? v.toFixed(0)
+      : a >= 1 ? v.toFixed(2) : v.toPrecision(2);
     return unit ? s + " " + unit : s;
   }
 
