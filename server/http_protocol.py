@@ -4,8 +4,8 @@ uvicorn (0.29 to 0.55 at least) has no timeout for reading a request's headers: 
 runs only between requests, so a client that connects and sends a header line now and then
 (slowloris) holds its connection forever. GuardedH11Protocol adds that timer (`header_timeout_s`),
 answers headers over `max_header_bytes` with a 431 in the OpenAI error shape, and closes a
-connection whose request body it will not read (413, 431, a malformed request) by shutting down its
-side first and dropping what still arrives for `LINGER_S` (a "lingering close"): closing a socket
+connection whose request body it will not read (a 413 over the body cap, 431, a malformed request;
+a small body answered before it was read, e.g. a 401, is drained instead) by shutting down its side first and dropping what still arrives for `LINGER_S` (a "lingering close"): closing a socket
 with unread data resets the connection, and the client would lose the answer it was sent."""
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ LINGER_S = 2.0
 class GuardedH11Protocol(H11Protocol):
     header_timeout_s: float = 10.0
     max_header_bytes: int = 65536
+    max_drain_bytes: int = 4 << 20     # an unread body up to this (max_request_bytes) is read and dropped
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -40,14 +41,24 @@ class GuardedH11Protocol(H11Protocol):
             self._cancel_header_timer()          # the request's headers are in
 
     def on_response_complete(self) -> None:
-        unread = self.conn.their_state is h11.SEND_BODY   # answered before its body was read (413)
+        unread = self.conn.their_state is h11.SEND_BODY   # answered before its body was read (401, 413)
         super().on_response_complete()                     # may start a pipelined next request
         if self.transport.is_closing() or self._draining:
             return
-        if unread:
+        if unread and self._body_too_big_to_drain():
             self._linger_close()
         elif self.conn.their_state is h11.IDLE:      # waiting for the next request's headers
             self._arm_header_timer()
+
+    def _body_too_big_to_drain(self) -> bool:
+        """Whether the unread rest of the request's body is too big (or of unknown size: chunked) to read
+        and drop. A small one is drained by uvicorn (its Data events after our answer are skipped) and
+        the connection stays usable, as the client, told nothing else, expects."""
+        length = dict(self.headers or []).get(b"content-length")
+        try:
+            return length is None or int(length) > self.max_drain_bytes
+        except ValueError:
+            return True
 
     def connection_lost(self, exc) -> None:
         self._cancel_header_timer()
@@ -105,7 +116,8 @@ class GuardedH11Protocol(H11Protocol):
 def protocol_class(config) -> type[GuardedH11Protocol]:
     """GuardedH11Protocol with this server's limits (uvicorn builds one protocol per connection)."""
     return type("AlchemistH11Protocol", (GuardedH11Protocol,),
-                {"header_timeout_s": config.header_timeout_s, "max_header_bytes": config.max_header_bytes})
+                {"header_timeout_s": config.header_timeout_s, "max_header_bytes": config.max_header_bytes,
+                 "max_drain_bytes": config.max_request_bytes})
 
 
 def uvicorn_config(app, config, **overrides) -> uvicorn.Config:

@@ -119,3 +119,37 @@ def test_uvicorn_runs_with_the_configured_limits(server):
     assert config.limit_concurrency == cfg.limit_concurrency
     assert config.h11_max_incomplete_event_size == cfg.max_header_bytes
     assert config.http.header_timeout_s == cfg.header_timeout_s == 1.0
+
+
+def _response(sock: socket.socket) -> bytes:
+    """One response with a Content-Length body, read off a connection that stays open."""
+    sock.settimeout(10)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"the server closed the connection after {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection mid-body")
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def test_a_small_body_answered_before_it_was_read_keeps_the_connection(tiny_model, tmp_path):
+    """A 401 goes out before the body is read (auth runs first); the body arrives after it. The client
+    was not told to close, so the connection must serve its next request: the rest of a small body is
+    read and dropped, not cut by a close (a keep-alive client saw 'Server disconnected' under load)."""
+    state = tiny_state(tiny_model, tmp_path / "a.db", api_keys=["k"])
+    with ServerThread(create_app(state)) as srv:
+        sock = _raw(srv.url)
+        sock.sendall(b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n")
+        first = _response(sock)
+        assert first.split()[1] == b"401" and b"connection: close" not in first.lower()
+        time.sleep(0.3)
+        sock.sendall(b"{not json" + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _response(sock).split()[1] == b"200"
