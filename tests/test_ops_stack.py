@@ -9,7 +9,6 @@ import json
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -18,6 +17,7 @@ import yaml
 
 from server.app import create_app
 from server.testing import ServerThread, free_port, tiny_state
+from tests.test_server_training import wait_for
 from trainer.config import TrainerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,16 +122,6 @@ def query(prom: str, expr: str) -> dict:
     r = httpx.get(prom + "/api/v1/query", params={"query": expr}, timeout=10)
     assert r.status_code == 200 and r.json()["status"] == "success", (expr, r.status_code, r.text)
     return r.json()["data"]
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
