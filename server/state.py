@@ -59,6 +59,8 @@ class ServerState:
                                          base_model=config.engine.model, on_step=self.step_seconds.observe)
             if self.trainer.thread is None:      # interleaved: train between engine steps
                 engine.step_hooks.append(self.trainer.step)
+            self.llm.apply_adapter_offer()       # the engine thread has not started: a resumed version
+                                                 # is live before the first request or status read
         self.metrics.registry.register(TrainingCollector(self))
         self.metrics.registry.register(MemoryCollector(self.model_name, self.llm, self.trainer is not None))
 

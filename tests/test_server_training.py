@@ -355,3 +355,17 @@ def test_kill_9_during_training_then_restart_and_export(tiny_model, tmp_path):
     assert all(a.equal(saved[n][0]) and b.equal(saved[n][1]) for n, (a, b) in state.items())
     missing = proc.cli("export-adapter", "--version", "12345", "--out", str(out), "--home", str(proc.home))
     assert missing.returncode == 2 and "no checkpoint" in missing.stderr and str(final_version) in missing.stderr
+
+
+def test_a_restarted_server_serves_the_resumed_version_before_its_first_request(tiny_model, tmp_path):
+    """The trainer offers the checkpoint's version at start; the server makes it live before the engine
+    thread runs, so the first request and the first status read already see it (no window at version 0)."""
+    state = tiny_state(tiny_model, tmp_path / "a.db", run_dir=tmp_path / "run", training=TrainerConfig(**TRAINING))
+    state.trainer.versions.publish(state.trainer.masters)           # version 1, then a checkpoint of it
+    state.trainer.checkpoint()
+    state.close()
+    again = tiny_state(tiny_model, tmp_path / "a.db", run_dir=tmp_path / "run", training=TrainerConfig(**TRAINING))
+    try:
+        assert again.trainer.version == 1 and again.adapter_version == 1      # engine thread not started
+    finally:
+        again.close()
