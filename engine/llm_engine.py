@@ -96,7 +96,7 @@ class LLMEngine:
                             serving_stream=runner.stream, step_signal=self.step_signal,
                             graph_capture_lock=runner.graph_capture_lock,
                             invalidate_graphs=runner.invalidate_graphs, has_unfinished=self.has_unfinished,
-                            offer=self.offer_adapter, live_version=lambda: self.adapter.version)
+                            offer=self.offer_adapter, live_version=lambda: self.adapter_version)
 
     # -- requests --------------------------------------------------------------
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:

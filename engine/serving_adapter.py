@@ -36,12 +36,6 @@ class ServingAdapter:
         """The adapter version the serving weights hold now (0: the base model's zero adapter)."""
         return self._version
 
-    @property
-    def offered(self) -> int | None:
-        """The version offered and not yet applied, if any."""
-        offer = self._offer
-        return None if offer is None else offer.version
-
     def offer(self, offer: AdapterOffer) -> None:
         """Any thread: serve `offer` from the next step boundary on."""
         with self._lock:
