@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from engine.config import from_known_dict
 from common.errors import ConfigError
+from trainer.buckets import check_buckets
 
 OBJECTIVES = ("sft", "kto", "pg")
 CONCURRENCY = ("auto", "thread", "interleaved")
@@ -52,6 +53,9 @@ class TrainerConfig:
     # BENCHMARKS.md "Training on one H200", session 7. compile_backend "aot_eager" generates no code
     compile_layers: bool = False
     compile_backend: str = "inductor"
+    # pad each step's batch to the smallest of these token counts that holds it (trainer/buckets.py): a
+    # few fixed shapes that graphs replay; None: no padding. The largest must be >= step_tokens
+    token_buckets: list[int] | None = None
     checkpoint_every: int = 10          # steps; also on shutdown
     # a rating whose step fails alone (after bisecting the failing step; trainer/isolation.py) while a
     # 12-token probe step succeeds is quarantined and training goes on; this many quarantined in a row,
@@ -93,6 +97,7 @@ class TrainerConfig:
             raise ConfigError(f"training.compile_backend={self.compile_backend!r}: use one of {COMPILE_BACKENDS}")
         if self.max_consecutive_quarantines is not None and self.max_consecutive_quarantines < 1:
             raise ConfigError("training.max_consecutive_quarantines must be >= 1 (or null: never pause for them)")
+        check_buckets(self.token_buckets, self.step_tokens)
         if self.checkpoint_every < 1 or self.max_staleness < 0:
             raise ConfigError("training.checkpoint_every must be >= 1 and max_staleness >= 0")
         if not self.run_name or "/" in self.run_name or self.run_name.startswith("."):

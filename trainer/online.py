@@ -261,7 +261,8 @@ class OnlineTrainer:
                                   max_staleness=self.config.max_staleness, loss_fn=self._loss,
                                   prompt_lm_weight=self.config.prompt_lm_weight,
                                   prompt_lm_targets=self.prompt_lm_targets,
-                                  between_layers=self._gate(), compiled=self.compiled)
+                                  between_layers=self._gate(), compiled=self.compiled,
+                                  buckets=self.config.token_buckets)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         if not (math.isfinite(result.loss) and math.isfinite(float(grad_norm))):
             self.skipped["non_finite"] += 1

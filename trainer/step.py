@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trainer.attention import disable_varlen
+from trainer.buckets import padding_for
 from trainer.reuse import Injection, TrainingContext, TrainRecord
 from trainer.user_text import all_prompt_positions
 
@@ -62,7 +63,7 @@ class PoolRows:
 
 
 def build_injection(records: list[TrainRecord], plans: list[RecordPlan], pool,
-                    device: torch.device) -> Injection | None:
+                    device: torch.device, padding: int = 0) -> Injection | None:
     stored, fresh, offset = [], [], 0
     for record, plan in zip(records, plans):
         lo, hi = offset + plan.first, offset + plan.first + plan.rows
@@ -71,6 +72,7 @@ def build_injection(records: list[TrainRecord], plans: list[RecordPlan], pool,
         offset += record.num_inputs
     if not stored:
         return None
+    fresh.extend(range(offset, offset + padding))            # the padding rows are multiplied
     slots = torch.cat([pool.device_slots(r.key, slice(0, p.rows)) for r, p in zip(records, plans) if p.rows])
     as_index = lambda idx: torch.tensor(idx, dtype=torch.int64, device=device)
     return Injection(as_index(stored), as_index(fresh), PoolRows(pool, slots))
@@ -131,7 +133,7 @@ def forward_backward(model, records: list[TrainRecord], adapters: dict, *, pool=
                      loss_fn: Callable = nll_loss, prompt_lm_weight: float = 0.0,
                      prompt_lm_targets: Callable[[list[int]], list[int]] | None = None,
                      between_layers: Callable[[], None] | None = None, attention: str = "auto",
-                     compiled=None) -> StepResult:
+                     compiled=None, buckets: list[int] | None = None) -> StepResult:
     """adapters: {module: (A, B, scaling)} with A, B fp32 leaf tensors that receive .grad.
 
     prompt_lm_weight > 0 adds that weight times the mean NLL of the prompt tokens that are the users'
@@ -140,11 +142,13 @@ def forward_backward(model, records: list[TrainRecord], adapters: dict, *, pool=
     indices (trainer.user_text.prompt_lm_positions(tokenizer): the user messages of the chat template;
     default: every prompt token). `attention`: trainer.attention's kind (auto = one varlen flash call
     per layer where torch and the inputs allow it, else SDPA per record). `compiled`: a
-    trainer.compiled_layer.CompiledLayers to run each layer as one compiled graph (None: eager)."""
+    trainer.compiled_layer.CompiledLayers to run each layer as one compiled graph (None: eager).
+    `buckets`: pad the batch to the smallest of these token counts that holds it (trainer/buckets.py)."""
     device = next(model.parameters()).device
     prompt_lm_targets = prompt_lm_targets or all_prompt_positions
     plans = [plan_record(r, pool if reuse else None, trainer_version, max_staleness) for r in records]
-    injection = build_injection(records, plans, pool, device) if reuse else None
+    padding = padding_for(sum(r.num_inputs for r in records), buckets)
+    injection = build_injection(records, plans, pool, device, padding) if reuse else None
     cu, ids, positions, logit_rows, targets = [0], [], [], [], []
     prompt_rows, prompt_targets = [], []
     for r in records:
@@ -157,6 +161,11 @@ def forward_backward(model, records: list[TrainRecord], adapters: dict, *, pool=
             prompt_rows += [cu[-1] + j - 1 for j in where]                       # the rows predicting them
             prompt_targets += [r.prompt_ids[j] for j in where]
         cu.append(cu[-1] + r.num_inputs)
+    real_rows = cu[-1]
+    if padding:                     # one more sequence: attends to itself only, no logit row, no loss
+        ids += [0] * padding
+        positions += [0] * padding
+        cu.append(cu[-1] + padding)
     ctx = TrainingContext(cu, adapters, injection, checkpoint_layers, between_layers, attention, compiled)
     all_targets = torch.cat(targets + [torch.tensor(prompt_targets, dtype=torch.long, device=device)])
     with torch.enable_grad():
@@ -175,4 +184,4 @@ def forward_backward(model, records: list[TrainRecord], adapters: dict, *, pool=
     for r, p in zip(records, plans):
         paths["reuse" if p.rows else "recompute"] += len(r.prompt_ids) + len(r.response_ids)
     return StepResult(float(loss.detach()), Counter(p.outcome for p in plans), reused,
-                      cu[-1] - reused, len(logit_rows), paths)
+                      real_rows - reused, len(logit_rows), paths)
