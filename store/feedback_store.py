@@ -194,6 +194,23 @@ class FeedbackStore(QuarantineOps):
             return self._query("SELECT COUNT(*) FROM feedback WHERE seq>?", (after_seq,))[0][0]
         return self._query("SELECT COUNT(*) FROM feedback WHERE status=? AND seq>?", (status, after_seq))[0][0]
 
+    def pending_backlog(self, after_seq: int = 0) -> tuple[int, int, float | None]:
+        """(ratings, tokens, oldest) of the pending feedback with seq > after_seq, in one query (the
+        (status, seq) index, then each rating's completion by primary key; token blobs are measured,
+        never read). tokens: the prompt + response tokens of each rating's completion (int32 blobs:
+        bytes / 4), plus for a rating with a `better_response` its prompt again and the answer's UTF-8
+        bytes / 4 (stored as text: an estimate, ~4 bytes a token, rather than tokenizing on every
+        scrape). oldest: the `updated` time (time.time()) of the oldest such rating -- when it became
+        pending: its creation, or its rater's replacement; None when there is none."""
+        row = self._query(
+            "SELECT COUNT(*), COALESCE(SUM((LENGTH(c.prompt_token_ids) + LENGTH(c.response_token_ids)) / 4"
+            " + CASE WHEN f.better_response IS NULL THEN 0 ELSE LENGTH(c.prompt_token_ids) / 4"
+            " + (LENGTH(CAST(f.better_response AS BLOB)) + 3) / 4 END), 0), MIN(f.updated) "
+            "FROM feedback f JOIN completions c "
+            "ON c.response_id=f.response_id AND c.choice_index=f.choice_index "
+            "WHERE f.status='pending' AND f.seq>?", (int(after_seq),))[0]
+        return int(row[0]), int(row[1]), row[2]
+
     def purge_expired(self, now: float | None = None) -> int:
         """Delete responses whose newest choice is older than the retention, with their
         non-pending feedback. A response with any pending feedback is kept whole (so
