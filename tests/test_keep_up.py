@@ -133,3 +133,50 @@ def test_a_closed_store_raises_runtime_error(tmp_path):
     s.close()
     with pytest.raises(RuntimeError):
         keep_up.snapshot(0)
+
+
+def gauges(state) -> dict[str, float]:
+    names = {"alchemist_feedback_backlog_tokens", "alchemist_feedback_oldest_pending_seconds",
+             "alchemist_train_tokens_per_second", "alchemist_training_paused"}
+    out = {}
+    for family in state.metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name in names:
+                assert sample.labels == {"model_name": state.model_name}
+                out[sample.name] = sample.value
+    return out
+
+
+def test_gauges_with_training_off_count_every_pending_rating(tiny_model, tmp_path):
+    from server.testing import tiny_state
+    state = tiny_state(tiny_model, tmp_path / "off.db")
+    try:
+        assert gauges(state) == {"alchemist_feedback_backlog_tokens": 0.0,
+                                 "alchemist_feedback_oldest_pending_seconds": 0.0,
+                                 "alchemist_train_tokens_per_second": 0.0, "alchemist_training_paused": 0.0}
+        served(state.store, "a", 6, 3, created=0.0)
+        rate(state.store, "a", rating=1)
+        values = gauges(state)
+        assert values["alchemist_feedback_backlog_tokens"] == 9.0
+        assert 0.0 <= values["alchemist_feedback_oldest_pending_seconds"] < 60.0
+    finally:
+        state.close()
+    assert gauges(state)["alchemist_feedback_backlog_tokens"] == 0.0        # a closed store: zeros
+
+
+def test_paused_gauge_follows_the_trainer(tiny_model, tmp_path):
+    from server.testing import tiny_state
+    from trainer.config import TrainerConfig
+    state = tiny_state(tiny_model, tmp_path / "on.db", training=TrainerConfig(lora_rank=4))
+    try:
+        assert gauges(state)["alchemist_training_paused"] == 0.0
+        state.trainer.pause()
+        assert gauges(state)["alchemist_training_paused"] == 1.0
+        state.trainer.resume()
+        assert gauges(state)["alchemist_training_paused"] == 0.0
+        keep_up = getattr(state.trainer, "keep_up", None)
+        if keep_up is not None:                  # wired by trainer/online.py: its steps feed the rate
+            keep_up.trained(600)
+            assert gauges(state)["alchemist_train_tokens_per_second"] > 0.0
+    finally:
+        state.close()
