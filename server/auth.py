@@ -1,8 +1,16 @@
 """Bearer API keys. A key's identity (stored with completions and feedback) is a sha256 prefix,
 never the key itself; None when authentication is off. Admin keys are accepted everywhere and are
-the only ones that may call the admin endpoints (/v1/adapters*, /v1/training/*)."""
+the only ones that may call the admin endpoints (/v1/adapters*, /v1/training/*).
+
+The operator's paths (OPS_PATHS: /health, /metrics, the /dashboard page and its data; guarded only
+with `metrics_auth`) also take the key as the password of HTTP Basic auth (any user name), and their
+401 offers Basic beside Bearer: a browser then asks for it (its own sign-in dialog) and sends it with
+the page's data requests -- no key in a URL, where access logs and history would keep it -- and
+Prometheus' `basic_auth` works as well as its `authorization`."""
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 
@@ -42,6 +50,18 @@ class ApiKeys:
             raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
         return found
 
+    def identify_ops(self, authorization: str | None) -> str | None:
+        """identify(), also taking `Basic base64(user:key)` (the key as password; as user name when the
+        password is empty, as `curl -u key:` sends it)."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "basic" or not self.enabled:
+            return self.identify(authorization)
+        try:
+            user, _, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError) as err:
+            raise AuthenticationError("Malformed Basic credentials.", code="invalid_api_key") from err
+        return self.identify("Bearer " + (password or user))
+
     def require_admin(self, identity: str | None) -> None:
         """PermissionDeniedError unless auth is off or `identity` is an admin key's."""
         if self.enabled and identity not in self._admins:
@@ -51,7 +71,9 @@ class ApiKeys:
 
 API_PREFIXES = ("/v1/", "/feedback", "/tokenize", "/detokenize")
 ADMIN_PREFIXES = ("/v1/adapters", "/v1/training/")       # admin keys only (checked by the routes)
-OPS_PATHS = ("/health", "/metrics", "/dashboard/data")   # the page shell holds no data
+OPS_PATHS = ("/health", "/metrics", "/dashboard", "/dashboard/data")   # its scripts and styles hold no data
+OPS_CHALLENGES = [(b"www-authenticate", b"Bearer"),
+                  (b"www-authenticate", b'Basic realm="Alchemist metrics", charset="UTF-8"')]
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 
 
@@ -74,11 +96,12 @@ class AuthMiddleware:
             if guarded_path(scope["path"], state.config) and state.api_keys.enabled:
                 headers = dict(scope.get("headers") or [])
                 raw = headers.get(b"authorization", b"").decode("latin-1")
+                ops = scope["path"] in OPS_PATHS
                 try:
-                    identity = state.api_keys.identify(raw)
+                    identity = state.api_keys.identify_ops(raw) if ops else state.api_keys.identify(raw)
                 except AuthenticationError as err:
-                    response = JSONResponse(err.to_dict(), status_code=err.status_code,
-                                            headers={"WWW-Authenticate": "Bearer"})
+                    response = JSONResponse(err.to_dict(), status_code=err.status_code)
+                    response.raw_headers += OPS_CHALLENGES if ops else OPS_CHALLENGES[:1]
                     await response(scope, receive, send)
                     return
                 scope.setdefault("state", {})["api_key_id"] = identity

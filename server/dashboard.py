@@ -3,10 +3,10 @@ server/static/), refreshed every few seconds from GET /dashboard/data -- a bound
 (a ring buffer) of points that a background task derives from the Prometheus registry every
 `dashboard_interval_s` seconds. Nothing here runs per token: one registry read per interval.
 
-/dashboard/data follows the /metrics auth rule (server.auth OPS_PATHS, `metrics_auth`). The page
-itself holds no data and stays open (a browser cannot send a bearer key when it navigates); it asks
-for a key, or takes one from the URL fragment (#key=..., never sent to the server), when the data
-answers 401.
+The page and /dashboard/data follow the /metrics auth rule (server.auth OPS_PATHS, `metrics_auth`):
+a bearer key, or the key as the password of HTTP Basic auth -- a browser asks for it when the page
+answers 401 and then sends it with the page's data requests. Its script and styles hold no data and
+stay open.
 """
 from __future__ import annotations
 
@@ -96,6 +96,10 @@ def derive(prev: Snapshot | None, cur: Snapshot, dt: float) -> dict:
              "waiting": value(cur, "alchemist_num_requests_waiting"),
              "kv_usage": value(cur, "alchemist_kv_cache_usage_perc"),
              "pending": value(cur, "alchemist_feedback_pending"),
+             "backlog_tokens": value(cur, "alchemist_feedback_backlog_tokens"),
+             "oldest_pending_s": value(cur, "alchemist_feedback_oldest_pending_seconds"),
+             "train_tps_window": value(cur, "alchemist_train_tokens_per_second"),
+             "training_paused": value(cur, "alchemist_training_paused"),
              "adapter_version": value(cur, "alchemist_adapter_version"),
              "train_loss": value(cur, "alchemist_train_loss")}
     for key, name in (("ttft", "alchemist_time_to_first_token_seconds"),

@@ -1,5 +1,6 @@
 """/dashboard's history: quantiles from histogram buckets, rates between snapshots, the bounded ring
-buffer, the positive share's sliding window, the config fields and the /metrics auth rule."""
+buffer, the positive share's sliding window, the keep-up series, the config fields and the /metrics auth
+rule for the page and its data (bearer, or HTTP Basic with the key as password)."""
 from __future__ import annotations
 
 import json
@@ -79,20 +80,44 @@ def test_dashboard_config_is_validated(values):
         ServerConfig.from_dict(values)
 
 
-def test_dashboard_data_follows_the_metrics_auth_rule(tiny_model, tmp_path):
+def test_page_and_data_follow_the_metrics_auth_rule(tiny_model, tmp_path):
     state = tiny_state(tiny_model, tmp_path / "a.db", api_keys=["k"], metrics_auth=True,
                        dashboard_interval_s=0.2)
     with ServerThread(create_app(state)) as srv:
-        assert httpx.get(srv.url + "/dashboard/data").status_code == 401
-        page = httpx.get(srv.url + "/dashboard")                       # the shell holds no data
+        for path in ("/dashboard", "/dashboard/data", "/metrics"):
+            r = httpx.get(srv.url + path)
+            assert r.status_code == 401, path
+            challenges = r.headers.get_list("www-authenticate")      # a browser shows its sign-in dialog
+            assert "Bearer" in challenges and any(c.startswith("Basic realm=") for c in challenges), challenges
+            assert httpx.get(srv.url + path, auth=("alchemist", "wrong")).status_code == 401
+        page = httpx.get(srv.url + "/dashboard", auth=("alchemist", "k"))          # the key as password
         assert page.status_code == 200 and 'data-state="loading"' in page.text
+        assert httpx.get(srv.url + "/dashboard", headers={"Authorization": "Bearer k"}).status_code == 200
+        assert httpx.get(srv.url + "/metrics", auth=("k", "")).status_code == 200   # curl -u k:
+        bad = httpx.get(srv.url + "/metrics", headers={"Authorization": "Basic %%%"})
+        assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(srv.url + "/dashboard/app.js").headers["content-type"].startswith("text/javascript")
-        r = httpx.get(srv.url + "/dashboard/data", headers={"Authorization": "Bearer k"})
+        r = httpx.get(srv.url + "/dashboard/data", auth=("", "k"))
         assert r.status_code == 200 and r.json()["interval_s"] == 0.2
-        assert {"t", "output_tps", "mem_weights", "positive_share"} <= set(r.json()["series"])
+        assert {"t", "output_tps", "mem_weights", "positive_share", "backlog_tokens", "oldest_pending_s",
+                "train_tps_window", "training_paused"} <= set(r.json()["series"])
+        api = httpx.get(srv.url + "/v1/models", auth=("alchemist", "k"))   # Basic is for the ops paths only
+        assert api.status_code == 401 and api.headers.get_list("www-authenticate") == ["Bearer"]
     open_state = tiny_state(tiny_model, tmp_path / "b.db", api_keys=["k"])
     with ServerThread(create_app(open_state)) as srv:
         assert httpx.get(srv.url + "/dashboard/data").status_code == 200
+        assert httpx.get(srv.url + "/dashboard").status_code == 200
+
+
+def test_keep_up_series_come_from_the_gauges():
+    registry = CollectorRegistry()
+    values = {"alchemist_feedback_backlog_tokens": 1234.0, "alchemist_feedback_oldest_pending_seconds": 42.5,
+              "alchemist_train_tokens_per_second": 17.0, "alchemist_training_paused": 1.0}
+    for name, v in values.items():
+        Gauge(name, "", ["model_name"], registry=registry).labels("m").set(v)
+    point = DashboardHistory(registry, interval_s=1.0, history_s=10.0).sample(now=1.0)
+    assert (point["backlog_tokens"], point["oldest_pending_s"], point["train_tps_window"],
+            point["training_paused"]) == (1234.0, 42.5, 17.0, 1.0)
 
 
 def test_non_finite_values_become_null():

@@ -21,7 +21,7 @@ from trainer.config import TrainerConfig
 ROOT = Path(__file__).resolve().parent.parent
 KEY, ADMIN = "sk-dashboard", "sk-dashboard-admin"     # the page needs only a plain key
 PANELS = ("throughput", "ttft", "itl", "requests", "kv_cache", "memory", "trained_tokens", "reuse_outcomes",
-          "ratings", "positive_share", "pending", "adapter")
+          "ratings", "positive_share", "pending", "backlog_tokens", "oldest_pending", "adapter")
 CHROMIUM_FLAGS = ["--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
 
@@ -55,10 +55,10 @@ def server(tiny_model, tmp_path_factory):
         yield srv
 
 
-def serve_and_rate(url: str) -> None:
-    """Chats and completions, rated up and down, until a training step is live."""
+def serve_and_rate(url: str, count: int = 6, start: int = 0) -> None:
+    """Chats and completions, rated up and down."""
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as http:
-        for i in range(6):
+        for i in range(start, start + count):
             if i % 2:
                 r = http.post("/v1/chat/completions", json={
                     "messages": [{"role": "user", "content": f"hello number {i}"}], "max_tokens": 8})
@@ -70,33 +70,52 @@ def serve_and_rate(url: str) -> None:
             rating = 1 if i % 3 else -1                     # four up, two down
             r = http.post("/feedback", json={"id": r.json()["id"], "choice_index": 0, "rating": rating})
             assert r.status_code == 201, r.text
+
+
+def train_then_pause_with_a_backlog(url: str) -> None:
+    """Rated answers until a training step is live; then training paused and one more rated answer,
+    which waits: the keep-up panel has a backlog to show."""
+    serve_and_rate(url)
     end = time.monotonic() + 60
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30) as admin:
         while time.monotonic() < end:
             s = admin.get("/v1/training/status")
             assert s.status_code == 200, s.text
             if s.json()["adapter_version"] >= 1 and s.json()["pending_feedback"] == 0:
-                return
+                break
             time.sleep(0.1)
-    raise AssertionError(f"no training step went live: {s.text}")
+        else:
+            raise AssertionError(f"no training step went live: {s.text}")
+        assert admin.post("/v1/training/pause").status_code == 200
+    serve_and_rate(url, count=1, start=6)
 
 
 def test_every_panel_renders_data_in_chromium(server):
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout, sync_playwright
-    serve_and_rate(server.url)
+    from playwright.sync_api import Error as PlaywrightError, TimeoutError as PlaywrightTimeout, sync_playwright
+    train_then_pause_with_a_backlog(server.url)
     errors = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, chromium_sandbox=False,
                                      args=CHROMIUM_FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            anonymous = browser.new_page()           # the /metrics rule: no page without the key
+            with pytest.raises(PlaywrightError, match="ERR_INVALID_AUTH_CREDENTIALS"):
+                anonymous.goto(f"{server.url}/dashboard")   # headless: the sign-in dialog is cancelled
+            anonymous.close()
+            # the browser's sign-in dialog: HTTP Basic, the key as password (any user name)
+            context = browser.new_context(viewport={"width": 1400, "height": 1100},
+                                          http_credentials={"username": "operator", "password": KEY})
+            page = context.new_page()
             page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
             page.on("pageerror", lambda err: errors.append(str(err)))
-            page.goto(f"{server.url}/dashboard#key={KEY}")   # the fragment never reaches the server
+            assert page.goto(f"{server.url}/dashboard").status == 200
             try:
                 page.wait_for_function("""panels => panels.every(p => {
                         const s = document.querySelector(`section[data-panel="${p}"]`);
-                        return s && Number(s.dataset.points) > 0; })""", arg=list(PANELS), timeout=30_000)
+                        return s && Number(s.dataset.points) > 0; }) && document.querySelector(
+                        '[data-stat="training_paused"]').dataset.value === "1" && Number(document
+                        .querySelector('[data-stat="backlog_tokens"]').dataset.value) > 0""",
+                                       arg=list(PANELS), timeout=30_000)
             except PlaywrightTimeout:
                 empty = page.eval_on_selector_all("section[data-panel]", """nodes => nodes
                     .filter(n => !(Number(n.dataset.points) > 0)).map(n => n.dataset.panel)""")
@@ -109,7 +128,8 @@ def test_every_panel_renders_data_in_chromium(server):
                 latest: n.querySelector('.latest').textContent,
                 paths: n.querySelectorAll('svg path').length}))""")
             status = page.get_attribute("#status", "data-state")
-            assert "key=" not in page.url                           # taken out of the address bar
+            stats = page.eval_on_selector_all("[data-stat]", """nodes => Object.fromEntries(nodes.map(n =>
+                [n.dataset.stat, n.querySelector('b').textContent]))""")
         finally:
             browser.close()
     by_id = {p["id"]: p for p in panels}
@@ -118,5 +138,8 @@ def test_every_panel_renders_data_in_chromium(server):
     assert status == "ok", status
     assert "version" in by_id["adapter"]["latest"] and "weights" in by_id["memory"]["latest"], by_id
     assert "positive" in by_id["positive_share"]["latest"] and "p50" in by_id["ttft"]["latest"], by_id
+    assert stats["training_paused"] == "paused" and int(stats["backlog_tokens"]) > 0, stats
+    assert stats["oldest_pending_s"].endswith(" s") and stats["train_tps_window"].endswith(" tok/s"), stats
+    assert "tokens" in by_id["backlog_tokens"]["latest"] and "age" in by_id["oldest_pending"]["latest"], by_id
     assert not errors, errors
     assert shot.stat().st_size > 10_000

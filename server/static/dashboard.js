@@ -22,7 +22,12 @@
     {id: "ratings", title: "Ratings per minute", unit: "/min", series: {ratings_per_min: "ratings"}},
     {id: "positive_share", title: "Positive share (sliding window)", unit: "%", scale: 100,
      series: {positive_share: "positive"}},
-    {id: "pending", title: "Pending feedback backlog", unit: "", series: {pending: "pending"}},
+    {id: "pending", title: "Pending feedback backlog", unit: "", series: {pending: "ratings"},
+     stats: [["backlog_tokens", "tokens", ""], ["oldest_pending_s", "oldest", "s"],
+             ["train_tps_window", "trained (1 min)", "tok/s"], ["training_paused", "training", "paused"]]},
+    {id: "backlog_tokens", title: "Backlog tokens (rated, not yet trained)", unit: "tok",
+     series: {backlog_tokens: "tokens"}},
+    {id: "oldest_pending", title: "Oldest pending rating", unit: "s", series: {oldest_pending_s: "age"}},
     {id: "adapter", title: "Adapter version and training loss", unit: "",
      series: {adapter_version: "version", train_loss: "loss"}},
   ];
@@ -63,6 +68,14 @@
         el("i", {style: "background:" + COLORS[i % COLORS.length]}, item);
         item.appendChild(document.createTextNode(label));
       });
+      if (p.stats) {
+        const row = el("div", {"class": "stats"}, sec);
+        for (const [key, label] of p.stats) {
+          const item = el("span", {"data-stat": key}, row);
+          item.appendChild(document.createTextNode(label + " "));
+          el("b", {}, item).textContent = "–";
+        }
+      }
       p.section = sec;
     }
   }
@@ -102,13 +115,19 @@
     p.section.querySelector(".latest").textContent = latest.slice(0, 3).join(" · ");
   }
 
-  function key() {
-    const m = /(?:^|[#&])key=([^&]+)/.exec(location.hash);
-    if (m) {
-      sessionStorage.setItem("alchemist-key", decodeURIComponent(m[1]));
-      history.replaceState(null, "", location.pathname);   // the key leaves the address bar
+  function newest(col) {
+    for (let j = (col || []).length - 1; j >= 0; j--) if (col[j] !== null) return col[j];
+    return null;
+  }
+
+  function drawStats(p, series) {
+    for (const [key, , unit] of p.stats || []) {
+      const v = newest(series[key]);
+      const text = unit === "paused" ? (v === null ? "–" : v ? "paused" : "running") : fmt(v, unit);
+      const b = p.section.querySelector(`[data-stat="${key}"] b`);
+      b.textContent = text;
+      b.parentNode.setAttribute("data-value", v === null ? "" : String(v));
     }
-    return sessionStorage.getItem("alchemist-key");
   }
 
   function setStatus(text, state) {
@@ -118,18 +137,16 @@
   }
 
   async function refresh() {
-    const k = key();
-    const response = await fetch("/dashboard/data", {headers: k ? {Authorization: "Bearer " + k} : {},
-                                                     cache: "no-store"});
+    // the browser sends the credentials that opened the page (HTTP Basic, the key as password)
+    const response = await fetch("/dashboard/data", {cache: "no-store", credentials: "same-origin"});
     if (response.status === 401) {
-      document.getElementById("keyform").hidden = false;
-      setStatus("this server needs an API key for its metrics", "auth");
+      setStatus("the API key was refused: reload the page to sign in again", "auth");
       return;
     }
     if (!response.ok) { setStatus("data: HTTP " + response.status, "error"); return; }
     const data = await response.json();
     const t = data.series.t || [];
-    for (const p of PANELS) draw(p, t, data.series);
+    for (const p of PANELS) { draw(p, t, data.series); drawStats(p, data.series); }
     setStatus(t.length + " points, one every " + data.interval_s + " s, updated " +
               new Date().toLocaleTimeString(), "ok");
   }
@@ -139,12 +156,6 @@
       .finally(() => setTimeout(loop, REFRESH_MS));
   }
 
-  document.getElementById("keyform").addEventListener("submit", (ev) => {
-    ev.preventDefault();
-    sessionStorage.setItem("alchemist-key", document.getElementById("key").value);
-    document.getElementById("keyform").hidden = true;
-    refresh().catch((err) => setStatus("refresh failed: " + err, "error"));
-  });
   build();
   loop();
 })();
