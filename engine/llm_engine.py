@@ -163,7 +163,8 @@ class LLMEngine:
             batch = self.scheduler.schedule()
             if batch.is_empty:
                 return []
-            self.step_signal.begin(sum(n for n in batch.num_new_tokens if n > 1))
+            self.step_signal.begin(sum(n for n in batch.num_new_tokens if n > 1),
+                                   sum(1 for n in batch.num_new_tokens if n == 1))
             try:
                 capture = self.capture.begin(batch) if self.capture is not None else None
                 results = self.runner.execute(batch, capture)  # after the step's host sync: its kernels ran

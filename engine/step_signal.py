@@ -3,6 +3,11 @@ trainer thread waits at layer boundaries while a step computes many prompt token
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
+
+# an observer of finished steps: (start, end, prompt tokens, decoding sequences), times time.monotonic()
+StepObserver = Callable[[float, float, int, int], None]
 
 
 class StepSignal:
@@ -10,9 +15,16 @@ class StepSignal:
         self._cond = threading.Condition()
         self.prefill_tokens = 0                # prompt tokens of the step in flight (0 between steps)
         self.last_prefill_tokens = 0           # ... of the latest step, kept after it ended (diagnostics)
+        self._decode_seqs, self._start = 0, 0.0
+        self._observers: tuple[StepObserver, ...] = ()
 
-    def begin(self, prefill_tokens: int) -> None:
-        self.last_prefill_tokens = prefill_tokens
+    def observe(self, observer: StepObserver) -> None:
+        """Call `observer` at the end of every step, on the engine thread: it must be cheap (an append)."""
+        self._observers += (observer,)
+
+    def begin(self, prefill_tokens: int, decode_seqs: int = 0) -> None:
+        self.last_prefill_tokens, self._decode_seqs = prefill_tokens, decode_seqs
+        self._start = time.monotonic()
         if prefill_tokens:
             with self._cond:
                 self.prefill_tokens = prefill_tokens
@@ -22,6 +34,10 @@ class StepSignal:
             with self._cond:
                 self.prefill_tokens = 0
                 self._cond.notify_all()
+        if self._observers:
+            end = time.monotonic()
+            for observer in self._observers:
+                observer(self._start, end, self.last_prefill_tokens, self._decode_seqs)
 
     def wait_below(self, prefill_tokens: int, timeout: float | None = None) -> bool:
         """Block while the step in flight computes >= `prefill_tokens` prompt tokens; False on timeout."""

@@ -45,6 +45,8 @@ def test_config_file_layers_and_env_keys(tmp_path, monkeypatch):
     ('{"retention_days": 0}', "retention_days"),
     ('{"engine": {"block_size": 3}}', "block_size"),
     ('{"training": {"duty_cycle": 0}}', "duty_cycle"),
+    ('{"training": {"tbt_slo_ratio": 0.9}}', "tbt_slo_ratio"),
+    ('{"training": {"token_buckets": [512, 1024]}}', "token_buckets"),
     ('{"engine": {"capture_stream": "fast"}}', "capture_stream"),
     ('{"engine": {"max_waiting": 8}}', "server options now: put them at the top level"),
     ('{"max_waiting": 0}', "max_waiting"),
@@ -127,6 +129,7 @@ def test_cli_config_error_is_one_line(tmp_path, capsys):
 def test_duty_cycle_default_depends_on_where_steps_run():
     from trainer.config import TrainerConfig
     from trainer.pacing import StepPacing
-    assert StepPacing(TrainerConfig(), threaded=True).duty_cycle == 0.25      # GPU: beside serving
+    assert StepPacing(TrainerConfig(), threaded=True).duty_cycle == 1.0       # GPU: the latency budget paces
+    assert StepPacing(TrainerConfig(tbt_slo_ratio=None), threaded=True).duty_cycle == 0.25   # no budget
     assert StepPacing(TrainerConfig(), threaded=False).duty_cycle == 0.5      # CPU: between engine steps
     assert StepPacing(TrainerConfig(duty_cycle=0.8), threaded=True).duty_cycle == 0.8

@@ -85,7 +85,15 @@ def test_rollback_and_failure_in_thread_mode(rig, monkeypatch):
     assert rig.trainer.stop(timeout=10)
 
 
-def test_a_step_waits_at_layer_boundaries_while_the_engine_computes_a_long_prompt(rig):
+def test_a_step_waits_at_layer_boundaries_while_the_engine_computes_a_long_prompt(tmp_path):
+    rig = Rig(tmp_path, concurrency="thread", min_records_per_step=2, max_wait_s=600.0, yield_prefill_tokens=256)
+    try:
+        _waits_while_a_long_prompt_runs(rig)
+    finally:
+        rig.trainer.stop()
+
+
+def _waits_while_a_long_prompt_runs(rig):
     records = rig.serve(2)
     rig.engine.step_signal.begin(rig.config.yield_prefill_tokens)      # as LLMEngine.step does for such a step
     rig.rate(records)
@@ -100,3 +108,15 @@ def test_a_step_waits_at_layer_boundaries_while_the_engine_computes_a_long_promp
     rig.rate(records)
     assert wait_for(lambda: rig.trainer.totals["steps"] == 2)
     rig.engine.step_signal.end()
+
+
+def test_the_latency_budget_sees_every_serving_step_and_paces_the_thread(rig):
+    budget = rig.trainer.thread.budget
+    assert budget is not None and rig.trainer._gate() is rig.trainer.thread.gate
+    records = rig.serve(3)                          # engine steps, reported through the step signal
+    assert len(budget.steps) > 0
+    rig.rate(records)
+    rig.trainer.start()
+    assert wait_for(lambda: rig.trainer.totals["steps"] == 1)
+    assert budget.baseline                           # serving steps without training: baselines
+    assert budget.status()["slo_ratio"] == rig.config.tbt_slo_ratio

@@ -4,10 +4,11 @@ lowest priority while the engine serves on one of the highest: the GPU's block s
 kernels the SMs first and training fills what is left. A new adapter version still goes live only at
 an engine step boundary (the trainer offers it through its port; the engine applies the newest offer).
 
-Between layers (forward and backward) a step from this thread waits for its own kernels and then
-while the engine's step in flight computes >= `training.yield_prefill_tokens` prompt tokens
-(`yield_gate`): compute-bound prefill is what sharing the SMs slows most, and at most one layer of
-training work is queued when such a step starts.
+Between layers (forward and backward) and after each step, a step from this thread waits for its own
+kernels (at most one layer of training work is queued when a serving step starts) and then as long as
+the latency budget says (`TrainingGate`, trainer/latency_budget.py: serving's step times stay within
+`training.tbt_slo_ratio` of their length without training), and optionally while the engine's step in
+flight computes >= `training.yield_prefill_tokens` prompt tokens.
 
 The thread holds the runner's `graph_capture_lock` for each unit of work, so decode CUDA graphs are never
 captured while it issues CUDA calls. While it runs, the interpreter's thread switch interval is at most
@@ -22,6 +23,8 @@ import threading
 
 import torch
 
+from trainer.latency_budget import LatencyBudget
+
 log = logging.getLogger("alchemist.trainer")
 IDLE_WAIT_S = 0.05          # after a look that trained nothing, look again this late unless woken
 LOWEST_PRIORITY = 0         # CUDA stream priorities: lower numbers run first; 0 is the lowest
@@ -34,6 +37,11 @@ class TrainerThread:
         self._thread: threading.Thread | None = None
         self._green = None                     # the green context limiting the trainer's SMs, if any
         self.sms: int | None = None            # SMs the trainer's kernels may use (CUDA, once running)
+        config, port = trainer.config, trainer.port
+        self.budget = LatencyBudget(config.tbt_slo_ratio) if config.tbt_slo_ratio is not None else None
+        if self.budget is not None:
+            port.step_signal.observe(self.budget.serving_step)
+        self.gate = TrainingGate(port, self.budget, config.yield_prefill_tokens, self._stop)
 
     @property
     def alive(self) -> bool:
@@ -91,23 +99,56 @@ class TrainerThread:
             self.trainer.last_error = f"trainer thread: {type(err).__name__}: {err}"
             self.trainer.pause()
             return
+        gate = self.gate
         while not self._stop.is_set():
+            gate.begin()
             with port.graph_capture_lock:
                 trained = self.trainer.step()    # failures pause training (last_error)
-            if not trained:
+            if trained:
+                gate()                           # the step's tail was a unit too
+            else:
+                gate.cancel()
                 self._wake.wait(IDLE_WAIT_S)
                 self._wake.clear()
 
 
-def yield_gate(port, prefill_tokens: int | None):
-    """The `between_layers` callback of a step on the trainer thread (None: never wait); `port`: the
-    trainer's engine.training_port.TrainingPort."""
-    if prefill_tokens is None:
-        return None
-    stream = torch.cuda.current_stream(port.device) if port.device.type == "cuda" else None
+class TrainingGate:
+    """The trainer thread's pacing between units of work (each layer's forward or backward; a step's
+    tail): the `between_layers` callback of a step, and the loop's bracket around each step.
 
-    def gate() -> None:
-        if stream is not None:
-            stream.synchronize()             # this thread's previous layer is done: little queued behind
-        port.step_signal.wait_below(prefill_tokens)
-    return gate
+    At each boundary the unit's kernels are waited for (CUDA: its stream synchronized, so at most one
+    unit of training is queued beside serving and the unit's length is its GPU time), the latency budget
+    (trainer/latency_budget.py) says how long to wait before the next unit, and, with
+    `yield_prefill_tokens`, the gate also waits while the engine's step in flight computes that many
+    prompt tokens. `budget` None: no pacing here (the duty cycle of trainer/pacing.py paces steps)."""
+
+    def __init__(self, port, budget: LatencyBudget | None, prefill_tokens: int | None,
+                 stop: threading.Event | None = None):
+        self.port, self.budget, self.prefill_tokens = port, budget, prefill_tokens
+        self.stop = stop or threading.Event()             # set: stop waiting (the thread is stopping)
+
+    @property
+    def active(self) -> bool:
+        return self.budget is not None or self.prefill_tokens is not None
+
+    def begin(self) -> None:
+        if self.budget is not None:
+            self.budget.unit_begins()
+
+    def cancel(self) -> None:
+        if self.budget is not None:
+            self.budget.unit_cancelled()
+
+    def __call__(self) -> None:
+        """A unit ended: wait as the budget and the prefill yield say, then the next unit begins."""
+        if self.port.device.type == "cuda":   # this unit is done: nothing of training queued behind
+            torch.cuda.current_stream(self.port.device).synchronize()
+        if self.budget is not None:
+            unit_s = self.budget.unit_ends()
+            wait = self.budget.wait_after(unit_s, serving=self.port.has_unfinished())
+            if wait > 0:
+                self.budget.waited_s += wait
+                self.stop.wait(wait)
+        if self.prefill_tokens is not None:
+            self.port.step_signal.wait_below(self.prefill_tokens)
+        self.begin()

@@ -30,17 +30,21 @@ class TrainerConfig:
     min_records_per_step: int = 8       # wait for this many ratings before a step ...
     max_wait_s: float = 20.0            # ... or until the first of them has waited this long
     max_staleness: int = 4              # adapter versions a record's activations may lag and still be reused
-    # most of the wall time training steps may take while serving; None: 0.25 on a trainer thread (GPU),
-    # 0.5 interleaved (CPU). Serving's TBT p99 at each: BENCHMARKS.md "What slows serving, and a smaller
+    # most of the wall time training steps may take while serving; None: 0.5 interleaved (CPU), on a
+    # trainer thread 1.0 with the latency budget (tbt_slo_ratio) pacing it, else 0.25. Serving's TBT p99 at each: BENCHMARKS.md "What slows serving, and a smaller
     # duty cycle"; learning at 0.5: "Online learning in one process"
     duty_cycle: float | None = None
     # where steps run: "thread" = a trainer thread (on CUDA a low-priority stream beside serving's),
     # "interleaved" = on the engine thread between engine steps; "auto" = thread on CUDA, else interleaved
     concurrency: str = "auto"
-    # thread mode: at each layer boundary (forward and backward) the trainer waits while an engine step
-    # computes at least this many prompt tokens (compute-bound prefill is what training slows most);
-    # None: never wait
-    yield_prefill_tokens: int | None = 256
+    # thread mode: the latency budget (trainer/latency_budget.py). Training takes whatever time serving
+    # leaves while serving's steps stay within this ratio of their length with training off (learned
+    # from moments without training); full speed while nothing is served. None: no budget, the fixed
+    # duty cycle (0.25 by default) paces the thread instead
+    tbt_slo_ratio: float | None = 1.15
+    # thread mode: at each layer boundary (forward and backward) the trainer also waits while an engine
+    # step computes at least this many prompt tokens; None: never wait (the latency budget decides)
+    yield_prefill_tokens: int | None = None
     # thread mode on CUDA: the share of the GPU's SMs the trainer's kernels may use (a CUDA green
     # context; serving keeps the rest free for its kernels); None: all SMs, at the lowest stream priority
     sm_share: float | None = None
@@ -87,6 +91,9 @@ class TrainerConfig:
             raise ConfigError("training.yield_prefill_tokens must be >= 1 (or null to never yield)")
         if not 0.0 < self.switch_interval_ms <= 5.0:
             raise ConfigError("training.switch_interval_ms must be in (0, 5] (CPython's default is 5)")
+        if self.tbt_slo_ratio is not None and not self.tbt_slo_ratio > 1.0:
+            raise ConfigError("training.tbt_slo_ratio must be > 1 (serving's step time with training over "
+                              "without it), or null for the fixed duty cycle")
         if self.sm_share is not None and not 0.0 < self.sm_share < 1.0:
             raise ConfigError("training.sm_share must be in (0, 1) (or null for all SMs at low priority)")
         if self.duty_cycle is not None and not 0.0 < self.duty_cycle <= 1.0:
@@ -106,6 +113,8 @@ class TrainerConfig:
     def duty_for(self, threaded: bool) -> float:
         if self.duty_cycle is not None:
             return self.duty_cycle
+        if threaded and self.tbt_slo_ratio is not None:
+            return 1.0                  # the latency budget paces the thread
         return DEFAULT_DUTY_THREAD if threaded else DEFAULT_DUTY_INTERLEAVED
 
     @classmethod

@@ -25,7 +25,7 @@ from common.errors import ConfigError
 from engine.training_port import TrainingPort
 from trainer import checkpoint as ckpt
 from trainer.adapters import AdapterManager, cap_update, check_state
-from trainer.background import TrainerThread, yield_gate
+from trainer.background import TrainerThread
 from trainer.compiled_layer import compiled_layers
 from trainer.config import TrainerConfig
 from trainer.lora import LoRAConfig
@@ -282,8 +282,8 @@ class OnlineTrainer:
         self.versions.publish(self.masters)
 
     def _gate(self):
-        """On the trainer thread: yield to prompt-heavy engine steps between layers."""
-        return yield_gate(self.port, self.config.yield_prefill_tokens) if self.thread is not None else None
+        """On the trainer thread: pace its units of work between layers (trainer.background.TrainingGate)."""
+        return self.thread.gate if self.thread is not None and self.thread.gate.active else None
 
     def _cap_update(self, params, before) -> None:
         if cap_update(params, before, self.config.max_update_norm):
@@ -342,6 +342,8 @@ class OnlineTrainer:
                 "quarantine": {"since_start": dict(self.quarantine.counts),
                                "recent": [f.to_quarantine_dict() for f in self.store.quarantined(limit=3)]},
                 "kept_versions": self.adapters.versions(), "skipped_steps": dict(self.skipped),
+                "latency_budget": None if self.thread is None or self.thread.budget is None
+                else self.thread.budget.status(),
                 "last_step": None if last is None else {
                     "loss": last.loss, "outcomes": dict(last.outcomes), "reused_rows": last.reused_rows,
                     "computed_rows": last.computed_rows, "response_tokens": last.response_tokens}}
