@@ -33,8 +33,11 @@ needs_prometheus = pytest.mark.skipif(PROMTOOL is None or PROMETHEUS is None, re
 PANELS = ("Output and prompt tokens/s", "Time to first token p50 / p99", "Inter-token latency p50 / p99",
           "Running / waiting requests", "KV-cache usage", "Memory by component", "Trained tokens/s by path",
           "Activation reuse outcomes (per minute)", "Ratings per minute",
-          "Positive share of ratings (5 min window)", "Feedback backlog", "Adapter version and training loss")
-ALERTS = ("AlchemistDown", "AlchemistAbsent", "AlchemistTrainingStalled", "AlchemistTrainingFailing",
+          "Positive share of ratings (5 min window)", "Feedback backlog", "Adapter version and training loss",
+          "Feedback backlog tokens", "Oldest pending rating", "Trained tokens/s (1 min window)",
+          "Training paused")
+ALERTS = ("AlchemistDown", "AlchemistAbsent", "AlchemistTrainingPaused", "AlchemistTrainingStalled",
+          "AlchemistTrainingFailing",
           "AlchemistFeedbackBacklogGrowing", "AlchemistInterTokenLatencyP99High", "AlchemistKVCacheFull",
           "AlchemistNonFiniteTrainingSteps")
 KEYWORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right", "bool",
@@ -181,7 +184,9 @@ def prometheus(tiny_model, tmp_path_factory):
 def test_prometheus_knows_the_expected_metrics(prometheus):
     _, known = prometheus
     for name in ("up", "alchemist_generation_tokens_total", "alchemist_inter_token_latency_seconds_bucket",
-                 "alchemist_memory_bytes", "alchemist_train_loss", "alchemist_feedback_total"):
+                 "alchemist_memory_bytes", "alchemist_train_loss", "alchemist_feedback_total",
+                 "alchemist_feedback_backlog_tokens", "alchemist_feedback_oldest_pending_seconds",
+                 "alchemist_train_tokens_per_second", "alchemist_training_paused"):
         assert name in known, name
     assert "alchemist_generation_token_total" not in known          # the name check can fail
 
