@@ -105,6 +105,10 @@ def test_step_publishes_version_one_mostly_by_reuse(tmp_path):
     assert math.isfinite(rig.trainer.last.loss)
     assert all(pool.get((r.response_id, r.choice_index)) is None for r in records)   # released
     assert rig.store.count_feedback("pending") == 3               # marked trained only at a checkpoint
+    status = rig.trainer.status()
+    assert status["keep_up"]["backlog_ratings"] == 0 and status["keep_up"]["trained_tok_s"] > 0
+    assert status["staleness"] == {"0": 3}                        # served and trained at version 0
+    assert totals["cpu_seconds"] > 0
     assert not rig.step()                           # read watermark: nothing twice
     rig.trainer.checkpoint()
     assert rig.store.count_feedback("trained") == 3 and not rig.trainer.dirty
@@ -119,9 +123,13 @@ def test_step_waits_for_a_batch_or_max_wait(tmp_path):
     time.sleep(0.35)
     rig.trainer.pacing.poll_now()                                  # skip the 1 s poll pause
     assert rig.step() and rig.trainer.version == 1  # waited long enough: a step of 2
-    rig.rate(rig.serve(4))
+    served = rig.serve(4)                                          # served by version 1
+    rig.rate(served)
+    assert rig.trainer.status()["keep_up"]["backlog_ratings"] == 4
+    assert rig.trainer.status()["keep_up"]["backlog_tokens"] > 0
     rig.trainer.pacing.poll_now()
     assert rig.step() and rig.trainer.version == 2  # a full batch: at once
+    assert rig.trainer.staleness == {0: 6}                         # each trained against its serving version
     assert rig.trainer.totals["outcome_hit"] + rig.trainer.totals["outcome_stale"] == 6
 
 

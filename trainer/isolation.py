@@ -39,6 +39,7 @@ class RatingWork:
     record: TrainRecord                     # the served choice (its pool rows pinned while the step reads them)
     trainable: list[TrainRecord] = field(default_factory=list)   # what the objective learns from it
     problem: tuple[str, str] | None = None  # (reason, error): no step can train it; quarantined untried
+    served_version: int = 0                 # the adapter version that served the choice (its first token)
 
     @property
     def tokens(self) -> int:
@@ -51,7 +52,7 @@ def rating_work(feedback: Feedback, completion: CompletionRecord, tokenizer, max
     user-written better answer, if any; `problem` (reason, error) instead where no step could train it."""
     record = TrainRecord((feedback.response_id, feedback.choice_index), completion.prompt_token_ids,
                          completion.response_token_ids, completion.logprobs, feedback.reward())
-    work = RatingWork(feedback, record)
+    work = RatingWork(feedback, record, served_version=completion.adapter_version or 0)
     try:
         better = (better_response_record(tokenizer, feedback.better_response, record.prompt_ids)
                   if feedback.better_response else None)

@@ -31,6 +31,7 @@ from trainer.config import TrainerConfig
 from trainer.lora import LoRAConfig
 from trainer.objectives import RunningMean, batch_loss
 from trainer.pacing import StepPacing
+from trainer.keep_up import KeepUp
 from trainer.isolation import Quarantine, RatingWork, rating_work, train_bisecting, watermark
 from trainer.reuse import TrainRecord
 from trainer.step import StepResult, forward_backward, probe_records, warm_up
@@ -60,7 +61,9 @@ class OnlineTrainer:
         self.last_error: str | None = None        # the last training failure (training pauses on one)
         self.step_count = 0
         self.versions = Versions(self.adapters, port.offer, self.run_dir)
-        self.totals = Counter()            # tokens by path, outcomes by kind, steps, seconds
+        self.totals = Counter()            # tokens by path, outcomes by kind, steps, seconds, cpu_seconds
+        self.staleness = Counter()         # trained ratings by versions between serving and training them
+        self.keep_up = KeepUp(store)       # the rated backlog and trained tok/s (metrics, status)
         self.read_seq = 0                  # highest feedback seq taken into a step (in memory)
         self.unmarked: list[int] = []      # feedback seqs trained since the last durable checkpoint
         self.quarantine = Quarantine(store, config.max_consecutive_quarantines)   # ratings it cannot train
@@ -166,12 +169,13 @@ class OnlineTrainer:
         pending = self.store.pending_feedback(self.read_seq, self.config.max_records_per_step)
         if not self.pacing.batch_ready(len(pending), now):
             return False
-        t = time.monotonic()
+        t, cpu = time.monotonic(), time.thread_time()
         with self.lock:
             self._train(self._take(pending))
         spent = time.monotonic() - t
         self.pacing.spent(spent)
         self.totals["seconds"] += spent
+        self.totals["cpu_seconds"] += time.thread_time() - cpu     # this thread's host time in the step
         self.on_step(spent)
         return True
 
@@ -199,8 +203,12 @@ class OnlineTrainer:
             else:                          # nothing for the objective to learn (sft: a bad rating)
                 self.unmarked.append(work.feedback.seq)
 
+        version = self.version             # what the step's gradients are taken against
+
         def trained(works: list[RatingWork]) -> None:
             self.unmarked += [w.feedback.seq for w in works]
+            self.staleness.update(version - w.served_version for w in works)
+            self.keep_up.trained(sum(w.tokens for w in works))
             self.quarantine.reset()
             done.extend(works)
 
@@ -342,11 +350,18 @@ class OnlineTrainer:
                 "quarantine": {"since_start": dict(self.quarantine.counts),
                                "recent": [f.to_quarantine_dict() for f in self.store.quarantined(limit=3)]},
                 "kept_versions": self.adapters.versions(), "skipped_steps": dict(self.skipped),
+                "keep_up": self._keep_up(), "staleness": {str(k): n for k, n in sorted(self.staleness.items())},
                 "latency_budget": None if self.thread is None or self.thread.budget is None
                 else self.thread.budget.status(),
                 "last_step": None if last is None else {
                     "loss": last.loss, "outcomes": dict(last.outcomes), "reused_rows": last.reused_rows,
                     "computed_rows": last.computed_rows, "response_tokens": last.response_tokens}}
+
+    def _keep_up(self) -> dict | None:
+        try:
+            return self.keep_up.snapshot(self.read_seq)
+        except RuntimeError:               # the store is closed (shutting down)
+            return None
 
     def pending_count(self) -> int:
         """Ratings waiting to be trained (pending, not yet read; a step halted midway may have trained
