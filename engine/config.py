@@ -39,6 +39,8 @@ class EngineConfig:
     activation_pool_bytes: int | None = None        # None: 1 GiB on CPU, a fraction of free memory on CUDA
     activation_pool_memory_fraction: float = 0.1    # of free device memory (CUDA), taken before the KV cache
     activation_pool_cpu_bytes: int = 0              # pinned-CPU tier for evicted records (0 = drop)
+    # a captured record still unrated this long after serving is evicted first, dropped (0 = no window)
+    feedback_window_s: float = 300.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -67,6 +69,8 @@ class EngineConfig:
             raise ConfigError("capture_fraction must be in [0, 1]")
         if not 0.0 < self.activation_pool_memory_fraction < 0.9:
             raise ConfigError("activation_pool_memory_fraction must be in (0, 0.9)")
+        if self.feedback_window_s < 0:
+            raise ConfigError(f"feedback_window_s={self.feedback_window_s}: use seconds >= 0 (0 = no window)")
         if self.load_format not in ("safetensors", "random"):
             raise ConfigError(f"load_format={self.load_format!r}: use safetensors or random")
 

@@ -8,10 +8,11 @@ takes every row that must not be recorded, so a capture is one unconditional row
 free list (`store.free_blocks`: runs of consecutive blocks where it can), like a KV cache
 (`common.paging`: position -> slot). The scratch row counts against the budget.
 
-When a reservation needs blocks, the eviction policy (store/pool_eviction.py; LRU over unpinned
-records) chooses victims: their captured rows move to the pinned-CPU tier (store/host_tier.py) when
-its budget allows, else the record is dropped. A dropped record stays (tier "dropped") so the
-trainer knows to recompute; `release` forgets it.
+When a reservation needs blocks, the eviction policy (store/pool_eviction.py: value-ordered
+retention) chooses victims; store/pool_tiers.py moves their rows kind by kind to the pinned-CPU tier
+(store/host_tier.py) or drops them. A record's rows of each kind are on the device, on the host or
+gone (`ActivationRecord.tier_of`); a record with nothing left stays (tier "dropped") so the trainer
+knows to recompute; `release` forgets it. `demote` moves kinds on request (check-grad, tests).
 Bookkeeping is plain Python under one lock; torch only holds the bytes.
 
 Engine contract: within a step call `reserve`/`extend` for every sequence *before* building any
@@ -31,14 +32,19 @@ from common.errors import ConfigError, ConflictError, InvalidRequestError
 from common.paging import paged_slots
 from store.free_blocks import FreeBlocks
 from store.host_tier import HostTier
-from store.pool_eviction import EvictionPolicy, LRUEviction
-from store.pool_layout import (TIERS, ActivationMissingError, ActivationRecord, DeviceBuffers, PoolLayout,
-                               num_slots_for, resolve_positions, fetch_beats_recompute)
+from store.pool_eviction import EvictionPolicy, ValueEviction
+from store.pool_layout import (ActivationMissingError, ActivationRecord, DeviceBuffers, PoolLayout,
+                               num_slots_for, resolve_positions)
+from store.pool_stats import pool_stats
+from store.pool_tiers import TierMover, TierView
 
 
 class ActivationPool:
     def __init__(self, layout: PoolLayout, budget_bytes: int, block_size: int = 16,
-                 cpu_budget_bytes: int = 0, eviction: EvictionPolicy | None = None):
+                 cpu_budget_bytes: int = 0, eviction: EvictionPolicy | None = None,
+                 feedback_window_s: float = 0.0):
+        """`feedback_window_s` > 0: records unrated that long after capture are the first victims
+        (store/pool_eviction.py); `eviction` replaces the whole policy."""
         if block_size < 1 or budget_bytes < 0 or cpu_budget_bytes < 0:
             raise ConfigError(f"activation pool needs block_size >= 1 and budgets >= 0, got "
                               f"block_size={block_size} budget_bytes={budget_bytes} "
@@ -53,13 +59,12 @@ class ActivationPool:
         self.direct_buffers = buffers.direct        # kinds -> [layers, slots + 1, width]: written in place
         self._free_blocks = FreeBlocks(self.num_blocks)      # runs of consecutive blocks where possible
         self._records: OrderedDict[Hashable, ActivationRecord] = OrderedDict()  # LRU first
-        self._eviction = eviction or LRUEviction()
+        self._eviction = eviction or ValueEviction(feedback_window_s)
         self._host = HostTier(layout, cpu_budget_bytes)
         self._index_cache: dict[Hashable, tuple[int, int, torch.Tensor]] = {}
         self._block_ready: dict[int, torch.cuda.Event] = {}   # block -> its D2H copy is done
         self._lock = threading.RLock()
-        self.evictions_to_cpu = 0
-        self.drops = 0
+        self._tiers = TierMover(self, self._eviction, self._host)
 
     # -- reservation -----------------------------------------------------------
     def buffer(self, layer: int, kind: str) -> torch.Tensor:
@@ -85,8 +90,9 @@ class ActivationPool:
             needed = self._blocks_for(num_tokens)
             if not self._make_room(needed, exclude=None):
                 return None
-            record = ActivationRecord(key, num_tokens, self._take_blocks(needed),
-                                      last_used=time.monotonic(), offset=offset)
+            now = time.monotonic()
+            record = ActivationRecord(key, num_tokens, self._take_blocks(needed), last_used=now,
+                                      offset=offset, created=now)
             self._records[key] = record
             return record
 
@@ -178,6 +184,21 @@ class ActivationPool:
             self._free_storage(record, copy_done=None)
             return True
 
+    # -- tiers -------------------------------------------------------------------------
+    def demote(self, key: Hashable, kinds, to: str) -> None:
+        """Move the record's rows of `kinds` down to tier `to` ("cpu" or "dropped"); a kind already
+        there or lower stays. Kinds the host tier cannot take are dropped (value-ordered, as eviction)."""
+        with self._lock:
+            self._tiers.demote(self._require(key), tuple(kinds), to, time.monotonic())
+
+    @property
+    def evictions_to_cpu(self) -> int:
+        return self._tiers.counts["evictions_to_cpu"]
+
+    @property
+    def drops(self) -> int:
+        return self._tiers.counts["drops"]
+
     # -- reading -------------------------------------------------------------------
     def gather(self, key: Hashable, layer: int, kind: str,
                positions: slice | None = None) -> torch.Tensor:
@@ -185,13 +206,31 @@ class ActivationPool:
         with self._lock:
             buffer = self.buffer(layer, kind)
             record = self._require(key)
-            if record.tier == "dropped":
-                raise ActivationMissingError(f"activations of {key!r} were dropped: recompute")
+            tier = record.tier_of(kind)
+            if tier == "dropped":
+                raise ActivationMissingError(f"activations of {key!r} ({kind}) were dropped: recompute")
             start, stop = resolve_positions(record, positions)
             self._touch(record)
-            if record.tier == "device":
+            if tier == "device":
                 return buffer.index_select(0, self._slot_index(record, start, stop))  # [n, dim]
             return self._host.fetch(record.cpu_rows[(layer, kind)][start:stop])       # [n, dim]
+
+    def tier_view(self, key: Hashable, start: int, stop: int) -> TierView:
+        """Where rows [start, stop) of a record are, kind by kind, for a training step's reads
+        (store/pool_reader.py). Only for records the caller pinned: a pinned record does not move."""
+        with self._lock:
+            record = self._require(key)
+            resolve_positions(record, slice(start, stop))
+            self._touch(record)
+            tiers = {kind: record.tier_of(kind) for kind in self.layout.dims}
+            slots = self._slot_index(record, start, stop) if record.tier == "device" else None   # [n]
+            host = {(layer, kind): rows[start:stop] for (layer, kind), rows in (record.cpu_rows or {}).items()}
+            return TierView(tiers, slots, host)
+
+    def fetch(self, rows: torch.Tensor) -> torch.Tensor:
+        """Host-tier rows [n, dim] (from a `tier_view`) -> a copy on the device, ordered before the
+        current stream's work (a side-stream copy on CUDA)."""
+        return self._host.fetch(rows)
 
     def device_slots(self, key: Hashable, positions: slice | None = None) -> torch.Tensor:
         """Pool slots `[n]` of a device-tier record's rows, for `gather_slots` (one index for all layers)."""
@@ -212,24 +251,12 @@ class ActivationPool:
         parts = [self.buffer(layer, kind).index_select(0, slots) for kind in kinds]    # [n, dim] each
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    def would_fetch_beat_recompute(self, num_rows: int, h2d_bytes_per_s: float,
-                                   flops_per_s: float, flops_per_row: float) -> bool:
-        """Hedge for one layer: rows of `bytes_per_layer_row` vs `flops_per_row` per row."""
-        return fetch_beats_recompute(num_rows, self.layout.bytes_per_layer_row, h2d_bytes_per_s,
-                                     flops_per_s, flops_per_row)
-
     def stats(self) -> dict:
+        """Bytes per tier (and per tier and kind), records per tier, demotions, copy traffic."""
         with self._lock:
-            records = {tier: 0 for tier in TIERS}
-            for record in self._records.values():
-                records[record.tier] += 1
-            used_blocks = self.num_blocks - len(self._free_blocks)
-            bpt = self.layout.bytes_per_token
-            return {"bytes": {"device": used_blocks * self.block_size * bpt, "cpu": self._host.bytes_used},
-                    "records": records,
-                    "pinned_records": sum(r.pinned for r in self._records.values()),
-                    "evictions_to_cpu": self.evictions_to_cpu, "drops": self.drops,
-                    "capacity_bytes": {"device": self.num_slots * bpt, "cpu": self.cpu_budget_bytes}}
+            used_rows = (self.num_blocks - len(self._free_blocks)) * self.block_size
+            return pool_stats(self.layout, self._records.values(), used_rows, self.num_slots, self.block_size,
+                              self._host, self._tiers.counts, self._tiers.demotions)
 
     # -- internals ---------------------------------------------------------------------
     def _require(self, key: Hashable) -> ActivationRecord:
@@ -253,51 +280,33 @@ class ActivationPool:
                 torch.cuda.current_stream(self.layout.device).wait_event(event)
         return blocks
 
-    # -- eviction: the policy chooses, the pool moves the bytes ---------------------
+    # -- eviction: the policy chooses, store/pool_tiers.py moves the bytes ------------------
     def _make_room(self, needed: int, exclude: Hashable | None) -> bool:
         """Evict what the policy chooses until `needed` blocks are free; False changes nothing."""
         blocks_short = needed - len(self._free_blocks)
         if blocks_short <= 0:
             return True
-        victims = self._eviction.device_victims(self._records.values(), blocks_short, exclude)
+        now = time.monotonic()
+        victims = self._eviction.device_victims(list(self._records.values()), blocks_short, exclude, now)
         if victims is None:
             return False
         for record in victims:
-            self._evict(record)
+            self._tiers.evict(record, now)
         return True
 
-    def _evict(self, record: ActivationRecord) -> None:
-        """A device record to the CPU tier when the policy makes room there for it, else dropped."""
-        drops = None
-        if record.captured:
-            bytes_short = self._host.shortfall(record.captured)
-            drops = self._eviction.host_victims(self._records.values(), record, bytes_short,
-                                                self.layout.bytes_per_token)
-        if drops is None:
-            self._drop(record)
-            return
-        for other in drops:
-            self._drop(other)
-        rows, copy_done = self._host.store(self._group_buffers, self._slot_index(record, 0, record.captured))
-        self._free_storage(record, copy_done)
-        record.tier, record.cpu_rows = "cpu", rows
-        self.evictions_to_cpu += 1
-
-    def _drop(self, record: ActivationRecord) -> None:
-        self._free_storage(record, copy_done=None)
-        record.tier = "dropped"
-        self.drops += 1
-
-    def _free_storage(self, record: ActivationRecord, copy_done) -> None:
-        """Return the record's blocks to the free list and its CPU bytes to the CPU budget."""
+    def _free_blocks_of(self, record: ActivationRecord, copy_done) -> None:
+        """Return the record's blocks to the free list; later takers wait for `copy_done` (its D2H copy)."""
         for block in record.blocks:
             if copy_done is not None:
                 self._block_ready[block] = copy_done
             self._free_blocks.put(block)
-        if record.tier == "cpu":
-            self._host.free(record.captured)
-        record.blocks, record.cpu_rows = [], None
+        record.blocks = []
         self._index_cache.pop(record.key, None)
+
+    def _free_storage(self, record: ActivationRecord, copy_done) -> None:
+        """Return the record's blocks to the free list and its host bytes to the CPU budget."""
+        self._free_blocks_of(record, copy_done)
+        self._tiers.free_host(record)
 
     def _slot_index(self, record: ActivationRecord, start: int, stop: int) -> torch.Tensor:
         cached = self._index_cache.get(record.key)

@@ -1,7 +1,11 @@
-"""The activation pool's pinned-CPU tier: captured rows of records evicted from the device, one host
-allocation per record (pinned on CUDA), under a byte budget. Copies run on a side stream: a D2H copy
-returns the event the pool waits on before it reuses the record's device blocks; an H2D fetch is
-ordered before the caller's next kernels (no host sync)."""
+"""The activation pool's pinned-CPU tier: captured rows of records demoted from the device, one host
+allocation per record and kind (`[layers, n, dim]`, pinned on CUDA) so a kind leaves the tier on its
+own (value-ordered demotion, store/pool_eviction.py), under a byte budget.
+
+Copies run on a side stream and never stall serving: a D2H copy is queued behind the serving stream's
+work so far and returns the event the pool waits on (GPU-side) before it hands the record's device
+blocks to another record. An H2D fetch runs on the same side stream (so after the record's D2H copy)
+and is ordered before the caller's next kernels (no host sync)."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -17,42 +21,57 @@ class HostTier:
         self.bytes_used = 0
         self._cuda = layout.device.type == "cuda"
         self._side_stream = torch.cuda.Stream(layout.device) if self._cuda else None
+        self.bytes_stored = 0               # D2H traffic so far
+        self.bytes_fetched = 0              # H2D traffic so far
 
-    def shortfall(self, num_rows: int) -> int:
-        """Bytes missing for `num_rows` more token rows (<= 0: they fit)."""
-        return self.bytes_used + num_rows * self.layout.bytes_per_token - self.budget_bytes
+    @property
+    def bytes_free(self) -> int:
+        return self.budget_bytes - self.bytes_used
 
-    def store(self, group_buffers: dict[tuple[int, tuple[str, ...]], torch.Tensor], index: torch.Tensor
-              ) -> tuple[dict[tuple[int, str], torch.Tensor], torch.cuda.Event | None]:
-        """Rows `index` [n] of every (layer, group) buffer [slots + 1, width] into one host allocation:
-        (layer, kind) -> [n, dim] views of it, and the event of the copy's end (None on the CPU)."""
-        n, layout = index.shape[0], self.layout
-        flat = torch.empty(n * layout.bytes_per_token // layout.element_size, dtype=layout.dtype,
-                           pin_memory=self._cuda)                      # [n * sum(dims) * layers]
-        if self._cuda:
+    def store(self, direct_buffers: dict[tuple[str, ...], torch.Tensor], index: torch.Tensor,
+              kinds: tuple[str, ...]) -> tuple[dict[tuple[int, str], torch.Tensor], torch.cuda.Event | None]:
+        """Rows `index` [n] of `kinds` from the device buffers (`DeviceBuffers.direct`: kinds ->
+        [layers, slots + 1, width]) into host allocations: (layer, kind) -> [n, dim] views, and the event
+        of the copy's end (None on the CPU)."""
+        layout, n = self.layout, index.shape[0]
+        rows: dict[tuple[int, str], torch.Tensor] = {}
+        if self._cuda:          # the copies see every row the serving stream wrote before this call
             self._side_stream.wait_stream(torch.cuda.current_stream(layout.device))
-        rows, offset = {}, 0
         with torch.cuda.stream(self._side_stream) if self._cuda else nullcontext():
-            for (layer, group), buffer in group_buffers.items():
-                dst = flat[offset:offset + n * buffer.shape[1]].view(n, buffer.shape[1])  # [n, width]
-                dst.copy_(buffer.index_select(0, index), non_blocking=self._cuda)
-                widths = [layout.dims[kind] for kind in group]
-                rows.update({(layer, kind): part for kind, part in zip(group, dst.split(widths, dim=1))})
-                offset += dst.numel()
+            for group in layout.groups:
+                wanted = [kind for kind in group if kind in kinds]
+                if not wanted:
+                    continue
+                picked = direct_buffers[group].index_select(1, index)            # [layers, n, width]
+                columns = picked.split([layout.dims[kind] for kind in group], dim=2)
+                for kind, part in zip(group, columns):
+                    if kind in wanted:
+                        rows.update(self._copy_out(kind, part, n))
         copy_done = None
         if self._cuda:
             copy_done = torch.cuda.Event()
             copy_done.record(self._side_stream)
-        self.bytes_used += n * layout.bytes_per_token
+        stored = sum(layout.kind_bytes(kind, n) for kind in kinds)
+        self.bytes_used += stored
+        self.bytes_stored += stored
         return rows, copy_done
 
-    def free(self, num_rows: int) -> None:
-        """A record's `num_rows` token rows left the tier."""
-        self.bytes_used -= num_rows * self.layout.bytes_per_token
+    def _copy_out(self, kind: str, part: torch.Tensor, n: int) -> dict[tuple[int, str], torch.Tensor]:
+        """part: [layers, n, dim] (a column slice on the device) -> (layer, kind) -> [n, dim] host views."""
+        layout = self.layout
+        host = torch.empty(layout.num_layers, n, layout.dims[kind], dtype=layout.dtype,
+                           pin_memory=self._cuda)                                # [layers, n, dim]
+        host.copy_(part, non_blocking=self._cuda)
+        return {(layer, kind): host[layer] for layer in range(layout.num_layers)}
+
+    def free(self, num_rows: int, kinds) -> None:
+        """A record's `num_rows` token rows of `kinds` left the tier."""
+        self.bytes_used -= sum(self.layout.kind_bytes(kind, num_rows) for kind in kinds)
 
     def fetch(self, rows: torch.Tensor) -> torch.Tensor:
         """Host rows [n, dim] -> a copy on the pool's device, ordered before the current stream's work."""
         device = self.layout.device
+        self.bytes_fetched += rows.numel() * rows.element_size()
         if not self._cuda:
             return rows.to(device, copy=True)
         with torch.cuda.stream(self._side_stream):

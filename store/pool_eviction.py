@@ -1,10 +1,18 @@
-"""The activation pool's eviction policy (DESIGN §3): which records leave a tier when the pool needs
-room. The pool keeps its records least recently used first and asks the policy for victims; the
-policy only chooses (plain Python over the records), the pool moves the bytes
-(store/activation_pool.py: device tier; store/host_tier.py: pinned-CPU tier).
+"""The activation pool's eviction policy (DESIGN §3): which records leave the device tier and which
+(record, kind) rows leave the pinned-CPU tier when the pool needs room. The pool keeps its records
+least recently used first and asks the policy; the policy only chooses (plain Python over the
+records), the pool moves the bytes (store/activation_pool.py: device tier; store/host_tier.py: host).
 
-LRU: unpinned device records, oldest use first, go to the CPU tier when it takes them (dropping
-unpinned CPU records used less recently, to make room), else they are dropped."""
+Value-ordered retention:
+- a record still unrated (unpinned) `feedback_window_s` after its capture is unlikely to be rated: it
+  goes first, and is dropped rather than demoted (no D2H traffic for it);
+- otherwise unpinned device records leave least recently used first, to the host tier;
+- the host tier keeps what saves the most per byte: it gives up a record's rows group of kinds by
+  group in the layout's `demotion_groups` order (lowest FLOPs per byte first, `down` last; q|k|v and
+  gate|up go whole, as their GEMMs are injected whole), least recently used records first within a
+  group, the incoming record's rows ranked like any other;
+- a pinned record (rated, waiting to be trained) never moves: the trainer may be reading it.
+Records rated and trained are released by the trainer at once."""
 from __future__ import annotations
 
 from typing import Hashable, Iterable, Protocol
@@ -13,36 +21,55 @@ from store.pool_layout import ActivationRecord
 
 
 class EvictionPolicy(Protocol):
+    def expired(self, record: ActivationRecord, now: float) -> bool:
+        """Past its feedback window unrated: dropped, not demoted."""
+
     def device_victims(self, records: Iterable[ActivationRecord], blocks_short: int,
-                       exclude: Hashable | None) -> list[ActivationRecord] | None:
+                       exclude: Hashable | None, now: float) -> list[ActivationRecord] | None:
         """Device records whose blocks, freed, cover `blocks_short`; None when no choice does."""
 
-    def host_victims(self, records: Iterable[ActivationRecord], incoming: ActivationRecord,
-                     bytes_short: int, bytes_per_token: int) -> list[ActivationRecord] | None:
-        """CPU-tier records to drop so that `incoming` fits (`bytes_short` bytes missing, <= 0: none);
-        None when `incoming` should be dropped instead."""
+    def host_drops(self, records: Iterable[ActivationRecord], incoming: ActivationRecord,
+                   incoming_kinds: tuple[str, ...], bytes_short: int, unit_bytes,
+                   groups: tuple[tuple[str, ...], ...], now: float) -> list[tuple[ActivationRecord, tuple]]:
+        """(record, kinds) host rows to drop so `incoming`'s rows of `incoming_kinds` fit (`bytes_short`
+        bytes missing, <= 0: none); a pair naming `incoming` means those kinds are not stored.
+        `groups`: the layout's `demotion_groups`; `unit_bytes(record, kinds)` the bytes of one pair."""
 
 
-class LRUEviction:
-    """Least recently used first, never a pinned record (records come least recently used first)."""
+class ValueEviction:
+    def __init__(self, feedback_window_s: float = 0.0):
+        """`feedback_window_s` > 0: unpinned records older than that go first; 0: no window."""
+        self.feedback_window_s = feedback_window_s
 
-    def device_victims(self, records, blocks_short, exclude):
+    def expired(self, record, now):
+        return (self.feedback_window_s > 0 and not record.pinned
+                and now - record.created > self.feedback_window_s)
+
+    def device_victims(self, records, blocks_short, exclude, now):
+        candidates = [r for r in records if r.tier == "device" and r.blocks and not r.pinned and r.key != exclude]
+        candidates.sort(key=lambda r: not self.expired(r, now))        # stable: LRU within each class
         victims, freed = [], 0
-        for record in records:
+        for record in candidates:
             if freed >= blocks_short:
                 break
-            if record.tier == "device" and not record.pinned and record.blocks and record.key != exclude:
-                victims.append(record)
-                freed += len(record.blocks)
+            victims.append(record)
+            freed += len(record.blocks)
         return victims if freed >= blocks_short else None
 
-    def host_victims(self, records, incoming, bytes_short, bytes_per_token):
-        """Only records used less recently than `incoming`: a newer CPU record stays."""
-        victims, freed = [], 0
-        for record in records:
-            if record is incoming or freed >= bytes_short:
+    def host_drops(self, records, incoming, incoming_kinds, bytes_short, unit_bytes, groups, now):
+        if bytes_short <= 0:
+            return []
+        units = [(record, record.kinds_on("cpu", group), rank)     # (record, kinds of a group, group rank)
+                 for record in records if record is not incoming and not record.pinned
+                 for rank, group in enumerate(groups)]
+        units += [(incoming, tuple(k for k in group if k in incoming_kinds), rank)
+                  for rank, group in enumerate(groups)]
+        units = [unit for unit in units if unit[1]]
+        units.sort(key=lambda u: (not self.expired(u[0], now), u[2], u[0].last_used, u[0] is incoming))
+        drops, freed = [], 0
+        for record, kinds, _ in units:
+            if freed >= bytes_short:
                 break
-            if record.tier == "cpu" and not record.pinned:
-                victims.append(record)
-                freed += record.captured * bytes_per_token
-        return victims if freed >= bytes_short else None
+            drops.append((record, kinds))
+            freed += unit_bytes(record, kinds)
+        return drops

@@ -1,6 +1,6 @@
 """The activation pool's shapes and records: which projections it stores and how they are grouped,
 what one captured token costs, one record's bookkeeping, and the small pure helpers the pool uses
-(budget -> slots, position ranges, the fetch-vs-recompute hedge)."""
+(budget -> slots, position ranges)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,6 +23,14 @@ def projection_dims(hf_config) -> dict[str, int]:
     return {"q": heads * d, "k": kv * d, "v": kv * d, "o": h, "gate": i, "up": i, "down": h}
 
 
+def projection_input_dims(dims: dict[str, int]) -> dict[str, int]:
+    """kind -> input width of that projection, from the output widths of a Llama-family layer: q, k, v,
+    gate and up read the hidden state (o's output), o reads the heads (q's output), down reads the MLP
+    (gate's output). A kind whose input is not in `dims` counts as width 1."""
+    hidden, heads, mlp = dims.get("o", 1), dims.get("q", 1), dims.get("gate", dims.get("up", 1))
+    return {kind: {"o": heads, "down": mlp}.get(kind, hidden) for kind in dims}
+
+
 class ActivationMissingError(LookupError):
     """An internal signal, not a client error: the rows asked for are not in the pool (unknown,
     released, dropped or never captured), so the trainer recomputes them."""
@@ -37,6 +45,8 @@ class PoolLayout:
     # kinds stored side by side in one [slots, sum(dims)] buffer per layer (the projections that run
     # as one GEMM, e.g. ("q", "k", "v")): written and gathered as one; a kind in no group stands alone
     groups: tuple[tuple[str, ...], ...] = ()
+    # kind -> input width: a stored row saves input-width FLOPs per byte (DESIGN §3); default from `dims`
+    input_dims: dict[str, int] | None = None
 
     def __post_init__(self):
         if self.num_layers < 1 or not self.dims or any(d < 1 for d in self.dims.values()):
@@ -50,11 +60,35 @@ class PoolLayout:
                               "at most once")
         alone = tuple((kind,) for kind in self.dims if kind not in grouped)
         object.__setattr__(self, "groups", tuple(tuple(g) for g in self.groups if g) + alone)
+        inputs = dict(self.input_dims or projection_input_dims(self.dims))
+        if set(inputs) != set(self.dims) or any(d < 1 for d in inputs.values()):
+            raise ConfigError(f"activation pool input_dims {inputs} must give each kind of {list(self.dims)} "
+                              "a positive width")
+        object.__setattr__(self, "input_dims", inputs)
 
     @classmethod
     def for_model(cls, hf_config, dtype: torch.dtype, device: torch.device) -> "PoolLayout":
         """Every projection of every layer of the model, grouped as serving computes them (GROUPS)."""
-        return cls(hf_config.num_hidden_layers, projection_dims(hf_config), dtype, device, GROUPS)
+        dims = projection_dims(hf_config)
+        return cls(hf_config.num_hidden_layers, dims, dtype, device, GROUPS, projection_input_dims(dims))
+
+    @property
+    def demotion_groups(self) -> tuple[tuple[str, ...], ...]:
+        """Groups of kinds in the order they leave a tier under pressure: lowest FLOPs saved per byte
+        (input width) first, `down` last; a group goes whole (its GEMM is injected or multiplied as
+        one); among equals the group of more bytes first. 8B Llama: gate|up, q|k|v, o, down."""
+        value = lambda group: min(self.input_dims[kind] for kind in group)
+        rank = {group: i for i, group in enumerate(self.groups)}
+        return tuple(sorted(self.groups, key=lambda g: (value(g), -self.width(g), rank[g])))
+
+    @property
+    def demotion_order(self) -> tuple[str, ...]:
+        """Every kind in demotion order (`demotion_groups` flattened)."""
+        return tuple(kind for group in self.demotion_groups for kind in group)
+
+    def kind_bytes(self, kind: str, num_rows: int) -> int:
+        """Bytes of `num_rows` token rows of one kind over every layer."""
+        return num_rows * self.num_layers * self.dims[kind] * self.element_size
 
     def width(self, kinds: tuple[str, ...]) -> int:
         return sum(self.dims[kind] for kind in kinds)
@@ -96,20 +130,21 @@ class ActivationRecord:
     blocks: list[int] = field(default_factory=list)
     captured: int = 0                        # rows written, contiguous from position 0
     versions: list[int] = field(default_factory=list)   # adapter version per captured row
-    tier: str = "device"
+    tier: str = "device"                     # the best tier of any kind: device (holds blocks) > cpu > dropped
     pinned: bool = False
     last_used: float = 0.0
     cpu_rows: dict[tuple[int, str], torch.Tensor] | None = None   # (layer, kind) -> [captured, dim]
     capture_stopped: bool = False            # an extend failed: later rows are never reserved
     offset: int = 0                          # sequence position of row 0 (earlier rows came from a prefix cache)
+    created: float = 0.0                     # time.monotonic() of the reservation (the feedback window)
+    kind_tiers: dict[str, str] = field(default_factory=dict)   # kind -> tier; absent: the record's tier
 
+    def tier_of(self, kind: str) -> str:
+        """Where this record's rows of `kind` are: device, cpu or dropped."""
+        return self.kind_tiers.get(kind, self.tier)
 
-def fetch_beats_recompute(num_rows: int, bytes_per_row: int, h2d_bytes_per_s: float,
-                          flops_per_s: float, flops_per_row: float) -> bool:
-    """True when copying the rows in lands no later than recomputing them."""
-    if min(h2d_bytes_per_s, flops_per_s) <= 0 or min(num_rows, bytes_per_row, flops_per_row) < 0:
-        raise InvalidRequestError("hedging needs positive rates and non-negative sizes")
-    return num_rows * bytes_per_row / h2d_bytes_per_s <= num_rows * flops_per_row / flops_per_s
+    def kinds_on(self, tier: str, kinds) -> tuple[str, ...]:
+        return tuple(kind for kind in kinds if self.tier_of(kind) == tier)
 
 
 def num_slots_for(layout: PoolLayout, budget_bytes: int, block_size: int) -> int:

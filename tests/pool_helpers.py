@@ -6,14 +6,15 @@ from store.activation_pool import ActivationPool, PoolLayout
 
 BS = 4
 LAYOUT = PoolLayout(num_layers=2, dims={"q": 3, "k": 2, "down": 5}, dtype=torch.float32,
-                    groups=(("q", "k"),))     # q and k side by side in one buffer, as q|k|v on CUDA
+                    groups=(("q", "k"),),     # q and k side by side in one buffer, as q|k|v on CUDA
+                    input_dims={"q": 4, "k": 4, "down": 6})    # down saves the most per byte
 BPT = LAYOUT.bytes_per_token                   # 2 layers * 10 floats * 4 bytes = 80
 
 
-def make_pool(num_blocks=4, cpu_tokens=0, block_size=BS):
+def make_pool(num_blocks=4, cpu_tokens=0, block_size=BS, **options):
     """A pool whose device tier holds exactly `num_blocks` blocks (plus the scratch row)."""
     return ActivationPool(LAYOUT, (num_blocks * block_size + 1) * BPT, block_size=block_size,
-                          cpu_budget_bytes=cpu_tokens * BPT)
+                          cpu_budget_bytes=cpu_tokens * BPT, **options)
 
 
 def capture(pool, key, start, count, version=0, seed=0):
@@ -33,8 +34,11 @@ def capture(pool, key, start, count, version=0, seed=0):
 
 
 def assert_gathers(pool, key, written, positions=None):
+    """Every kind still held (device or host) gathers exactly what was written."""
+    record = pool.get(key)
     for (layer, kind), rows in written.items():
-        assert torch.equal(pool.gather(key, layer, kind, positions), rows)
+        if record.tier_of(kind) != "dropped":
+            assert torch.equal(pool.gather(key, layer, kind, positions), rows)
 
 
 def check_invariants(pool):
@@ -44,12 +48,17 @@ def check_invariants(pool):
     stats = pool.stats()
     assert stats["bytes"]["device"] <= pool.budget_bytes
     assert stats["bytes"]["cpu"] <= pool.cpu_budget_bytes
-    cpu_bytes = sum(r.captured * BPT for r in pool._records.values() if r.tier == "cpu")
-    assert stats["bytes"]["cpu"] == cpu_bytes
+    cpu_bytes = sum(pool.layout.kind_bytes(kind, r.captured) for r in pool._records.values()
+                    for kind in r.kinds_on("cpu", pool.layout.dims))
+    assert stats["bytes"]["cpu"] == cpu_bytes == sum(stats["bytes_by_kind"]["cpu"].values())
     for r in pool._records.values():
         assert len(r.versions) == r.captured <= r.num_tokens
         assert (r.tier == "device") == bool(r.blocks) or r.num_tokens == 0
-        assert (r.tier == "cpu") == (r.cpu_rows is not None)
+        on_host = r.kinds_on("cpu", pool.layout.dims)
+        assert bool(on_host) == (r.cpu_rows is not None)
+        assert set(r.cpu_rows or {}) == {(layer, kind) for layer in range(pool.layout.num_layers) for kind in on_host}
+        tiers = [r.tier_of(kind) for kind in pool.layout.dims]
+        assert r.tier == min(tiers, key=["device", "cpu", "dropped"].index)
         if r.tier == "device":
             assert len(r.blocks) == -(-r.num_tokens // pool.block_size)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from common.errors import AlchemistError, ConfigError, ConflictError
-from store.activation_pool import ActivationMissingError, ActivationPool, PoolLayout, fetch_beats_recompute
+from store.activation_pool import ActivationMissingError, ActivationPool, PoolLayout
 from tests.pool_helpers import BPT, BS, LAYOUT, assert_gathers, capture, check_invariants, make_pool
 
 
@@ -160,15 +160,3 @@ def test_config_error_for_too_small_budget():
         PoolLayout(num_layers=0, dims={"q": 4}, dtype=torch.float32)
     pool = ActivationPool(LAYOUT, (2 * BS + 3) * BPT, block_size=BS)
     assert pool.num_slots == 2 * BS                               # rounded down to whole blocks
-
-
-def test_hedging_helper():
-    # 1000 rows * 40 B over 1 GB/s = 40 us; recompute 1000 * 1e6 flops at 1e12/s = 1 ms
-    assert fetch_beats_recompute(1000, 40, 1e9, 1e12, 1e6)
-    assert not fetch_beats_recompute(1000, 40_000, 1e9, 1e12, 1e3)
-    assert fetch_beats_recompute(0, 40, 1e9, 1e12, 1e6)
-    with pytest.raises(AlchemistError):
-        fetch_beats_recompute(10, 40, 0, 1e12, 1e6)
-    pool = make_pool()
-    assert pool.would_fetch_beat_recompute(1000, 1e9, 1e12, 1e6)
-    assert not pool.would_fetch_beat_recompute(1000, 1e9, 1e12, 1e1)

@@ -1,5 +1,6 @@
-"""CPU tests of the activation pool's LRU eviction: the CPU tier, drops, pins, a random stress run
-keeping the invariants; and (GPU) the tiers round-tripping exact data."""
+"""CPU tests of the activation pool's eviction: LRU order on the device, the CPU tier, drops, pins, a
+random stress run keeping the invariants; and (GPU) the tiers round-tripping exact data. The value
+order of demotion and the feedback window: tests/test_pool_tiers.py."""
 import random
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from common.errors import AlchemistError
 from store.activation_pool import ActivationMissingError, ActivationPool, PoolLayout
-from store.pool_eviction import LRUEviction
+from store.pool_eviction import ValueEviction
 from store.pool_layout import ActivationRecord
 from tests.pool_helpers import (BPT, BS, LAYOUT, assert_gathers, capture, check_invariants, evictable_blocks,
                                 make_pool)
@@ -26,30 +27,35 @@ def test_lru_eviction_order_and_touch():
     check_invariants(pool)
 
 
-def test_lru_policy_chooses_without_moving_anything():
-    """The policy object alone: victims least recently used first, never pinned, excluded or off-tier
-    records; None when the candidates cannot cover the shortfall."""
+def test_policy_chooses_without_moving_anything():
+    """The policy object alone: device victims least recently used first, never pinned, excluded or
+    off-tier records, None when the candidates cannot cover the shortfall; host drops by value group
+    (q|k before down), least recently used first within a group, the incoming record ranked too."""
     records = [ActivationRecord("a", 8, [0, 1]), ActivationRecord("b", 4, [2], pinned=True),
                ActivationRecord("c", 4, [3]), ActivationRecord("d", 4, [4]),
-               ActivationRecord("e", 4, tier="cpu", captured=3),
-               ActivationRecord("f", 4, tier="cpu", captured=2)]
-    lru = LRUEviction()
-    assert [r.key for r in lru.device_victims(records, 3, exclude=None)] == ["a", "c"]
-    assert [r.key for r in lru.device_victims(records, 2, exclude="a")] == ["c", "d"]
-    assert lru.device_victims(records, 5, exclude=None) is None
-    assert lru.host_victims(records, records[3], 0, BPT) == []              # it fits: nothing dropped
-    assert lru.host_victims(records, records[3], BPT, BPT) is None          # e, f are newer than d
-    incoming = ActivationRecord("g", 4)
-    assert [r.key for r in lru.host_victims(records + [incoming], incoming, 4 * BPT, BPT)] == ["e", "f"]
+               ActivationRecord("e", 4, tier="cpu", captured=3, last_used=1.0),
+               ActivationRecord("f", 4, tier="cpu", captured=2, last_used=2.0)]
+    policy = ValueEviction()
+    assert [r.key for r in policy.device_victims(records, 3, exclude=None, now=0.0)] == ["a", "c"]
+    assert [r.key for r in policy.device_victims(records, 2, exclude="a", now=0.0)] == ["c", "d"]
+    assert policy.device_victims(records, 5, exclude=None, now=0.0) is None
+    groups = LAYOUT.demotion_groups
+    assert groups == (("q", "k"), ("down",))
+    unit = lambda r, kinds: LAYOUT.kind_bytes(kinds[0], r.captured) * 0 + sum(
+        LAYOUT.kind_bytes(k, r.captured) for k in kinds)
+    incoming = ActivationRecord("g", 4, captured=4, last_used=3.0)
+    assert policy.host_drops(records, incoming, ("q", "k", "down"), 0, unit, groups, 0.0) == []
+    drops = policy.host_drops(records, incoming, ("q", "k", "down"), 1, unit, groups, 0.0)
+    assert [(r.key, kinds) for r, kinds in drops] == [("e", ("q", "k"))]
+    need = unit(records[4], ("q", "k")) + unit(records[5], ("q", "k")) + 1
+    drops = policy.host_drops(records, incoming, ("q", "k", "down"), need, unit, groups, 0.0)
+    assert [(r.key, kinds) for r, kinds in drops] == [("e", ("q", "k")), ("f", ("q", "k")), ("g", ("q", "k"))]
     assert [r.tier for r in records] == ["device"] * 4 + ["cpu"] * 2      # choosing moved nothing
 
 
 def test_pool_evicts_only_what_its_policy_chooses():
-    class KeepAll:
-        def device_victims(self, records, blocks_short, exclude):
-            return None
-
-        def host_victims(self, records, incoming, bytes_short, bytes_per_token):
+    class KeepAll(ValueEviction):
+        def device_victims(self, records, blocks_short, exclude, now):
             return None
     pool = ActivationPool(LAYOUT, (BS + 1) * BPT, block_size=BS, eviction=KeepAll())
     assert pool.reserve("a", BS) is not None and pool.reserve("b", BS) is None
@@ -77,19 +83,25 @@ def test_eviction_to_cpu_tier_keeps_exact_data():
     check_invariants(pool)
 
 
-def test_cpu_tier_full_drops_older_cpu_records_then_evictee():
+def test_cpu_tier_full_drops_cheap_kinds_before_any_down_rows():
+    """6 tokens of host room, records of 4: the second record to arrive does not push the first out:
+    both keep their down rows (the most FLOPs per byte), the q|k rows of the older one go first."""
     pool = make_pool(num_blocks=2, cpu_tokens=6)
     for key, n in (("a", 4), ("b", 4)):
         pool.reserve(key, n)
         capture(pool, key, 0, n)
     pool.reserve("c", 4)                             # a -> cpu (4 of 6 tokens)
-    pool.reserve("d", 4)                             # b -> cpu needs room: drops a
-    assert [pool.get(k).tier for k in "abcd"] == ["dropped", "cpu", "device", "device"]
+    pool.reserve("d", 4)                             # b -> cpu needs 2 tokens' room: a's q|k rows free it
+    tiers = lambda key: [pool.get(key).tier_of(k) for k in ("q", "k", "down")]
+    assert tiers("a") == ["dropped", "dropped", "cpu"] and tiers("b") == ["cpu"] * 3
+    assert pool.stats()["bytes"]["cpu"] == 8 * BPT - LAYOUT.kind_bytes("q", 4) - LAYOUT.kind_bytes("k", 4)
     pool.pin("b")
     capture(pool, "c", 0, 4)
     pool.touch("d")                                  # LRU order: c, d
-    pool.reserve("e", 4)                             # c can't fit beside pinned b: dropped
-    assert pool.get("c").tier == "dropped" and pool.get("b").tier == "cpu"
+    pool.reserve("e", 4)                             # c -> cpu beside pinned b: c's q|k, then a's down go
+    assert tiers("a") == ["dropped"] * 3 and pool.get("a").tier == "dropped"
+    assert tiers("b") == ["cpu"] * 3 and tiers("c") == ["dropped", "dropped", "cpu"]
+    assert pool.stats()["demoted_rows"]["cpu->dropped"] == {"q": 4, "k": 4, "down": 4}
     check_invariants(pool)
 
 
@@ -182,11 +194,14 @@ def test_cuda_tiers_roundtrip_exact_data():
         written[key] = capture(pool, key, 0, 8, seed=key)
         assert pool.stats()["bytes"]["device"] <= pool.budget_bytes
     tiers = [pool.get(key).tier for key in range(12)]   # the CPU tier holds 8 records of 8 rows
-    assert tiers == ["dropped"] * 2 + ["cpu"] * 8 + ["device"] * 2
-    for key, rows in list(written.items())[2:]:
+    assert tiers == ["cpu"] * 10 + ["device"] * 2     # 8 and 9 fit once 0-3 gave up their gate rows
+    assert [pool.get(key).tier_of("gate") for key in range(10)] == ["dropped"] * 4 + ["cpu"] * 6
+    for key, rows in list(written.items()):
         rec = pool.get(key)
         if rec.tier == "cpu":
             assert all(t.is_pinned() for t in rec.cpu_rows.values())
         for (layer, kind), expected in rows.items():
+            if rec.tier_of(kind) == "dropped":
+                continue
             got = pool.gather(key, layer, kind, slice(1, 7))
             assert got.device.type == "cuda" and torch.equal(got, expected[1:7])
