@@ -92,15 +92,17 @@ class Burn:
 
 
 def use_mode(trainer, mode: str) -> None:
-    """`concurrency[:duty=D][:yield=N|none][:sms=F|none][:switch=MS]`, e.g. thread:duty=0.5:sms=0.5: where and how
-    the trainer's steps run from now on (an option left out keeps the config's default)."""
+    """`concurrency[:slo=R|none][:duty=D][:yield=N|none][:sms=F|none][:switch=MS]`, e.g. thread:slo=none:duty=0.25:
+    yield=256 (before the latency budget): where and how the trainer's steps run from now on (an option left
+    out keeps the config's default)."""
     concurrency, *options = mode.split(":")
     opts = dict(o.split("=", 1) for o in options)
     number = lambda key, cast: None if opts[key] == "none" else cast(opts[key])
     config = trainer.config
     trainer.stop()
     trainer.config = dataclasses.replace(
-        config, concurrency=concurrency, duty_cycle=float(opts["duty"]) if "duty" in opts else config.duty_cycle,
+        config, concurrency=concurrency, tbt_slo_ratio=number("slo", float) if "slo" in opts else config.tbt_slo_ratio,
+        duty_cycle=float(opts["duty"]) if "duty" in opts else config.duty_cycle,
         yield_prefill_tokens=number("yield", int) if "yield" in opts else config.yield_prefill_tokens,
         sm_share=number("sms", float) if "sms" in opts else config.sm_share,
         switch_interval_ms=float(opts.get("switch", config.switch_interval_ms)))
@@ -131,6 +133,7 @@ def summarize(raw: dict, duration: float, totals_before: Counter) -> dict:
             "trained_tokens": trained, "trained_tok_s": trained / duration,
             "reuse_tokens": w["tokens_reuse"], "recompute_tokens": w["tokens_recompute"],
             "train_busy_frac": w["seconds"] / duration, "train_step_ms": w["seconds"] * 1e3 / max(w["steps"], 1),
+            "train_cpu_ms_per_step": w["cpu_seconds"] * 1e3 / max(w["steps"], 1),
             "outcomes": {k[8:]: v for k, v in w.items() if k.startswith("outcome_")},
             **engine_steps(raw.get("steps", []))}
 

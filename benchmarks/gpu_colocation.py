@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.colocation_loads import Burn, summarize, use_mode
+from benchmarks.colocation_standalone import standalone
 from benchmarks.colocation_workload import load_workload, params, schedule
 from benchmarks.common import emit, git_commit
 from benchmarks.gpu_serving import DEVICE, make_engine
@@ -123,7 +124,7 @@ def drive(engine, hooks, sched: list[dict], duration: float, writer: Writer, tag
     ids = [f"{tag}-{i}" for i in range(len(sched))]
     salt, vocab = random.Random(tag), engine.hf_config.vocab_size
     rating = {r: s["rating"] if with_feedback else None for r, s in zip(ids, sched)}
-    i, t0, window_totals, next_print = 0, time.perf_counter(), None, 10.0
+    i, t0, window_totals, next_print, backlog = 0, time.perf_counter(), None, 10.0, None
     steps = []                                   # (start s, end s, prompt tokens, a training step was under way)
     now = 0.0
     while now < duration or engine.has_unfinished():
@@ -136,6 +137,7 @@ def drive(engine, hooks, sched: list[dict], duration: float, writer: Writer, tag
             hook()
         if window_totals is None and now >= duration:
             window_totals = Counter(trainer.totals)
+            backlog = trainer.keep_up.snapshot(trainer.read_seq)     # rated, not yet taken into a step
         if not engine.has_unfinished():
             nxt = sched[i]["t"] if i < len(sched) else duration
             time.sleep(min(max(nxt - now, 0.0), 0.5))
@@ -156,6 +158,7 @@ def drive(engine, hooks, sched: list[dict], duration: float, writer: Writer, tag
     return {"tokens": tokens, "arrivals": {r: s["t"] for r, s in zip(ids, sched)}, "elapsed_s": now, "steps": steps,
             "rated": sum(v is not None for v in rating.values()),
             "window_totals": window_totals if window_totals is not None else Counter(trainer.totals),
+            "backlog_at_window_end": backlog or trainer.keep_up.snapshot(trainer.read_seq),
             "final_totals": Counter(trainer.totals)}
 
 
@@ -191,42 +194,57 @@ def run(args) -> dict:
         workload = load_workload(args.sharegpt, engine.hf_config.vocab_size)
         cap = capacity(engine, workload, args.capacity_requests)
         cap.pop("seqs")
-        rate = args.load * cap["req_s"]
-        print(f"capacity {cap['req_s']:.2f} req/s ({cap['out_tok_s']:.0f} out tok/s); open loop at {rate:.2f} req/s",
-              flush=True)
         writer = Writer(state)
-        sched = schedule(workload, rate, args.duration, args.seed, args.feedback, args.opt_in)
-        res = {"capacity": cap, "rate_req_s": rate, "scheduled_requests": len(sched)}
+        res = {"capacity": cap, "loads": {}}
         use_mode(state.trainer, next((m for m in args.modes if not m.startswith("burn-")), "interleaved"))
         warm_up_training(state, hooks, engine, workload, writer)
-        runs = [("off", None)] + [(f"on {mode}", mode) for mode in args.modes]
         try:
-            for tag, mode in runs:
-                burn = None
-                if mode is not None and mode.startswith("burn-"):   # a synthetic load, no training
-                    burn = Burn.from_mode(mode, engine.device, engine.hf_config.hidden_size)
-                elif mode is not None:
-                    use_mode(state.trainer, mode)
-                    warm_up_training(state, hooks, engine, workload, writer)
-                res[tag] = one_run(engine, hooks, sched, args.duration, writer, tag, state, burn)
+            for load in args.load:
+                res["loads"][str(load)] = one_load(args, load, cap, engine, state, hooks, workload, writer)
+            if args.standalone_records:
+                res["standalone"] = standalone(args, engine, state, hooks, workload, writer)
         finally:
             state.trainer.stop()
             state.store.close()
-    for tag, mode in runs[1:]:
+    for per_load in res["loads"].values():
+        for tag, out in per_load.items():
+            if tag.startswith("on ") and "burn-" not in tag and "standalone" in res:
+                out["trained_share_of_standalone"] = out["trained_tok_s"] / res["standalone"]["own_recompute_tok_s"]
+    return res
+
+
+def one_load(args, load: float, cap: dict, engine, state, hooks, workload, writer) -> dict:
+    """`off` and one `on` run per mode, all of one seeded schedule at `load` x capacity."""
+    rate = load * cap["req_s"]
+    print(f"capacity {cap['req_s']:.2f} req/s ({cap['out_tok_s']:.0f} out tok/s); open loop at {rate:.2f} req/s "
+          f"(load {load})", flush=True)
+    sched = schedule(workload, rate, args.duration, args.seed, args.feedback, args.opt_in)
+    res = {"rate_req_s": rate, "scheduled_requests": len(sched)}
+    runs = [("off", None)] + [(f"on {mode}", mode) for mode in args.modes]
+    for tag, mode in runs:
+        burn = None
+        if mode is not None and mode.startswith("burn-"):   # a synthetic load, no training
+            burn = Burn.from_mode(mode, engine.device, engine.hf_config.hidden_size)
+        elif mode is not None:
+            use_mode(state.trainer, mode)
+            warm_up_training(state, hooks, engine, workload, writer)
+        res[tag] = one_run(engine, hooks, sched, args, writer, tag, state, burn, salt=f"load{load}")
+    for tag, _ in runs[1:]:
         res[tag]["ratio_on_off"] = {k: res[tag][k] / res["off"][k] for k in
                                     ("ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms", "tbt_p99_ms")}
         res[tag]["tbt_p99_target_met"] = res[tag]["ratio_on_off"]["tbt_p99_ms"] <= 1.2
     return res
 
 
-def one_run(engine, hooks, sched, duration: float, writer: Writer, tag: str, state, burn=None) -> dict:
-    before = Counter(state.trainer.totals)
+def one_run(engine, hooks, sched, args, writer: Writer, tag: str, state, burn=None, salt: str = "") -> dict:
+    duration = args.duration
+    before, staleness = Counter(state.trainer.totals), Counter(state.trainer.staleness)
     on = tag != "off" and burn is None
     if burn is not None:                         # the load instead of training (earlier runs' ratings wait)
         state.trainer.pause()
         burn.start()
     try:
-        raw = drive(engine, hooks, sched, duration, writer, tag.replace(" ", "-"), on, state.trainer)
+        raw = drive(engine, hooks, sched, duration, writer, f"{tag.replace(' ', '-')}-{salt}", on, state.trainer)
     finally:
         if burn is not None:
             burn.stop()
@@ -236,7 +254,13 @@ def one_run(engine, hooks, sched, duration: float, writer: Writer, tag: str, sta
         out["burn_busy_frac"] = burn.busy_s / raw["elapsed_s"]
     writer.drain()
     if on:
-        out.update(untrained_feedback=len(state.store.pending_feedback(state.trainer.read_seq, 1 << 30)),
+        backlog = raw["backlog_at_window_end"]
+        out.update(backlog_at_window_end=backlog,
+                   backlog_fits_one_step=backlog["backlog_tokens"] <= args.step_tokens
+                   and backlog["backlog_ratings"] <= state.trainer.config.max_records_per_step,
+                   staleness={str(k): n for k, n in sorted((state.trainer.staleness - staleness).items())},
+                   latency_budget=state.trainer.status()["latency_budget"],
+                   untrained_feedback=len(state.store.pending_feedback(state.trainer.read_seq, 1 << 30)),
                    train_error=state.train_error, adapter_version=state.trainer.version,
                    pool=engine.activation_pool.stats(), pool_capacity_tokens=engine.activation_pool.num_slots,
                    trainer_sms=state.trainer.thread.sms if state.trainer.thread is not None else None)
@@ -250,7 +274,11 @@ def parse_args(argv=None):
     ap.add_argument("--sharegpt", default=".bench/sharegpt.json")
     ap.add_argument("--shape", default="8b", choices=sorted(SHAPES))
     ap.add_argument("--duration", type=float, default=60.0, help="s of Poisson arrivals per run")
-    ap.add_argument("--load", type=float, default=0.5, help="request rate as a share of measured capacity")
+    ap.add_argument("--load", type=lambda v: [float(x) for x in v.split(",")], default=[0.5],
+                    help="request rates as shares of measured capacity, e.g. 0.25,0.5,0.75: off + on runs each")
+    ap.add_argument("--standalone-records", type=int, default=32,
+                    help="records trained with no serving traffic at the end: own recompute vs the server's "
+                         "trainer (0: skip)")
     ap.add_argument("--capacity-requests", type=int, default=128)
     ap.add_argument("--feedback", type=float, default=0.3, help="share of answers rated in the `on` run")
     ap.add_argument("--opt-in", action="store_true",
@@ -282,6 +310,10 @@ def main(argv=None) -> dict:
                        "trainer steps run as the run's mode (concurrency:duty_cycle) says"}
     res.update(run(args))
     emit(res, args.out, "gpu_colocation")
+    for load, per_load in res["loads"].items():      # one file per load, today's keys at the top level
+        one = {**{k: v for k, v in res.items() if k != "loads"}, "args": {**vars(args), "load": float(load)},
+               **per_load}
+        emit(one, args.out, f"gpu_colocation-seed{args.seed}-load{load}")
     return res
 
 

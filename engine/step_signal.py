@@ -22,6 +22,9 @@ class StepSignal:
         """Call `observer` at the end of every step, on the engine thread: it must be cheap (an append)."""
         self._observers += (observer,)
 
+    def unobserve(self, observer: StepObserver) -> None:
+        self._observers = tuple(o for o in self._observers if o is not observer)
+
     def begin(self, prefill_tokens: int, decode_seqs: int = 0) -> None:
         self.last_prefill_tokens, self._decode_seqs = prefill_tokens, decode_seqs
         self._start = time.monotonic()

@@ -24,12 +24,23 @@ def test_colocation_tiny_cpu(tmp_path, one_thread):
     records = [{"prompt": [rng.randrange(49152) for _ in range(rng.randint(16, 96))],
                 "response": [rng.randrange(49152) for _ in range(rng.randint(8, 48))]} for _ in range(32)]
     (tmp_path / "sharegpt.json").write_text(json.dumps(records))
-    res = gpu_colocation.main(["--shape", "tiny", "--duration", "3", "--capacity-requests", "8", "--min-records", "1",
-                               "--modes", "thread:duty=1.0:yield=none,interleaved:duty=0.5,burn-python:duty=0.5",
-                               "--sharegpt", str(tmp_path / "sharegpt.json"), "--out", str(tmp_path / "out")])
-    assert json.loads((tmp_path / "out" / "gpu_colocation.json").read_text()) == json.loads(json.dumps(res))
+    whole = gpu_colocation.main(["--shape", "tiny", "--duration", "3", "--capacity-requests", "8", "--min-records", "1",
+                                 "--modes", "thread,interleaved:duty=0.5,burn-python:duty=0.5", "--load", "0.5,0.25",
+                                 "--standalone-records", "6", "--seed", "3",
+                                 "--sharegpt", str(tmp_path / "sharegpt.json"), "--out", str(tmp_path / "out")])
+    assert json.loads((tmp_path / "out" / "gpu_colocation.json").read_text()) == json.loads(json.dumps(whole))
+    assert set(whole["loads"]) == {"0.5", "0.25"}
+    alone = whole["standalone"]                                 # no serving: bare recompute vs the trainer
+    assert alone["records"] == 6 and alone["own_recompute_tok_s"] > 0 and alone["train_error"] is None
+    assert alone["trainer_tokens"] == alone["own_recompute"]["tokens"] and alone["trainer_vs_own_recompute"] > 0
+    quarter = json.loads((tmp_path / "out" / "gpu_colocation-seed3-load0.25.json").read_text())
+    assert quarter["args"]["load"] == 0.25 and quarter["rate_req_s"] < whole["loads"]["0.5"]["rate_req_s"]
+    res = json.loads((tmp_path / "out" / "gpu_colocation-seed3-load0.5.json").read_text())
     assert res["capacity"]["req_s"] > 0 and res["rate_req_s"] == pytest.approx(0.5 * res["capacity"]["req_s"])
-    off, on, interleaved = res["off"], res["on thread:duty=1.0:yield=none"], res["on interleaved:duty=0.5"]
+    off, on, interleaved = res["off"], res["on thread"], res["on interleaved:duty=0.5"]
+    assert on["latency_budget"]["slo_ratio"] == 1.15 and on["trained_share_of_standalone"] > 0
+    assert on["backlog_at_window_end"]["backlog_ratings"] >= 0 and isinstance(on["backlog_fits_one_step"], bool)
+    assert sum(on["staleness"].values()) >= 1 and on["train_cpu_ms_per_step"] > 0
     for run in (off, on, interleaved):
         assert run["requests"] == res["scheduled_requests"] > 0
         for m in ("ttft", "tbt"):

@@ -39,8 +39,6 @@ class TrainerThread:
         self.sms: int | None = None            # SMs the trainer's kernels may use (CUDA, once running)
         config, port = trainer.config, trainer.port
         self.budget = LatencyBudget(config.tbt_slo_ratio) if config.tbt_slo_ratio is not None else None
-        if self.budget is not None:
-            port.step_signal.observe(self.budget.serving_step)
         self.gate = TrainingGate(port, self.budget, config.yield_prefill_tokens, self._stop)
 
     @property
@@ -52,6 +50,8 @@ class TrainerThread:
             return
         sys.setswitchinterval(min(sys.getswitchinterval(), self.trainer.config.switch_interval_ms / 1e3))
         self._stop.clear()
+        if self.budget is not None:          # the engine reports each serving step's time to the budget
+            self.trainer.port.step_signal.observe(self.budget.serving_step)
         self._thread = threading.Thread(target=self._loop, name="alchemist-trainer", daemon=True)
         self._thread.start()
 
@@ -59,6 +59,8 @@ class TrainerThread:
         """Stop after the current step; False if it is still running after `timeout` s."""
         self._stop.set()
         self._wake.set()
+        if self.budget is not None:
+            self.trainer.port.step_signal.unobserve(self.budget.serving_step)
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout)
