@@ -4,7 +4,9 @@ alternating phases without and with a client that polls GET /dashboard/data and 
 second (a dashboard open at a 1 s refresh plus a 1 s Prometheus scrape: harsher than the page's 3 s and
 compose's 5 s). Rounds go ABBA (off on, on off, ...) so a drift cancels; the server's own dashboard
 sampler (every `dashboard_interval_s`) runs in both. Reports each mode's throughput and latency and the
-ratio on / off, with the spread of the off phases among themselves as the noise to compare it with.
+ratio on / off, with the spread of the off phases among themselves as the noise to compare it with,
+and the server process's CPU time (/proc/PID/stat: every thread) per output token in each mode and per
+second while idle with and without polling: on a shared machine CPU time is steadier than throughput.
 
     python -m benchmarks.dashboard_cost --out FILE [--rounds 4 --phase-s 15 --concurrency 4]
 """
@@ -32,6 +34,12 @@ POLLED = ("/dashboard/data", "/metrics")
 def git_commit() -> str:
     from benchmarks.common import git_commit as commit
     return commit()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid`, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_server(work: Path, args) -> tuple:
@@ -97,7 +105,24 @@ async def poll(client: httpx.AsyncClient, stop: asyncio.Event, out: dict) -> Non
             pass
 
 
-async def phase(url: str, seconds: float, concurrency: int, max_tokens: int, polling: bool) -> dict:
+async def idle(url: str, pid: int, seconds: float, polling: bool) -> dict:
+    """No chats for `seconds`, polled or not: the server's CPU time per second."""
+    polls = {p: {"s": [], "bytes": []} for p in POLLED}
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        stop = asyncio.Event()
+        poller = asyncio.create_task(poll(client, stop, polls)) if polling else None
+        cpu, start = cpu_seconds(pid), time.perf_counter()
+        await asyncio.sleep(seconds)
+        res = {"cpu_ms_per_s": (cpu_seconds(pid) - cpu) * 1e3 / (time.perf_counter() - start)}
+        stop.set()
+        if poller is not None:
+            await poller
+            res["polls"] = {p: len(v["s"]) for p, v in polls.items()}
+    return res
+
+
+async def phase(url: str, pid: int, seconds: float, concurrency: int, max_tokens: int,
+                polling: bool) -> dict:
     """`concurrency` clients chat back to back for `seconds` (the last chats finish after it)."""
     out = {"ttft": [], "itl": [], "e2e": [], "tokens": 0}
     polls = {p: {"s": [], "bytes": []} for p in POLLED}
@@ -110,9 +135,10 @@ async def phase(url: str, seconds: float, concurrency: int, max_tokens: int, pol
                 await one_chat(client, next(counter), max_tokens, out)
         stop = asyncio.Event()
         poller = asyncio.create_task(poll(client, stop, polls)) if polling else None
-        start = time.perf_counter()
+        cpu, start = cpu_seconds(pid), time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
+        out["cpu_s"] = cpu_seconds(pid) - cpu
         stop.set()
         if poller is not None:
             await poller
@@ -128,7 +154,8 @@ def pct(xs: list[float], q: float) -> float | None:
 
 def summarize(out: dict, elapsed: float, polls: dict | None) -> dict:
     res = {"seconds": elapsed, "requests": len(out["e2e"]), "out_tok_s": out["tokens"] / elapsed,
-           "req_s": len(out["e2e"]) / elapsed, "samples": {k: out[k] for k in ("ttft", "itl", "e2e")}}
+           "req_s": len(out["e2e"]) / elapsed, "tokens": out["tokens"], "server_cpu_s": out["cpu_s"],
+           "samples": {k: out[k] for k in ("ttft", "itl", "e2e")}}
     for key in ("ttft", "itl", "e2e"):
         res[f"{key}_p50_ms"] = pct(out[key], 0.5) * 1e3
         res[f"{key}_p99_ms"] = pct(out[key], 0.99) * 1e3
@@ -151,12 +178,15 @@ def compare(phases: list[dict]) -> dict:
         pooled = {k: [x for p in mine for x in p["samples"][k]] for k in ("ttft", "itl", "e2e")}
         row = {"phases": len(mine), "requests": sum(p["requests"] for p in mine),
                "out_tok_s": statistics.median(p["out_tok_s"] for p in mine),
-               "req_s": statistics.median(p["req_s"] for p in mine)}
+               "req_s": statistics.median(p["req_s"] for p in mine),
+               "server_cpu_ms_per_out_token": 1e3 * sum(p["server_cpu_s"] for p in mine)
+               / sum(p["tokens"] for p in mine)}
         for key in LATENCY_KEYS:
             name, q = key.split("_")[0], 0.5 if "_p50_" in key else 0.99
             row[key] = pct(pooled[name], q) * 1e3
         modes[mode] = row
-    ratio = {k: modes["on"][k] / modes["off"][k] for k in ("out_tok_s", "req_s", *LATENCY_KEYS)}
+    ratio = {k: modes["on"][k] / modes["off"][k]
+             for k in ("out_tok_s", "req_s", "server_cpu_ms_per_out_token", *LATENCY_KEYS)}
     rounds = sorted({p["round"] for p in phases})
     paired = [next(p for p in phases if p["round"] == r and p["mode"] == "on")["out_tok_s"]
               / next(p for p in phases if p["round"] == r and p["mode"] == "off")["out_tok_s"] for r in rounds]
@@ -165,18 +195,21 @@ def compare(phases: list[dict]) -> dict:
             "off_out_tok_s_spread": max(off) / min(off)}
 
 
-async def run(url: str, args) -> list[dict]:
-    await phase(url, args.warmup_s, args.concurrency, args.max_tokens, polling=True)    # warm-up, dropped
+async def run(url: str, pid: int, args) -> tuple[list[dict], dict]:
+    idle_cpu = {mode: await idle(url, pid, args.idle_s, polling=mode == "on") for mode in ("off", "on")}
+    print(f"idle: server CPU {idle_cpu['off']['cpu_ms_per_s']:.1f} ms/s unpolled, "
+          f"{idle_cpu['on']['cpu_ms_per_s']:.1f} ms/s polled", flush=True)
+    await phase(url, pid, args.warmup_s, args.concurrency, args.max_tokens, polling=True)   # warm-up, dropped
     phases = []
     for r in range(args.rounds):
         order = ("off", "on") if r % 2 == 0 else ("on", "off")                           # ABBA
         for mode in order:
-            res = await phase(url, args.phase_s, args.concurrency, args.max_tokens, polling=mode == "on")
+            res = await phase(url, pid, args.phase_s, args.concurrency, args.max_tokens, polling=mode == "on")
             res.update(round=r, mode=mode)
             print(f"round {r} {mode:3}: {res['out_tok_s']:7.1f} out tok/s, ttft p99 {res['ttft_p99_ms']:6.1f} "
                   f"ms, itl p99 {res['itl_p99_ms']:6.1f} ms", flush=True)
             phases.append(res)
-    return phases
+    return phases, idle_cpu
 
 
 def main() -> None:
@@ -185,6 +218,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="each round is one off and one on phase")
     ap.add_argument("--phase-s", type=float, default=15.0)
     ap.add_argument("--warmup-s", type=float, default=8.0)
+    ap.add_argument("--idle-s", type=float, default=10.0, help="each idle measurement (no chats)")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args()
@@ -192,7 +226,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dashboard-cost-") as tmp:
         proc, url = start_server(Path(tmp), args)
         try:
-            phases = asyncio.run(run(url, args))
+            phases, idle_cpu = asyncio.run(run(url, proc.pid, args))
             points = len(httpx.get(url + "/dashboard/data", timeout=30).json()["series"].get("t", []))
         finally:
             proc.send_signal(signal.SIGINT)
@@ -201,10 +235,10 @@ def main() -> None:
               "machine": f"CPU, {os.cpu_count()} cores", "args": vars(args), "polled": list(POLLED),
               "dashboard_points_at_end": points, "loadavg_1_5_15": {"before": load_before,
                                                                        "after": os.getloadavg()},
-              **compare(phases),
+              "idle_server_cpu": idle_cpu, **compare(phases),
               "phases": [{k: v for k, v in p.items() if k != "samples"} for p in phases]}
     text = json.dumps(result, indent=2)
-    print(json.dumps({k: result[k] for k in ("modes", "ratio_on_off", "paired_out_tok_s_ratio",
+    print(json.dumps({k: result[k] for k in ("idle_server_cpu", "modes", "ratio_on_off", "paired_out_tok_s_ratio",
                                              "off_out_tok_s_spread")}, indent=2))
     if args.out:
         Path(args.out).write_text(text + "\n")
