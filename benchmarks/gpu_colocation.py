@@ -49,7 +49,8 @@ def build(args, tmp: Path):
                          **({"activation_pool_bytes": int(args.pool_gib * (1 << 30))} if args.pool_gib else {}))
     training = TrainerConfig(objective=args.objective, step_tokens=args.step_tokens,
                              checkpoint_every=args.checkpoint_every, min_records_per_step=args.min_records,
-                             max_wait_s=args.max_wait_s)
+                             max_wait_s=args.max_wait_s, compile_layers=args.compile_layers,
+                             token_buckets=args.token_buckets)
     async_engine = AsyncEngine(engine)         # never started: this thread is the engine thread
     store = FeedbackStore(tmp / "alchemist.db")
     try:
@@ -295,6 +296,10 @@ def parse_args(argv=None):
     ap.add_argument("--min-records", type=int, default=TrainerConfig.min_records_per_step,
                     help="ratings a training step waits for")
     ap.add_argument("--max-wait-s", type=float, default=TrainerConfig.max_wait_s)
+    ap.add_argument("--compile-layers", action="store_true",
+                    help="training.compile_layers: each training layer one compiled graph (compiled at start-up)")
+    ap.add_argument("--token-buckets", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                    help="training.token_buckets, e.g. 512,1024,2048")
     ap.add_argument("--kv-gib", type=float, default=None)
     ap.add_argument("--pool-gib", type=float, default=None, help="activation pool (default: the engine's)")
     ap.add_argument("--pool-cpu-gib", type=float, default=0.0)
