@@ -155,6 +155,7 @@ def pct(xs: list[float], q: float) -> float | None:
 def summarize(out: dict, elapsed: float, polls: dict | None) -> dict:
     res = {"seconds": elapsed, "requests": len(out["e2e"]), "out_tok_s": out["tokens"] / elapsed,
            "req_s": len(out["e2e"]) / elapsed, "tokens": out["tokens"], "server_cpu_s": out["cpu_s"],
+           "cpu_ms_per_token": out["cpu_s"] * 1e3 / max(1, out["tokens"]),
            "samples": {k: out[k] for k in ("ttft", "itl", "e2e")}}
     for key in ("ttft", "itl", "e2e"):
         res[f"{key}_p50_ms"] = pct(out[key], 0.5) * 1e3
@@ -187,12 +188,19 @@ def compare(phases: list[dict]) -> dict:
         modes[mode] = row
     ratio = {k: modes["on"][k] / modes["off"][k]
              for k in ("out_tok_s", "req_s", "server_cpu_ms_per_out_token", *LATENCY_KEYS)}
-    rounds = sorted({p["round"] for p in phases})
-    paired = [next(p for p in phases if p["round"] == r and p["mode"] == "on")["out_tok_s"]
-              / next(p for p in phases if p["round"] == r and p["mode"] == "off")["out_tok_s"] for r in rounds]
+    paired = {key: paired_ratios(phases, key) for key in ("out_tok_s", "cpu_ms_per_token")}
     off = [p["out_tok_s"] for p in phases if p["mode"] == "off"]
-    return {"modes": modes, "ratio_on_off": ratio, "paired_out_tok_s_ratio": paired,
+    return {"modes": modes, "ratio_on_off": ratio,
+            "paired_out_tok_s_ratio": paired["out_tok_s"], "paired_cpu_per_token_ratio": paired["cpu_ms_per_token"],
+            "paired_median": {k: statistics.median(v) for k, v in paired.items()},
             "off_out_tok_s_spread": max(off) / min(off)}
+
+
+def paired_ratios(phases: list[dict], key: str) -> list[float]:
+    """on / off of `key` within each round (its two phases ran back to back)."""
+    def of(r, mode):
+        return next(p[key] for p in phases if p["round"] == r and p["mode"] == mode)
+    return [of(r, "on") / of(r, "off") for r in sorted({p["round"] for p in phases})]
 
 
 async def run(url: str, pid: int, args) -> tuple[list[dict], dict]:
@@ -238,8 +246,8 @@ def main() -> None:
               "idle_server_cpu": idle_cpu, **compare(phases),
               "phases": [{k: v for k, v in p.items() if k != "samples"} for p in phases]}
     text = json.dumps(result, indent=2)
-    print(json.dumps({k: result[k] for k in ("idle_server_cpu", "modes", "ratio_on_off", "paired_out_tok_s_ratio",
-                                             "off_out_tok_s_spread")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("idle_server_cpu", "modes", "ratio_on_off", "paired_median",
+                                             "off_out_tok_s_spread", "loadavg_1_5_15")}, indent=2))
     if args.out:
         Path(args.out).write_text(text + "\n")
 
