@@ -56,7 +56,8 @@ def check_invariants(pool):
         assert (r.tier == "device") == bool(r.blocks) or r.num_tokens == 0
         on_host = r.kinds_on("cpu", pool.layout.dims)
         assert bool(on_host) == (r.cpu_rows is not None)
-        assert set(r.cpu_rows or {}) == {(layer, kind) for layer in range(pool.layout.num_layers) for kind in on_host}
+        layers = range(pool.layout.num_layers)
+        assert set(r.cpu_rows or {}) == {(layer, kind) for layer in layers for kind in on_host}
         tiers = [r.tier_of(kind) for kind in pool.layout.dims]
         assert r.tier == min(tiers, key=["device", "cpu", "dropped"].index)
         if r.tier == "device":

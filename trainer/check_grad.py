@@ -1,7 +1,10 @@
 """`alchemist check-grad`: serve a batch through the engine (continuous batching, chunked prefill,
-activation capture), train one step by reuse and one by recompute, and compare (DESIGN §2)."""
+activation capture), train one step by reuse and one by recompute, and compare (DESIGN §2).
+`--tier cpu` moves every captured row to the pool's host tier before training, `--demote KINDS` drops
+those kinds' rows (they are multiplied): reuse from every tier, and of what is left, stays exact."""
 from __future__ import annotations
 
+import argparse
 import json
 import random
 
@@ -11,6 +14,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.setup import build_activation_pool, build_engine_parts
+from store.pool_layout import KINDS
 from trainer.adapters import AdapterManager
 from trainer.lora import LoRAConfig
 from trainer.reuse import TrainRecord
@@ -29,9 +33,10 @@ def tiny_hf_config(name: str):
 
 
 def build_engine(model: str, capture: str, seed: int, dtype: str = "float32",
-                 pool_bytes: int = 256 << 20) -> LLMEngine:
+                 pool_bytes: int = 256 << 20, cpu_pool_bytes: int = 0) -> LLMEngine:
     options = dict(capture=capture, device="cpu", dtype=dtype, max_num_batched_tokens=24, seed=seed,
-                   num_kv_blocks=512, block_size=8, activation_pool_bytes=pool_bytes)
+                   num_kv_blocks=512, block_size=8, activation_pool_bytes=pool_bytes,
+                   activation_pool_cpu_bytes=cpu_pool_bytes)
     if model == "smollm2":
         from engine.embedded_model import ensure_default_model
         config = EngineConfig(model=str(ensure_default_model()), **options)
@@ -84,10 +89,10 @@ def compare(grads_a: list[torch.Tensor], grads_b: list[torch.Tensor]) -> dict:
 
 
 def adapted_engine(model: str, capture: str, seed: int, gen: torch.Generator, dtype: str = "float32",
-                   pool_bytes: int = 256 << 20, lora: LoRAConfig | None = None):
+                   pool_bytes: int = 256 << 20, lora: LoRAConfig | None = None, cpu_pool_bytes: int = 0):
     """(engine, adapter manager) with LoRA on the engine's model, perturbed away from zero (version 1)
     and live in the engine."""
-    engine = build_engine(model, capture, seed, dtype, pool_bytes)
+    engine = build_engine(model, capture, seed, dtype, pool_bytes, cpu_pool_bytes)
     manager = AdapterManager(engine.runner.model, lora or LoRAConfig(rank=4, alpha=8), generator=gen)
     perturb(engine, manager, gen)
     return engine, manager
@@ -104,13 +109,25 @@ def train_once(engine, manager, records, reuse: bool, max_staleness: int, checkp
     return result, [t.grad for pair in masters.values() for t in pair]
 
 
+def move_tiers(pool, records: list[TrainRecord], tier: str, demote: tuple[str, ...]) -> None:
+    """Every captured record's rows to `tier` ("device": left where they are, "cpu": the host tier),
+    then its rows of `demote` dropped."""
+    for key in {r.key for r in records if r.key is not None and pool.get(r.key) is not None}:
+        if tier == "cpu":
+            pool.demote(key, tuple(pool.layout.dims), "cpu")
+        if demote:
+            pool.demote(key, demote, "dropped")
+
+
 def run_check(model: str = "tiny-llama", capture: str = "prefill", staleness: int = 0, seed: int = 0,
               max_staleness: int | None = None, dtype: str = "float32", pool_bytes: int = 256 << 20,
-              shared_prefix: int = 0) -> dict:
+              shared_prefix: int = 0, tier: str = "device", demote: tuple[str, ...] = ()) -> dict:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    engine, manager = adapted_engine(model, capture, seed, gen, dtype, pool_bytes)
+    engine, manager = adapted_engine(model, capture, seed, gen, dtype, pool_bytes,
+                                     cpu_pool_bytes=pool_bytes if tier == "cpu" else 0)
     records = serve_records(engine, seed, shared_prefix=shared_prefix)
+    move_tiers(engine.activation_pool, records, tier, tuple(demote))
     for k in range(staleness):                     # the adapter moves on after serving
         perturb(engine, manager, gen)
     max_staleness = staleness if max_staleness is None else max_staleness
@@ -119,8 +136,8 @@ def run_check(model: str = "tiny-llama", capture: str = "prefill", staleness: in
     return {"model": model, "capture": capture, "dtype": dtype, "staleness": staleness,
             "loss_reuse": reuse.loss, "loss_recompute": recompute.loss, **compare(g_reuse, g_recompute),
             "outcomes": dict(reuse.outcomes), "reused_rows": reuse.reused_rows,
-            "computed_rows": reuse.computed_rows, "records": len(records),
-            "pool": engine.activation_pool.stats()}
+            "computed_rows": reuse.computed_rows, "records": len(records), "tier": tier,
+            "demoted": list(demote), "pool_rows": dict(reuse.pool_rows), "pool": engine.activation_pool.stats()}
 
 
 def add_parser(sub) -> None:
@@ -131,9 +148,21 @@ def add_parser(sub) -> None:
     p.add_argument("--max-staleness", type=int, default=None, help="default: --staleness (reuse stale rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--tier", choices=("device", "cpu"), default="device",
+                   help="cpu: move every captured row to the pool's host tier before training")
+    p.add_argument("--demote", type=demote_kinds, default=(), metavar="KINDS",
+                   help="comma-separated kinds whose captured rows are dropped before training, e.g. gate,up")
+
+
+def demote_kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(kind for kind in text.split(",") if kind)
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown kind(s) {unknown}: use some of {','.join(KINDS)}")
+    return kinds
 
 
 def main(args) -> int:
     print(json.dumps(run_check(args.model, args.capture, args.staleness, args.seed, args.max_staleness,
-                                args.dtype)))
+                                args.dtype, tier=args.tier, demote=args.demote)))
     return 0

@@ -118,6 +118,18 @@ class Injection:
     stored_idx: torch.Tensor                      # [S] batch rows taken from the pool
     fresh_idx: torch.Tensor                       # [F] batch rows multiplied
     rows: Callable[[int, tuple[str, ...]], torch.Tensor]   # (layer, kinds) -> stored rows [S, sum(dims)]
+    # rows that differ by layer and kinds (a record's kinds on different tiers, store/pool_reader.py):
+    # (layer, kinds) -> (stored_idx, fresh_idx, stored rows) or None (every row multiplied); unset:
+    # every call injects `stored_idx`
+    select: Callable[[int, tuple[str, ...]], tuple | None] | None = None
+
+    def pick(self, layer: int, kinds: tuple[str, ...]):
+        """(stored_idx [S], fresh_idx [F], stored [S, sum(dims)]) of one projection call, or None."""
+        if self.select is not None:
+            return self.select(layer, kinds)
+        if not self.stored_idx.numel():
+            return None
+        return self.stored_idx, self.fresh_idx, self.rows(layer, kinds)
 
 
 class ProjectingContext(ForwardContext):
@@ -161,11 +173,11 @@ class TrainingContext(ProjectingContext):
     def _base(self, layer, kinds, weight, bias, x):
         """x @ W^T + b for the projections `kinds` (their weights concatenated), injected rows taken
         from the pool. Always a new tensor (the LoRA delta is added to it in place)."""
-        inj = self.injection
-        if inj is None or not inj.stored_idx.numel():
+        picked = self.injection.pick(layer, kinds) if self.injection is not None else None
+        if picked is None:
             return F.linear(x, weight, bias)                                    # [T, out]
-        stored = inj.rows(layer, kinds)                  # [S, out] gathered (a copy): one per pool group
-        return InjectedLinear.apply(x, weight, bias, stored, inj.stored_idx, inj.fresh_idx)
+        stored_idx, fresh_idx, stored = picked           # stored: [S, out] gathered (a copy)
+        return InjectedLinear.apply(x, weight, bias, stored, stored_idx, fresh_idx)
 
     def _add_lora(self, kinds, modules, x, y):
         """y += the LoRA deltas of the group (lora_factors), in place: y is ours."""

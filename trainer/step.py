@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from store.pool_reader import BatchRows, Span
 from trainer.attention import disable_varlen
 from trainer.buckets import padding_for
 from trainer.reuse import Injection, TrainingContext, TrainRecord
@@ -34,11 +35,16 @@ class StepResult:
     computed_rows: int = 0
     response_tokens: int = 0
     tokens_by_path: Counter = field(default_factory=Counter)   # reuse | recompute: tokens trained each way
+    # "device/q", "cpu/q", "recomputed/q": rows of captured records per source and kind, summed over layers
+    pool_rows: Counter = field(default_factory=Counter)
+    fetch_plan: dict = field(default_factory=dict)     # the fetch planner's summary (trainer/fetch_planner.py)
 
 
 def plan_record(record: TrainRecord, pool, trainer_version: int, max_staleness: int) -> RecordPlan:
+    """Reuse or recompute one record: its captured rows are reused wherever some kind of them is still
+    held (device or host tier; store/pool_reader.py injects kind by kind what is where)."""
     entry = pool.get(record.key) if pool is not None else None
-    if entry is None or entry.tier != "device" or entry.captured == 0:
+    if entry is None or entry.tier == "dropped" or entry.captured == 0:
         return RecordPlan(EVICTED, 0)
     rows = min(entry.captured, record.num_inputs - entry.offset)
     if rows <= 0:
@@ -51,31 +57,28 @@ def plan_record(record: TrainRecord, pool, trainer_version: int, max_staleness: 
     return RecordPlan(TOO_STALE, 0, staleness)
 
 
-class PoolRows:
-    """The injected rows of one step, gathered from the pool one (layer, kind) at a time when the
-    forward reaches that projection (per-layer prefetch: only one layer's rows are alive at once)."""
-
-    def __init__(self, pool, slots: torch.Tensor):
-        self.pool, self.slots = pool, slots                        # slots: [S] pool rows in batch order
-
-    def __call__(self, layer: int, kinds: tuple[str, ...]) -> torch.Tensor:
-        return self.pool.gather_slots(layer, kinds, self.slots)   # [S, sum(dims)]
-
-
-def build_injection(records: list[TrainRecord], plans: list[RecordPlan], pool,
-                    device: torch.device, padding: int = 0) -> Injection | None:
-    stored, fresh, offset = [], [], 0
+def build_injection(records: list[TrainRecord], plans: list[RecordPlan], pool, device: torch.device,
+                    padding: int = 0, uniform: bool = False,
+                    planner=None) -> tuple[Injection | None, BatchRows | None]:
+    """The step's injection over a BatchRows reader of the planned records' pool rows (every tier), and
+    the reader (its row counts). `uniform` (the compiled layer): a record's rows are injected only where
+    every layer and kind of it is held. `planner` (trainer.fetch_planner.FetchPlanner): which host rows
+    to fetch this step; the rest are multiplied."""
+    spans, offset = [], 0
     for record, plan in zip(records, plans):
-        lo, hi = offset + plan.first, offset + plan.first + plan.rows
-        stored.extend(range(lo, hi))
-        fresh.extend(list(range(offset, lo)) + list(range(hi, offset + record.num_inputs)))
+        if plan.rows:
+            spans.append(Span(record.key, plan.rows, offset + plan.first))
         offset += record.num_inputs
-    if not stored:
-        return None
-    fresh.extend(range(offset, offset + padding))            # the padding rows are multiplied
-    slots = torch.cat([pool.device_slots(r.key, slice(0, p.rows)) for r, p in zip(records, plans) if p.rows])
-    as_index = lambda idx: torch.tensor(idx, dtype=torch.int64, device=device)
-    return Injection(as_index(stored), as_index(fresh), PoolRows(pool, slots))
+    if not spans:
+        return None, None
+    reader = BatchRows(pool, spans, offset + padding, device, uniform)   # the padding rows are multiplied
+    units = reader.host_units()
+    if planner is not None and units:
+        fetch_plan = planner.plan(units, pool.layout, offset + padding)
+        reader.plan_recompute(fetch_plan.recompute)
+        reader.plan_summary = fetch_plan.summary
+    select = None if uniform else reader.select
+    return Injection(reader.stored_idx, reader.fresh_idx, reader.rows, select), reader
 
 
 def probe_records(vocab_size: int) -> list[TrainRecord]:
@@ -133,7 +136,7 @@ def forward_backward(model, records: list[TrainRecord], adapters: dict, *, pool=
                      loss_fn: Callable = nll_loss, prompt_lm_weight: float = 0.0,
                      prompt_lm_targets: Callable[[list[int]], list[int]] | None = None,
                      between_layers: Callable[[], None] | None = None, attention: str = "auto",
-                     compiled=None, buckets: list[int] | None = None) -> StepResult:
+                     compiled=None, buckets: list[int] | None = None, fetch_planner=None) -> StepResult:
     """adapters: {module: (A, B, scaling)} with A, B fp32 leaf tensors that receive .grad.
 
     prompt_lm_weight > 0 adds that weight times the mean NLL of the prompt tokens that are the users'
@@ -143,12 +146,15 @@ def forward_backward(model, records: list[TrainRecord], adapters: dict, *, pool=
     default: every prompt token). `attention`: trainer.attention's kind (auto = one varlen flash call
     per layer where torch and the inputs allow it, else SDPA per record). `compiled`: a
     trainer.compiled_layer.CompiledLayers to run each layer as one compiled graph (None: eager).
-    `buckets`: pad the batch to the smallest of these token counts that holds it (trainer/buckets.py)."""
+    `buckets`: pad the batch to the smallest of these token counts that holds it (trainer/buckets.py).
+    `fetch_planner`: a trainer.fetch_planner.FetchPlanner choosing which host-tier rows to copy in
+    (None: every one)."""
     device = next(model.parameters()).device
     prompt_lm_targets = prompt_lm_targets or all_prompt_positions
     plans = [plan_record(r, pool if reuse else None, trainer_version, max_staleness) for r in records]
     padding = padding_for(sum(r.num_inputs for r in records), buckets)
-    injection = build_injection(records, plans, pool, device, padding) if reuse else None
+    injection, reader = build_injection(records, plans, pool, device, padding, compiled is not None,
+                                        fetch_planner) if reuse else (None, None)
     cu, ids, positions, logit_rows, targets = [0], [], [], [], []
     prompt_rows, prompt_targets = [], []
     for r in records:
@@ -184,4 +190,6 @@ def forward_backward(model, records: list[TrainRecord], adapters: dict, *, pool=
     for r, p in zip(records, plans):
         paths["reuse" if p.rows else "recompute"] += len(r.prompt_ids) + len(r.response_ids)
     return StepResult(float(loss.detach()), Counter(p.outcome for p in plans), reused,
-                      real_rows - reused, len(logit_rows), paths)
+                      real_rows - reused, len(logit_rows), paths,
+                      reader.counts if reader is not None else Counter(),
+                      reader.plan_summary if reader is not None else {})

@@ -1,0 +1,143 @@
+"""Issue 18: the activation pool's tiers kind by kind: the value order of demotion, the feedback
+window, explicit demotion, tier round-trips of exact rows, per-kind stats, and a training step's
+reads of a batch whose records are spread over the tiers (store/pool_reader.py)."""
+import time
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from common.errors import InvalidRequestError
+from store.activation_pool import ActivationPool
+from store.pool_layout import PoolLayout
+from store.pool_reader import BatchRows, Span
+from tests.pool_helpers import BPT, LAYOUT, assert_gathers, capture, check_invariants, make_pool
+
+TIERS = lambda pool, key: [pool.get(key).tier_of(kind) for kind in ("q", "k", "down")]
+
+
+def test_demotion_order_at_the_8b_shape_is_gate_up_then_qkv_then_o_then_down():
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                         num_key_value_heads=8, num_hidden_layers=32)
+    layout = PoolLayout.for_model(config, torch.bfloat16, torch.device("cpu"))
+    assert layout.input_dims == {"q": 4096, "k": 4096, "v": 4096, "o": 4096, "gate": 4096, "up": 4096,
+                                 "down": 14336}
+    assert layout.demotion_groups == (("gate", "up"), ("q", "k", "v"), ("o",), ("down",))
+    assert layout.demotion_order[-1] == "down"
+    down_share = layout.kind_bytes("down", 1) / layout.bytes_per_token
+    assert down_share == 4096 / (3 * 4096 + 2 * 1024 + 2 * 14336)         # ~9.5% of a token's bytes
+
+
+def test_tier_round_trip_device_host_device_gives_the_same_rows():
+    pool = make_pool(num_blocks=4, cpu_tokens=16)
+    pool.reserve("a", 7)
+    written = capture(pool, "a", 0, 7)
+    on_device = {(layer, kind): pool.gather("a", layer, kind) for layer, kind in written}
+    pool.demote("a", ("q", "k", "down"), "cpu")
+    record = pool.get("a")
+    assert record.tier == "cpu" and record.blocks == [] and pool.num_free_blocks == 4
+    for (layer, kind), rows in on_device.items():
+        assert torch.equal(pool.gather("a", layer, kind), rows)
+        assert torch.equal(pool.gather("a", layer, kind, slice(2, 5)), rows[2:5])
+    stats = pool.stats()
+    assert stats["bytes"]["cpu"] == 7 * BPT and stats["traffic_bytes"]["d2h"] == 7 * BPT
+    assert stats["bytes_by_kind"]["cpu"] == {k: LAYOUT.kind_bytes(k, 7) for k in ("q", "k", "down")}
+    assert stats["demoted_rows"] == {"device->cpu": {"q": 7, "k": 7, "down": 7}}
+    check_invariants(pool)
+
+
+def test_partial_demotion_keeps_the_device_rows_and_stops_capture():
+    pool = make_pool(num_blocks=4, cpu_tokens=16)
+    pool.reserve("a", 8)
+    written = capture(pool, "a", 0, 6)
+    pool.demote("a", ("down",), "cpu")
+    pool.demote("a", ("k",), "dropped")
+    assert TIERS(pool, "a") == ["device", "dropped", "cpu"] and pool.get("a").tier == "device"
+    assert_gathers(pool, "a", written)                       # q from the device, down from the host
+    assert not pool.extend("a", 12) and pool.get("a").capture_stopped
+    stats = pool.stats()
+    assert stats["bytes_by_kind"]["device"]["k"] == 0 and stats["bytes_by_kind"]["device"]["q"] > 0
+    pool.demote("a", ("q",), "dropped")                      # nothing left on the device: blocks freed
+    assert pool.get("a").tier == "cpu" and pool.num_free_blocks == 4
+    pool.demote("a", ("down",), "dropped")
+    assert pool.get("a").tier == "dropped" and pool.stats()["drops"] == 1
+    check_invariants(pool)
+    with pytest.raises(InvalidRequestError):
+        pool.demote("a", ("mlp",), "dropped")
+    with pytest.raises(InvalidRequestError):
+        pool.demote("a", ("q",), "device")
+
+
+def test_host_without_room_keeps_the_demoted_records_down_rows_only():
+    """Room for 5 down rows of 2 layers and nothing else: the record's q|k rows are dropped, its down
+    rows kept (most FLOPs per byte)."""
+    down_bytes = LAYOUT.kind_bytes("down", 4)
+    pool = ActivationPool(LAYOUT, 9 * BPT, block_size=4, cpu_budget_bytes=down_bytes)
+    pool.reserve("a", 4)
+    capture(pool, "a", 0, 4)
+    pool.reserve("b", 8)                                     # a leaves the device
+    assert TIERS(pool, "a") == ["dropped", "dropped", "cpu"]
+    assert pool.stats()["bytes"]["cpu"] == down_bytes and pool.evictions_to_cpu == 1
+    check_invariants(pool)
+
+
+def test_records_unrated_past_the_feedback_window_go_first_and_are_dropped():
+    pool = make_pool(num_blocks=2, cpu_tokens=16, feedback_window_s=60.0)
+    for key in "ab":
+        pool.reserve(key, 4)
+        capture(pool, key, 0, 4)
+    pool.touch("a")                                          # LRU order: b, a
+    pool.get("a").created = time.monotonic() - 61.0          # a's window has passed unrated
+    pool.reserve("c", 4)
+    capture(pool, "c", 0, 4)
+    assert pool.get("a").tier == "dropped" and pool.get("b").tier == "device"
+    assert pool.stats()["traffic_bytes"]["d2h"] == 0         # no copy for an expired record
+    pool.get("b").pinned = True                              # rated: never expired, never moved
+    pool.get("b").created = time.monotonic() - 61.0
+    pool.reserve("d", 4)                                     # c goes (LRU), to the host: in its window
+    assert pool.get("b").tier == "device" and pool.get("c").tier == "cpu"
+    check_invariants(pool)
+
+
+def test_host_tier_gives_up_expired_records_before_anything_else():
+    pool = make_pool(num_blocks=1, cpu_tokens=8, feedback_window_s=60.0)
+    for key in "xyz":
+        pool.reserve(key, 4)
+        capture(pool, key, 0, 4)
+    # x, y on the host (8 tokens: full); z on the device
+    assert [pool.get(k).tier for k in "xyz"] == ["cpu", "cpu", "device"]
+    pool.touch("x")                                          # y is now the least recently used ...
+    pool.get("x").created = time.monotonic() - 61.0          # ... but x is past its window
+    pool.reserve("w", 4)                                     # z -> host: all of x goes, y keeps everything
+    assert TIERS(pool, "x") == ["dropped"] * 3 and TIERS(pool, "y") == ["cpu"] * 3
+    assert TIERS(pool, "z") == ["cpu"] * 3
+    check_invariants(pool)
+
+
+def test_batch_rows_read_every_tier_in_batch_order():
+    """Three records, one on the device, one on the host, one with its q|k dropped: per (layer, kinds)
+    the reader injects the rows still held, in batch order, and leaves the others fresh."""
+    pool = make_pool(num_blocks=6, cpu_tokens=16)
+    written = {}
+    for key, n in (("dev", 3), ("host", 2), ("part", 4)):
+        pool.reserve(key, n)
+        written[key] = capture(pool, key, 0, n, seed=len(key))
+    pool.demote("host", ("q", "k", "down"), "cpu")
+    pool.demote("part", ("q", "k"), "dropped")
+    spans = [Span("dev", 3, 1), Span("host", 2, 5), Span("part", 4, 7)]     # batch rows 0, 4, 11, 12 fresh
+    reader = BatchRows(pool, spans, 13, torch.device("cpu"))
+    stored_idx, fresh_idx, rows = reader.select(1, ("q", "k"))
+    assert stored_idx.tolist() == [1, 2, 3, 5, 6] and fresh_idx.tolist() == [0, 4, 7, 8, 9, 10, 11, 12]
+    expect = torch.cat([torch.cat([written[k][(1, "q")], written[k][(1, "k")]], dim=1) for k in ("dev", "host")])
+    assert torch.equal(rows, expect)
+    stored_idx, fresh_idx, rows = reader.select(0, ("down",))
+    assert stored_idx.tolist() == [1, 2, 3, 5, 6, 7, 8, 9, 10] and fresh_idx.tolist() == [0, 4, 11, 12]
+    assert torch.equal(rows, torch.cat([written[k][(0, "down")] for k in ("dev", "host", "part")]))
+    assert reader.counts["device/q"] == 3 and reader.counts["cpu/q"] == 2 and reader.counts["recomputed/q"] == 4
+    host_units = reader.host_units()
+    assert {(u.span, u.kind) for u in host_units} == {(1, "q"), (1, "k"), (1, "down")}
+    reader.plan_recompute([u for u in host_units if u.layer == 1])          # the planner gave up layer 1
+    assert reader.select(1, ("down",))[0].tolist() == [1, 2, 3, 7, 8, 9, 10]
+    uniform = BatchRows(pool, spans, 13, torch.device("cpu"), uniform=True)   # only wholly held records
+    assert uniform.stored_idx.tolist() == [1, 2, 3, 5, 6]
+    assert torch.equal(uniform.rows(0, ("down",)), torch.cat([written[k][(0, "down")] for k in ("dev", "host")]))
