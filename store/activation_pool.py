@@ -31,7 +31,7 @@ import torch
 from common.errors import ConfigError, ConflictError, InvalidRequestError
 from common.paging import paged_slots
 from store.free_blocks import FreeBlocks
-from store.host_tier import HostTier
+from store.host_tier import HostTier, PendingRows
 from store.pool_eviction import EvictionPolicy, ValueEviction
 from store.pool_layout import (ActivationMissingError, ActivationRecord, DeviceBuffers, PoolLayout,
                                num_slots_for, resolve_positions)
@@ -213,7 +213,7 @@ class ActivationPool:
             self._touch(record)
             if tier == "device":
                 return buffer.index_select(0, self._slot_index(record, start, stop))  # [n, dim]
-            return self._host.fetch(record.cpu_rows[(layer, kind)][start:stop])       # [n, dim]
+            return self._host.fetch(record.cpu_rows[(layer, kind)][start:stop]).wait()   # [n, dim]
 
     def tier_view(self, key: Hashable, start: int, stop: int) -> TierView:
         """Where rows [start, stop) of a record are, kind by kind, for a training step's reads
@@ -227,9 +227,9 @@ class ActivationPool:
             host = {(layer, kind): rows[start:stop] for (layer, kind), rows in (record.cpu_rows or {}).items()}
             return TierView(tiers, slots, host)
 
-    def fetch(self, rows: torch.Tensor) -> torch.Tensor:
-        """Host-tier rows [n, dim] (from a `tier_view`) -> a copy on the device, ordered before the
-        current stream's work (a side-stream copy on CUDA)."""
+    def fetch(self, rows: torch.Tensor) -> PendingRows:
+        """Host-tier rows [n, dim] (from a `tier_view`) -> their copy to the device, started now (a
+        side-stream copy on CUDA); `.wait()` before using them orders the caller's stream after it."""
         return self._host.fetch(rows)
 
     def device_slots(self, key: Hashable, positions: slice | None = None) -> torch.Tensor:

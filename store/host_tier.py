@@ -68,14 +68,30 @@ class HostTier:
         """A record's `num_rows` token rows of `kinds` left the tier."""
         self.bytes_used -= sum(self.layout.kind_bytes(kind, num_rows) for kind in kinds)
 
-    def fetch(self, rows: torch.Tensor) -> torch.Tensor:
-        """Host rows [n, dim] -> a copy on the pool's device, ordered before the current stream's work."""
+    def fetch(self, rows: torch.Tensor) -> "PendingRows":
+        """Host rows [n, dim] -> a copy on the pool's device, in flight on the side stream (pinned
+        rows: it overlaps the caller's kernels) until the caller's `wait()`. The caller's stream is the
+        current stream of the calling thread, now and at `wait()`."""
         device = self.layout.device
         self.bytes_fetched += rows.numel() * rows.element_size()
         if not self._cuda:
-            return rows.to(device, copy=True)
-        with torch.cuda.stream(self._side_stream):
-            out = rows.to(device, non_blocking=True)
-        torch.cuda.current_stream(device).wait_stream(self._side_stream)
-        out.record_stream(torch.cuda.current_stream(device))
-        return out
+            return PendingRows(rows.to(device, copy=True), None)
+        with torch.cuda.stream(self._side_stream):       # after this record's D2H copy (same stream)
+            out = rows.to(device, non_blocking=True)                         # [n, dim]
+            done = torch.cuda.Event()
+            done.record(self._side_stream)
+        out.record_stream(torch.cuda.current_stream(device))   # freed only after the caller's use
+        return PendingRows(out, done)
+
+
+class PendingRows:
+    """A host -> device copy in flight: `wait()` orders the caller's stream after it (no host sync)
+    and returns the rows."""
+
+    def __init__(self, rows: torch.Tensor, done: torch.cuda.Event | None):
+        self.rows, self.done = rows, done
+
+    def wait(self) -> torch.Tensor:
+        if self.done is not None:
+            torch.cuda.current_stream(self.rows.device).wait_event(self.done)
+        return self.rows

@@ -48,7 +48,7 @@ class BatchRows:
         self.plan_summary: dict = {}                                  # the fetch planner's, when one chose
         self._counted: set[tuple[int, tuple[str, ...]]] = set()
         self._indices: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
-        self._prefetched: dict[tuple[int, int, tuple[str, ...]], torch.Tensor] = {}
+        self._prefetched: dict[tuple[int, int, tuple[str, ...]], dict] = {}   # -> kind -> PendingRows
         self._last_layer = -1                          # prefetch only while layers come in ascending order
         self.uniform = uniform
         self._uniform_spans: tuple[int, ...] | None = None
@@ -128,8 +128,7 @@ class BatchRows:
             if run:
                 parts.append(self._device_rows(layer, kinds, tuple(run)))
                 run = []
-            ready = self._prefetched.pop((i, layer, kinds), None)
-            parts.append(ready if ready is not None else self._span_rows(i, layer, kinds))
+            parts.append(self._span_rows(i, layer, kinds))
         if run:
             parts.append(self._device_rows(layer, kinds, tuple(run)))
         if self._last_layer <= layer < self.num_layers - 1:
@@ -145,17 +144,26 @@ class BatchRows:
         return self.pool.gather_slots(layer, kinds, slots)                # [n, sum(dims)]
 
     def _span_rows(self, i: int, layer: int, kinds: tuple[str, ...]) -> torch.Tensor:
-        """One span's rows of `kinds` at `layer` [n, sum(dims)], kind by kind from where each is."""
+        """One span's rows of `kinds` at `layer` [n, sum(dims)], kind by kind from where each is: host
+        copies prefetched by the previous layer's call (else started now) and waited for here."""
+        copies = self._prefetched.pop((i, layer, kinds), None)
+        if copies is None:
+            copies = self._start_copies(i, layer, kinds)
         view = self.views[i]
-        parts = [self.pool.fetch(view.host[(layer, kind)]) if view.tiers[kind] == "cpu"
-                 else self.pool.gather_slots(layer, (kind,), view.slots) for kind in kinds]   # [n, dim] each
+        parts = [copies[kind].wait() if kind in copies else self.pool.gather_slots(layer, (kind,), view.slots)
+                 for kind in kinds]                                                 # [n, dim] each
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
+    def _start_copies(self, i: int, layer: int, kinds: tuple[str, ...]) -> dict:
+        """kind -> the span's host rows of `kind` at `layer` in flight to the device (PendingRows)."""
+        view = self.views[i]
+        return {kind: self.pool.fetch(view.host[(layer, kind)]) for kind in kinds if view.tiers[kind] == "cpu"}
+
     def _prefetch(self, layer: int, kinds: tuple[str, ...]) -> None:
-        """Queue the host copies of `layer` now, so they run while this layer computes."""
+        """Start the host copies of `layer` now, so they run while this layer computes."""
         for i in self.injected_spans(layer, kinds):
             if not self._on_device(i, kinds) and (i, layer, kinds) not in self._prefetched:
-                self._prefetched[(i, layer, kinds)] = self._span_rows(i, layer, kinds)
+                self._prefetched[(i, layer, kinds)] = self._start_copies(i, layer, kinds)
 
     def _count(self, layer: int, kinds: tuple[str, ...], chosen: tuple[int, ...]) -> None:
         if (layer, kinds) in self._counted:            # a checkpointed layer asks again in backward

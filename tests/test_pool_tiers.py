@@ -141,3 +141,30 @@ def test_batch_rows_read_every_tier_in_batch_order():
     uniform = BatchRows(pool, spans, 13, torch.device("cpu"), uniform=True)   # only wholly held records
     assert uniform.stored_idx.tolist() == [1, 2, 3, 5, 6]
     assert torch.equal(uniform.rows(0, ("down",)), torch.cat([written[k][(0, "down")] for k in ("dev", "host")]))
+
+
+@pytest.mark.gpu
+def test_cuda_batch_rows_prefetch_host_rows_exactly():
+    """On CUDA: host rows copied in on the side stream one layer ahead (PendingRows) and device rows
+    gathered give exactly the captured rows, layer after layer, then again in reverse (a checkpointed
+    backward: no prefetch)."""
+    layout = PoolLayout(num_layers=4, dims={"q": 64, "k": 16, "down": 96}, dtype=torch.bfloat16,
+                        device=torch.device("cuda"), groups=(("q", "k"),))
+    pool = ActivationPool(layout, (8 * 4 + 1) * layout.bytes_per_token, block_size=4,
+                          cpu_budget_bytes=32 * layout.bytes_per_token)
+    written = {}
+    for key, n in (("dev", 5), ("host", 7), ("part", 6)):
+        pool.reserve(key, n)
+        written[key] = capture(pool, key, 0, n, seed=len(key))
+    pool.demote("host", ("q", "k", "down"), "cpu")
+    pool.demote("part", ("down",), "cpu")
+    spans = [Span("dev", 5, 0), Span("host", 7, 5), Span("part", 6, 12)]
+    reader = BatchRows(pool, spans, 20, torch.device("cuda"))
+    for layer in list(range(4)) + list(reversed(range(4))):
+        for kinds in (("q", "k"), ("down",)):
+            stored_idx, fresh_idx, rows = reader.select(layer, kinds)
+            expect = torch.cat([torch.cat([written[k][(layer, kind)] for kind in kinds], dim=1)
+                                for k in ("dev", "host", "part")])
+            assert rows.device.type == "cuda" and torch.equal(rows, expect)
+            assert stored_idx.tolist() == list(range(18)) and fresh_idx.tolist() == [18, 19]
+    assert pool.stats()["traffic_bytes"]["h2d"] > 0
