@@ -1,6 +1,7 @@
-"""The activation pool's pinned-CPU tier: captured rows of records demoted from the device, one host
-allocation per record and kind (`[layers, n, dim]`, pinned on CUDA) so a kind leaves the tier on its
-own (value-ordered demotion, store/pool_eviction.py), under a byte budget.
+"""The activation pool's pinned-CPU tier: captured rows of records demoted from the device, one range
+of the tier's arena (store/host_arena.py: pinned on CUDA, allocated once) per record and kind
+(`[layers, n, dim]`), so a kind leaves the tier on its own (value-ordered demotion,
+store/pool_eviction.py), under a byte budget.
 
 Copies run on a side stream and never stall serving: a D2H copy is queued behind the serving stream's
 work so far and returns the event the pool waits on (GPU-side) before it hands the record's device
@@ -12,6 +13,7 @@ from contextlib import nullcontext
 
 import torch
 
+from store.host_arena import HostArena
 from store.pool_layout import PoolLayout
 
 
@@ -21,6 +23,7 @@ class HostTier:
         self.bytes_used = 0
         self._cuda = layout.device.type == "cuda"
         self._side_stream = torch.cuda.Stream(layout.device) if self._cuda else None
+        self.arena = HostArena(budget_bytes // layout.element_size, layout.dtype, pin=self._cuda)
         self.bytes_stored = 0               # D2H traffic so far
         self.bytes_fetched = 0              # H2D traffic so far
 
@@ -31,42 +34,42 @@ class HostTier:
     def store(self, direct_buffers: dict[tuple[str, ...], torch.Tensor], index: torch.Tensor,
               kinds: tuple[str, ...]) -> tuple[dict[tuple[int, str], torch.Tensor], torch.cuda.Event | None]:
         """Rows `index` [n] of `kinds` from the device buffers (`DeviceBuffers.direct`: kinds ->
-        [layers, slots + 1, width]) into host allocations: (layer, kind) -> [n, dim] views, and the event
-        of the copy's end (None on the CPU)."""
+        [layers, slots + 1, width]) into arena ranges: (layer, kind) -> [n, dim] views, and the event of
+        the copy's end (None on the CPU). Ranges are taken most valuable kind first (`down` first), and a
+        kind with no free range that long is left out of the rows."""
         layout, n = self.layout, index.shape[0]
-        rows: dict[tuple[int, str], torch.Tensor] = {}
+        ranges = {}
+        for kind in reversed(layout.demotion_order):
+            flat = self.arena.alloc(layout.num_layers * n * layout.dims[kind]) if kind in kinds else None
+            if flat is not None:
+                ranges[kind] = flat.view(layout.num_layers, n, layout.dims[kind])     # [layers, n, dim]
         if self._cuda:          # the copies see every row the serving stream wrote before this call
             self._side_stream.wait_stream(torch.cuda.current_stream(layout.device))
         with torch.cuda.stream(self._side_stream) if self._cuda else nullcontext():
             for group in layout.groups:
-                wanted = [kind for kind in group if kind in kinds]
-                if not wanted:
+                if not any(kind in ranges for kind in group):
                     continue
                 picked = direct_buffers[group].index_select(1, index)            # [layers, n, width]
-                columns = picked.split([layout.dims[kind] for kind in group], dim=2)
-                for kind, part in zip(group, columns):
-                    if kind in wanted:
-                        rows.update(self._copy_out(kind, part, n))
+                for kind, part in zip(group, picked.split([layout.dims[k] for k in group], dim=2)):
+                    if kind in ranges:
+                        ranges[kind].copy_(part, non_blocking=self._cuda)
         copy_done = None
         if self._cuda:
             copy_done = torch.cuda.Event()
             copy_done.record(self._side_stream)
-        stored = sum(layout.kind_bytes(kind, n) for kind in kinds)
+        stored = sum(layout.kind_bytes(kind, n) for kind in ranges)
         self.bytes_used += stored
         self.bytes_stored += stored
-        return rows, copy_done
+        return {(layer, kind): host[layer] for kind, host in ranges.items()
+                for layer in range(layout.num_layers)}, copy_done
 
-    def _copy_out(self, kind: str, part: torch.Tensor, n: int) -> dict[tuple[int, str], torch.Tensor]:
-        """part: [layers, n, dim] (a column slice on the device) -> (layer, kind) -> [n, dim] host views."""
+    def free(self, rows: dict[tuple[int, str], torch.Tensor], kinds, num_rows: int) -> None:
+        """A record's `num_rows` token rows of `kinds` (`rows`: what `store` returned for them) left the
+        tier: their arena ranges are free again."""
         layout = self.layout
-        host = torch.empty(layout.num_layers, n, layout.dims[kind], dtype=layout.dtype,
-                           pin_memory=self._cuda)                                # [layers, n, dim]
-        host.copy_(part, non_blocking=self._cuda)
-        return {(layer, kind): host[layer] for layer in range(layout.num_layers)}
-
-    def free(self, num_rows: int, kinds) -> None:
-        """A record's `num_rows` token rows of `kinds` left the tier."""
-        self.bytes_used -= sum(self.layout.kind_bytes(kind, num_rows) for kind in kinds)
+        for kind in kinds:
+            self.arena.free(rows[(0, kind)].storage_offset(), layout.num_layers * num_rows * layout.dims[kind])
+            self.bytes_used -= layout.kind_bytes(kind, num_rows)
 
     def fetch(self, rows: torch.Tensor) -> "PendingRows":
         """Host rows [n, dim] -> a copy on the pool's device, in flight on the side stream (pinned

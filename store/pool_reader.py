@@ -49,7 +49,7 @@ class BatchRows:
         self._counted: set[tuple[int, tuple[str, ...]]] = set()
         self._indices: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self._prefetched: dict[tuple[int, int, tuple[str, ...]], dict] = {}   # -> kind -> PendingRows
-        self._last_layer = -1                          # prefetch only while layers come in ascending order
+        self._last_layer, self._descending = -1, False   # prefetch only while layers come in ascending order
         self.uniform = uniform
         self._uniform_spans: tuple[int, ...] | None = None
 
@@ -131,9 +131,10 @@ class BatchRows:
             parts.append(self._span_rows(i, layer, kinds))
         if run:
             parts.append(self._device_rows(layer, kinds, tuple(run)))
-        if self._last_layer <= layer < self.num_layers - 1:
+        if layer != self._last_layer:                  # a checkpointed backward asks in descending order
+            self._descending, self._last_layer = layer < self._last_layer, layer
+        if not self._descending and layer < self.num_layers - 1:
             self._prefetch(layer + 1, kinds)
-        self._last_layer = layer
         return parts[0] if len(parts) == 1 else torch.cat(parts)     # [S, sum(dims)]
 
     def _on_device(self, i: int, kinds: tuple[str, ...]) -> bool:

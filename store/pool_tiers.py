@@ -86,6 +86,8 @@ class TierMover:
             index = self.pool._slot_index(record, 0, record.captured)              # [captured]
             rows, copy_done = self.host.store(self.pool.direct_buffers, index, taken)
             record.cpu_rows = {**(record.cpu_rows or {}), **rows}
+            refused |= {kind for kind in taken if (0, kind) not in rows}      # no arena range that long
+            taken = tuple(kind for kind in taken if (0, kind) in rows)
         self._set(record, {**{kind: "cpu" for kind in taken}, **{kind: "dropped" for kind in refused}})
         return copy_done
 
@@ -93,7 +95,7 @@ class TierMover:
         """The record's host rows of `kinds` leave the tier (their bytes return to its budget)."""
         if not kinds:
             return
-        self.host.free(record.captured, kinds)
+        self.host.free(record.cpu_rows, kinds, record.captured)
         for kind in kinds:
             for layer in range(self.layout.num_layers):
                 record.cpu_rows.pop((layer, kind), None)
@@ -101,7 +103,7 @@ class TierMover:
 
     def free_host(self, record: ActivationRecord) -> None:
         """A released record: its host bytes return to the budget."""
-        self.host.free(record.captured, record.kinds_on("cpu", self.order))
+        self.host.free(record.cpu_rows, record.kinds_on("cpu", self.order), record.captured)
         record.cpu_rows = None
 
     def _set(self, record: ActivationRecord, changes: dict[str, str]) -> None:

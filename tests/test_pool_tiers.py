@@ -81,6 +81,32 @@ def test_host_without_room_keeps_the_demoted_records_down_rows_only():
     check_invariants(pool)
 
 
+def test_a_fragmented_host_tier_keeps_the_most_valuable_kinds_that_fit():
+    """The host arena has the bytes for a 2-row record but not in one piece for every kind: ranges
+    go to `down` first, and the kind left without one is dropped (the books stay exact)."""
+    pool = make_pool(num_blocks=2, cpu_tokens=8)
+    for key in ("x", "y"):                                   # x, y fill the host arena exactly
+        pool.reserve(key, 4)
+        capture(pool, key, 0, 4)
+        pool.demote(key, ("q", "k", "down"), "cpu")
+    pool.demote("x", ("down",), "dropped")                   # frees 40 elements at x's down range
+    pool.demote("y", ("k",), "dropped")                      # frees 16 elements elsewhere
+    assert pool._host.arena.free_elements == 56 and pool._host.arena.largest_free == 40
+    pool.reserve("z", 4)
+    written = capture(pool, "z", 0, 4)                       # q 24 + k 16 + down 40 = 80 elements > 56
+    pool.demote("z", ("q", "k", "down"), "cpu")              # the policy frees x's q|k first: 96 free
+    check_invariants(pool)
+    assert TIERS(pool, "z") == ["cpu", "cpu", "cpu"] and TIERS(pool, "x") == ["dropped"] * 3
+    assert_gathers(pool, "z", written)
+    pool.demote("y", ("q",), "dropped")                      # y keeps down only
+    pool.reserve("w", 6)
+    capture(pool, "w", 0, 6)                                 # 120 elements; 40 free
+    pool.demote("w", ("q", "k", "down"), "cpu")              # z's q|k and w's go: 80 free, in two
+    check_invariants(pool)                                   # ranges of 40: w's down (60) fits neither
+    assert TIERS(pool, "z") == ["dropped", "dropped", "cpu"] and TIERS(pool, "w") == ["dropped"] * 3
+    assert pool._host.arena.free_elements == 80 and pool._host.bytes_used == 80 * 4
+
+
 def test_records_unrated_past_the_feedback_window_go_first_and_are_dropped():
     pool = make_pool(num_blocks=2, cpu_tokens=16, feedback_window_s=60.0)
     for key in "ab":
@@ -167,4 +193,4 @@ def test_cuda_batch_rows_prefetch_host_rows_exactly():
                                 for k in ("dev", "host", "part")])
             assert rows.device.type == "cuda" and torch.equal(rows, expect)
             assert stored_idx.tolist() == list(range(18)) and fresh_idx.tolist() == [18, 19]
-    assert pool.stats()["traffic_bytes"]["h2d"] > 0
+    assert pool.stats()["traffic_bytes"]["h2d"] > 0 and not reader._prefetched     # none copied in vain
