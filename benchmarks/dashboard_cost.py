@@ -8,7 +8,10 @@ ratio on / off, with the spread of the off phases among themselves as the noise 
 and the server process's CPU time (/proc/PID/stat: every thread) per output token in each mode and per
 second while idle with and without polling: on a shared machine CPU time is steadier than throughput.
 
-    python -m benchmarks.dashboard_cost --out FILE [--rounds 4 --phase-s 15 --concurrency 4]
+/dashboard/data is polled as the page asks for it (`--poll page`: the whole history once, then
+`?since=` the newest point seen) or the whole history every second (`--poll full`).
+
+    python -m benchmarks.dashboard_cost --out FILE [--rounds 4 --phase-s 15 --concurrency 4 --poll page]
 """
 from __future__ import annotations
 
@@ -88,29 +91,34 @@ async def one_chat(client: httpx.AsyncClient, i: int, max_tokens: int, out: dict
     out["tokens"] += tokens
 
 
-async def poll(client: httpx.AsyncClient, stop: asyncio.Event, out: dict) -> None:
-    """GET each POLLED path once a second until `stop`; keeps each answer's latency and size."""
+async def poll(client: httpx.AsyncClient, stop: asyncio.Event, out: dict, cursor: dict | None) -> None:
+    """GET each POLLED path once a second until `stop`; keeps each answer's latency and size. With a
+    `cursor` (the page's way, kept across phases as an open page keeps it) /dashboard/data asks only for
+    the points after the newest seen; without one, the whole history every time."""
     while not stop.is_set():
         tick = time.perf_counter()
         for path in POLLED:
+            since = cursor.get("t") if cursor is not None and path == "/dashboard/data" else None
             t = time.perf_counter()
-            r = await client.get(path)
+            r = await client.get(path, params={} if since is None else {"since": since})
             if r.status_code != 200:
                 raise RuntimeError(f"{path} answered {r.status_code}")
             out[path]["s"].append(time.perf_counter() - t)
             out[path]["bytes"].append(len(r.content))
+            if cursor is not None and path == "/dashboard/data" and r.json()["series"].get("t"):
+                cursor["t"] = r.json()["series"]["t"][-1]
         try:
             await asyncio.wait_for(stop.wait(), max(0.0, 1.0 - (time.perf_counter() - tick)))
         except asyncio.TimeoutError:
             pass
 
 
-async def idle(url: str, pid: int, seconds: float, polling: bool) -> dict:
+async def idle(url: str, pid: int, seconds: float, polling: bool, cursor: dict | None) -> dict:
     """No chats for `seconds`, polled or not: the server's CPU time per second."""
     polls = {p: {"s": [], "bytes": []} for p in POLLED}
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         stop = asyncio.Event()
-        poller = asyncio.create_task(poll(client, stop, polls)) if polling else None
+        poller = asyncio.create_task(poll(client, stop, polls, cursor)) if polling else None
         cpu, start = cpu_seconds(pid), time.perf_counter()
         await asyncio.sleep(seconds)
         res = {"cpu_ms_per_s": (cpu_seconds(pid) - cpu) * 1e3 / (time.perf_counter() - start)}
@@ -122,7 +130,7 @@ async def idle(url: str, pid: int, seconds: float, polling: bool) -> dict:
 
 
 async def phase(url: str, pid: int, seconds: float, concurrency: int, max_tokens: int,
-                polling: bool) -> dict:
+                polling: bool, cursor: dict | None) -> dict:
     """`concurrency` clients chat back to back for `seconds` (the last chats finish after it)."""
     out = {"ttft": [], "itl": [], "e2e": [], "tokens": 0}
     polls = {p: {"s": [], "bytes": []} for p in POLLED}
@@ -134,7 +142,7 @@ async def phase(url: str, pid: int, seconds: float, concurrency: int, max_tokens
             while time.perf_counter() < deadline:
                 await one_chat(client, next(counter), max_tokens, out)
         stop = asyncio.Event()
-        poller = asyncio.create_task(poll(client, stop, polls)) if polling else None
+        poller = asyncio.create_task(poll(client, stop, polls, cursor)) if polling else None
         cpu, start = cpu_seconds(pid), time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
@@ -204,15 +212,16 @@ def paired_ratios(phases: list[dict], key: str) -> list[float]:
 
 
 async def run(url: str, pid: int, args) -> tuple[list[dict], dict]:
-    idle_cpu = {mode: await idle(url, pid, args.idle_s, polling=mode == "on") for mode in ("off", "on")}
+    cursor = {} if args.poll == "page" else None
+    idle_cpu = {mode: await idle(url, pid, args.idle_s, mode == "on", cursor) for mode in ("off", "on")}
     print(f"idle: server CPU {idle_cpu['off']['cpu_ms_per_s']:.1f} ms/s unpolled, "
           f"{idle_cpu['on']['cpu_ms_per_s']:.1f} ms/s polled", flush=True)
-    await phase(url, pid, args.warmup_s, args.concurrency, args.max_tokens, polling=True)   # warm-up, dropped
+    await phase(url, pid, args.warmup_s, args.concurrency, args.max_tokens, True, cursor)   # warm-up, dropped
     phases = []
     for r in range(args.rounds):
         order = ("off", "on") if r % 2 == 0 else ("on", "off")                           # ABBA
         for mode in order:
-            res = await phase(url, pid, args.phase_s, args.concurrency, args.max_tokens, polling=mode == "on")
+            res = await phase(url, pid, args.phase_s, args.concurrency, args.max_tokens, mode == "on", cursor)
             res.update(round=r, mode=mode)
             print(f"round {r} {mode:3}: {res['out_tok_s']:7.1f} out tok/s, ttft p99 {res['ttft_p99_ms']:6.1f} "
                   f"ms, itl p99 {res['itl_p99_ms']:6.1f} ms", flush=True)
@@ -227,6 +236,9 @@ def main() -> None:
     ap.add_argument("--phase-s", type=float, default=15.0)
     ap.add_argument("--warmup-s", type=float, default=8.0)
     ap.add_argument("--idle-s", type=float, default=10.0, help="each idle measurement (no chats)")
+    ap.add_argument("--poll", choices=("page", "full"), default="page",
+                    help="page: /dashboard/data?since= the newest point seen, as the page asks; full: the "
+                         "whole history every second")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args()

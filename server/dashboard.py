@@ -1,7 +1,9 @@
 """GET /dashboard: a page served by the server itself (no CDN: hand-written SVG charts in
 server/static/), refreshed every few seconds from GET /dashboard/data -- a bounded in-memory history
 (a ring buffer) of points that a background task derives from the Prometheus registry every
-`dashboard_interval_s` seconds. Nothing here runs per token: one registry read per interval.
+`dashboard_interval_s` seconds. Nothing here runs per token: one registry read per interval. The page
+loads the whole history once (serialized off the event loop) and then asks only for the points after
+the newest it holds (`?since=t`), so an open page costs a point or two a refresh.
 
 The page and /dashboard/data follow the /metrics auth rule (server.auth OPS_PATHS, `metrics_auth`):
 a bearer key, or the key as the password of HTTP Basic auth -- a browser asks for it when the page
@@ -11,6 +13,7 @@ stay open.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -20,6 +23,7 @@ from importlib.resources import files
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from common.errors import InvalidRequestError
 from server.memory_metrics import COMPONENTS
 from server.training_metrics import REUSE_OUTCOMES, TOKEN_PATHS
 
@@ -130,6 +134,7 @@ class DashboardHistory:
         self.points: deque[dict] = deque(maxlen=max(2, math.ceil(history_s / interval_s)))
         self._prev: Snapshot | None = None
         self._prev_t = 0.0
+        self.boot = time.time()
 
     def sample(self, now: float | None = None) -> dict:
         return self.add(snapshot(self.registry), time.time() if now is None else now)
@@ -153,12 +158,22 @@ class DashboardHistory:
         total = point["_ratings"] - base_total
         return (point["_positive"] - base_positive) / total if total > 0 else None
 
-    def data(self) -> dict:
-        """Columns: "t" and one list per series (null where a window had nothing to measure)."""
-        keys = [k for k in (self.points[-1] if self.points else {}) if not k.startswith("_")]
-        return {"interval_s": self.interval_s, "history_s": self.history_s,
-                "share_window_s": SHARE_WINDOW_S,
-                "series": {k: [p.get(k) for p in self.points] for k in keys}}
+    def data(self, since: float | None = None, points: list[dict] | None = None) -> dict:
+        """Columns: "t" and one list per series (null where a window had nothing to measure), of the
+        points newer than `since` (all without it: a page's first request; later ones ask for what is
+        new, so a poll costs a point or two, not the whole history). `points`: a copy of self.points
+        taken on the event loop, for a caller that serializes elsewhere. `boot` tells a page that the
+        server restarted (a new history)."""
+        points = list(self.points) if points is None else points
+        if since is not None:
+            first = len(points)
+            while first > 0 and points[first - 1]["t"] > since:
+                first -= 1
+            points = points[first:]
+        keys = [k for k in (points[-1] if points else {}) if not k.startswith("_")]
+        return {"interval_s": self.interval_s, "history_s": self.history_s, "boot": self.boot,
+                "max_points": self.points.maxlen, "share_window_s": SHARE_WINDOW_S,
+                "series": {k: [p.get(k) for p in points] for k in keys}}
 
     async def run(self) -> None:
         while True:
@@ -168,6 +183,19 @@ class DashboardHistory:
             except Exception:                   # never let a sampling failure stop serving
                 log.exception("dashboard sample failed")
             await asyncio.sleep(self.interval_s)
+
+
+def parse_since(raw: str | None) -> float | None:
+    """The `since` query parameter: a point's time `t` (seconds since the epoch) or absent."""
+    if raw is None:
+        return None
+    try:
+        since = float(raw)
+    except ValueError:
+        since = math.nan
+    if not math.isfinite(since):
+        raise InvalidRequestError(f"'since' must be a finite number (a point's t), got {raw!r}.", param="since")
+    return since
 
 
 def install_dashboard(app: FastAPI, state) -> DashboardHistory:
@@ -183,7 +211,13 @@ def install_dashboard(app: FastAPI, state) -> DashboardHistory:
         return Response(body, media_type=media, headers={"Cache-Control": "no-cache"})
 
     async def data(request: Request):
-        return JSONResponse(request.app.state.dashboard.data(), headers={"Cache-Control": "no-store"})
+        since = parse_since(request.query_params.get("since"))
+        history = request.app.state.dashboard
+        if since is not None:           # a point or two: cheap enough for the event loop
+            return JSONResponse(history.data(since), headers={"Cache-Control": "no-store"})
+        points = list(history.points)   # the whole history: serialized off the event loop
+        body = await asyncio.to_thread(lambda: json.dumps(history.data(points=points), separators=(",", ":")).encode())
+        return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
 
     for path in pages:
         app.add_api_route(path, page, methods=["GET"], include_in_schema=False)

@@ -4,6 +4,7 @@ rule for the page and its data (bearer, or HTTP Basic with the key as password).
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -118,6 +119,35 @@ def test_keep_up_series_come_from_the_gauges():
     point = DashboardHistory(registry, interval_s=1.0, history_s=10.0).sample(now=1.0)
     assert (point["backlog_tokens"], point["oldest_pending_s"], point["train_tps_window"],
             point["training_paused"]) == (1234.0, 42.5, 17.0, 1.0)
+
+
+def test_data_since_a_point_holds_only_newer_points():
+    fake = FakeServer()
+    history = DashboardHistory(fake.registry, interval_s=1.0, history_s=10.0)
+    for now in (1.0, 2.0, 3.0, 4.0):
+        history.sample(now=now)
+    full = history.data()
+    assert full["series"]["t"] == [1.0, 2.0, 3.0, 4.0] and full["max_points"] == 10
+    newer = history.data(since=2.0)
+    assert newer["series"]["t"] == [3.0, 4.0] and newer["boot"] == full["boot"]
+    assert len(newer["series"]["output_tps"]) == 2 and set(newer["series"]) == set(full["series"])
+    assert history.data(since=4.0)["series"] == {}                        # nothing new
+    assert history.data(since=0.0)["series"]["t"] == full["series"]["t"]
+
+
+def test_since_is_a_query_parameter(tiny_model, tmp_path):
+    state = tiny_state(tiny_model, tmp_path / "a.db", dashboard_interval_s=0.1)
+    with ServerThread(create_app(state)) as srv:
+        deadline = time.monotonic() + 10
+        while len(httpx.get(srv.url + "/dashboard/data").json()["series"].get("t", [])) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        full = httpx.get(srv.url + "/dashboard/data").json()["series"]["t"]
+        newer = httpx.get(srv.url + "/dashboard/data", params={"since": full[-2]}).json()["series"]["t"]
+        assert newer[0] == full[-1] and all(t > full[-2] for t in newer)
+        for bad in ("soon", "nan", "inf"):
+            r = httpx.get(srv.url + "/dashboard/data", params={"since": bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "since", r.text
 
 
 def test_non_finite_values_become_null():

@@ -108,6 +108,8 @@ def test_every_panel_renders_data_in_chromium(server):
             page = context.new_page()
             page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
             page.on("pageerror", lambda err: errors.append(str(err)))
+            data_urls = []
+            page.on("request", lambda req: "/dashboard/data" in req.url and data_urls.append(req.url))
             assert page.goto(f"{server.url}/dashboard").status == 200
             try:
                 page.wait_for_function("""panels => panels.every(p => {
@@ -120,6 +122,10 @@ def test_every_panel_renders_data_in_chromium(server):
                 empty = page.eval_on_selector_all("section[data-panel]", """nodes => nodes
                     .filter(n => !(Number(n.dataset.points) > 0)).map(n => n.dataset.panel)""")
                 pytest.fail(f"panels without data after 30 s: {empty}; console errors: {errors}")
+            # later refreshes ask only for newer points (?since=) and append them to what the page holds
+            shown = int(page.text_content("#status").split()[0])
+            page.wait_for_function("n => Number(document.querySelector('#status').textContent.split(' ')[0]) > n",
+                                   arg=shown, timeout=15_000)
             page.wait_for_timeout(500)
             shot = artifacts_dir() / "dashboard.png"
             page.screenshot(path=str(shot), full_page=True)
@@ -138,6 +144,7 @@ def test_every_panel_renders_data_in_chromium(server):
     assert status == "ok", status
     assert "version" in by_id["adapter"]["latest"] and "weights" in by_id["memory"]["latest"], by_id
     assert "positive" in by_id["positive_share"]["latest"] and "p50" in by_id["ttft"]["latest"], by_id
+    assert "since=" not in data_urls[0] and all("since=" in u for u in data_urls[1:]), data_urls
     assert stats["training_paused"] == "paused" and int(stats["backlog_tokens"]) > 0, stats
     assert stats["oldest_pending_s"].endswith(" s") and stats["train_tps_window"].endswith(" tok/s"), stats
     assert "tokens" in by_id["backlog_tokens"]["latest"] and "age" in by_id["oldest_pending"]["latest"], by_id

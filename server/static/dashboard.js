@@ -136,18 +136,36 @@
     s.setAttribute("data-state", state);
   }
 
+  // the history held here: the whole of it from the first request, then only the points after the
+  // newest held (?since=t), appended and trimmed to the server's bound; a new `boot` starts over
+  let held = null;
+
+  function merge(data) {
+    const fresh = data.series;
+    if (!held || held.boot !== data.boot) { held = {boot: data.boot, interval_s: data.interval_s, series: {}}; }
+    const n = (fresh.t || []).length, old = (held.series.t || []).length;
+    const keys = new Set([...Object.keys(held.series), ...Object.keys(fresh)]);
+    for (const k of keys) {
+      const col = held.series[k] || new Array(old).fill(null);
+      held.series[k] = col.concat(fresh[k] || new Array(n).fill(null)).slice(-data.max_points);
+    }
+    return held.series;
+  }
+
   async function refresh() {
+    const newest = held && held.series.t && held.series.t.length ? held.series.t[held.series.t.length - 1] : null;
+    const url = "/dashboard/data" + (newest === null ? "" : "?since=" + newest);
     // the browser sends the credentials that opened the page (HTTP Basic, the key as password)
-    const response = await fetch("/dashboard/data", {cache: "no-store", credentials: "same-origin"});
+    const response = await fetch(url, {cache: "no-store", credentials: "same-origin"});
     if (response.status === 401) {
       setStatus("the API key was refused: reload the page to sign in again", "auth");
       return;
     }
     if (!response.ok) { setStatus("data: HTTP " + response.status, "error"); return; }
-    const data = await response.json();
-    const t = data.series.t || [];
-    for (const p of PANELS) { draw(p, t, data.series); drawStats(p, data.series); }
-    setStatus(t.length + " points, one every " + data.interval_s + " s, updated " +
+    const series = merge(await response.json());
+    const t = series.t || [];
+    for (const p of PANELS) { draw(p, t, series); drawStats(p, series); }
+    setStatus(t.length + " points, one every " + held.interval_s + " s, updated " +
               new Date().toLocaleTimeString(), "ok");
   }
 
