@@ -98,7 +98,9 @@ def use_mode(trainer, mode: str) -> None:
     concurrency, *options = mode.split(":")
     opts = dict(o.split("=", 1) for o in options)
     number = lambda key, cast: None if opts[key] == "none" else cast(opts[key])
-    config = trainer.config
+    if not hasattr(trainer, "base_config"):      # options left out: the defaults, not the last mode's
+        trainer.base_config = trainer.config
+    config = trainer.base_config
     trainer.stop()
     trainer.config = dataclasses.replace(
         config, concurrency=concurrency, tbt_slo_ratio=number("slo", float) if "slo" in opts else config.tbt_slo_ratio,

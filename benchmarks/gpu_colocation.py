@@ -19,6 +19,7 @@ run of the same schedule.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import tempfile
@@ -199,6 +200,8 @@ def run(args) -> dict:
         res = {"capacity": cap, "loads": {}}
         use_mode(state.trainer, next((m for m in args.modes if not m.startswith("burn-")), "interleaved"))
         warm_up_training(state, hooks, engine, workload, writer)
+        if not args.no_gc_freeze:
+            gc.freeze()                          # as the server does before it serves
         try:
             for load in args.load:
                 res["loads"][str(load)] = one_load(args, load, cap, engine, state, hooks, workload, writer)
@@ -224,6 +227,8 @@ def one_load(args, load: float, cap: dict, engine, state, hooks, workload, write
     runs = [("off", None)] + [(f"on {mode}", mode) for mode in args.modes]
     for tag, mode in runs:
         burn = None
+        if mode is None:                                      # earlier runs' ratings trained before `off`
+            drain_backlog(state, hooks)
         if mode is not None and mode.startswith("burn-"):   # a synthetic load, no training
             burn = Burn.from_mode(mode, engine.device, engine.hf_config.hidden_size)
         elif mode is not None:
@@ -237,6 +242,41 @@ def one_load(args, load: float, cap: dict, engine, state, hooks, workload, write
     return res
 
 
+class GcPauses:
+    """The garbage collector's pauses during a run (it holds the GIL for each), per generation."""
+
+    def __init__(self):
+        self.pauses: list[tuple[int, float]] = []
+        self._start: float | None = None
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.pauses.append((info["generation"], time.perf_counter() - self._start))
+            self._start = None
+
+    def summary(self) -> dict:
+        out = {}
+        for gen in sorted({g for g, _ in self.pauses}):
+            ms = [s * 1e3 for g, s in self.pauses if g == gen]
+            out[str(gen)] = {"count": len(ms), "max_ms": max(ms), "total_ms": sum(ms)}
+        return out
+
+
+def drain_backlog(state, hooks, timeout: float = 300.0) -> None:
+    """Train what earlier runs left pending, with no serving traffic (the trainer at full speed)."""
+    trainer, deadline = state.trainer, time.monotonic() + timeout
+    while trainer.pending_count() > 0 and state.train_error is None and time.monotonic() < deadline:
+        for hook in hooks:
+            hook()
+        time.sleep(0.01)
+    with trainer.lock:                           # a step under way has ended
+        pass
+    for hook in hooks:
+        hook()
+
+
 def one_run(engine, hooks, sched, args, writer: Writer, tag: str, state, burn=None, salt: str = "") -> dict:
     duration = args.duration
     before, staleness = Counter(state.trainer.totals), Counter(state.trainer.staleness)
@@ -244,13 +284,17 @@ def one_run(engine, hooks, sched, args, writer: Writer, tag: str, state, burn=No
     if burn is not None:                         # the load instead of training (earlier runs' ratings wait)
         state.trainer.pause()
         burn.start()
+    pauses = GcPauses()
+    gc.callbacks.append(pauses)
     try:
         raw = drive(engine, hooks, sched, duration, writer, f"{tag.replace(' ', '-')}-{salt}", on, state.trainer)
     finally:
+        gc.callbacks.remove(pauses)
         if burn is not None:
             burn.stop()
             state.trainer.resume()
     out = summarize(raw, duration, before)
+    out["gc_pauses"] = pauses.summary()
     if burn is not None:
         out["burn_busy_frac"] = burn.busy_s / raw["elapsed_s"]
     writer.drain()
@@ -300,6 +344,7 @@ def parse_args(argv=None):
                     help="training.compile_layers: each training layer one compiled graph (compiled at start-up)")
     ap.add_argument("--token-buckets", type=lambda v: [int(x) for x in v.split(",")], default=None,
                     help="training.token_buckets, e.g. 512,1024,2048")
+    ap.add_argument("--no-gc-freeze", action="store_true", help="do not gc.freeze() after start-up")
     ap.add_argument("--kv-gib", type=float, default=None)
     ap.add_argument("--pool-gib", type=float, default=None, help="activation pool (default: the engine's)")
     ap.add_argument("--pool-cpu-gib", type=float, default=0.0)

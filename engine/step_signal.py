@@ -23,7 +23,7 @@ class StepSignal:
         self._observers += (observer,)
 
     def unobserve(self, observer: StepObserver) -> None:
-        self._observers = tuple(o for o in self._observers if o is not observer)
+        self._observers = tuple(o for o in self._observers if o != observer)   # bound methods: equal, not identical
 
     def begin(self, prefill_tokens: int, decode_seqs: int = 0) -> None:
         self.last_prefill_tokens, self._decode_seqs = prefill_tokens, decode_seqs

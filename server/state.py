@@ -3,6 +3,7 @@ online trainer (on its own thread, or between engine steps on the engine thread:
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from pathlib import Path
@@ -83,6 +84,7 @@ class ServerState:
     async def start(self) -> None:
         if not self._started:
             self._started = True
+            gc.freeze()     # what start-up built is never garbage: later collections skip it (shorter GIL holds)
             self.engine.start()
             if self.trainer is not None:
                 self.trainer.start()

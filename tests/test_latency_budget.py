@@ -39,20 +39,19 @@ def baseline(budget, serving, steps=20):
     budget.wait_after(0.0, serving=True)          # absorbed as baseline samples
 
 
-def run_units(budget, serving, clock, slowdown, units=200, unit_s=0.005):
-    """Alternate a training unit (during which serving steps run `slowdown` slower) with the wait the
-    budget asks for (serving runs alone); returns the training share of wall time."""
+def run_units(budget, serving, clock, slowdown, units=200):
+    """Serving steps back to back on the fake clock; a training unit spans one of them (which runs
+    `slowdown` times slower), then the wait the budget asks for (serving alone). Returns the training
+    share of wall time."""
     start, busy = clock.now, 0.0
     for _ in range(units):
         budget.unit_begins()
         serving.step(slowdown)
-        clock.now += unit_s
-        busy += budget.unit_ends()
-        wait = budget.wait_after(budget.units[-1][1] - budget.units[-1][0], serving=True)
-        waited_until = clock.now + wait
+        unit = budget.unit_ends()
+        busy += unit
+        waited_until = clock.now + budget.wait_after(unit, serving=True)
         while clock.now < waited_until:
             serving.step()
-        clock.now = max(clock.now, waited_until)
     return busy / (clock.now - start)
 
 
@@ -129,3 +128,29 @@ def test_without_baseline_the_share_holds():
     budget.unit_ends()
     assert budget.wait_after(0.01, serving=True) == pytest.approx(0.03)
     assert budget.share == 0.25
+
+
+def test_the_gate_lets_the_graph_capture_lock_go_while_it_waits():
+    """The engine may capture decode graphs while the trainer thread waits (it issues no CUDA work)."""
+    import threading
+    import types
+
+    import torch
+
+    from trainer.background import TrainingGate
+    from engine.step_signal import StepSignal
+
+    clock = Clock()
+    budget = LatencyBudget(1.15, clock=clock, initial_share=0.5, probe_every_s=1e9)
+    lock = threading.Lock()
+    port = types.SimpleNamespace(device=torch.device("cpu"), graph_capture_lock=lock, step_signal=StepSignal(),
+                                 has_unfinished=lambda: True)
+    seen = []
+    gate = TrainingGate(port, budget, None, stop=types.SimpleNamespace(wait=lambda s: seen.append(lock.locked())))
+    with lock:
+        gate.holds_capture_lock = True
+        gate.begin()
+        clock.now += 0.01
+        gate()                                      # share 0.5: waits as long as the unit took
+        assert lock.locked()                        # held again afterwards
+    assert seen == [False]

@@ -113,10 +113,11 @@ def _waits_while_a_long_prompt_runs(rig):
 def test_the_latency_budget_sees_every_serving_step_and_paces_the_thread(rig):
     budget = rig.trainer.thread.budget
     assert budget is not None and rig.trainer._gate() is rig.trainer.thread.gate
-    records = rig.serve(3)                          # engine steps, reported through the step signal
-    assert len(budget.steps) > 0
+    rig.trainer.start()                             # from now on the engine reports its steps
+    records = rig.serve(3)
+    assert len(budget.steps) > 0 or budget.baseline
     rig.rate(records)
-    rig.trainer.start()
     assert wait_for(lambda: rig.trainer.totals["steps"] == 1)
     assert budget.baseline                           # serving steps without training: baselines
     assert budget.status()["slo_ratio"] == rig.config.tbt_slo_ratio
+    assert rig.trainer.stop(timeout=10) and not rig.engine.step_signal._observers   # unsubscribed

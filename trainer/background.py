@@ -105,7 +105,11 @@ class TrainerThread:
         while not self._stop.is_set():
             gate.begin()
             with port.graph_capture_lock:
-                trained = self.trainer.step()    # failures pause training (last_error)
+                gate.holds_capture_lock = True
+                try:
+                    trained = self.trainer.step()    # failures pause training (last_error)
+                finally:
+                    gate.holds_capture_lock = False
             if trained:
                 gate()                           # the step's tail was a unit too
             else:
@@ -128,6 +132,7 @@ class TrainingGate:
                  stop: threading.Event | None = None):
         self.port, self.budget, self.prefill_tokens = port, budget, prefill_tokens
         self.stop = stop or threading.Event()             # set: stop waiting (the thread is stopping)
+        self.holds_capture_lock = False                   # the loop holds port.graph_capture_lock
 
     @property
     def active(self) -> bool:
@@ -150,7 +155,19 @@ class TrainingGate:
             wait = self.budget.wait_after(unit_s, serving=self.port.has_unfinished())
             if wait > 0:
                 self.budget.waited_s += wait
-                self.stop.wait(wait)
+                self._paused(lambda: self.stop.wait(wait))
         if self.prefill_tokens is not None:
-            self.port.step_signal.wait_below(self.prefill_tokens)
+            self._paused(lambda: self.port.step_signal.wait_below(self.prefill_tokens))
         self.begin()
+
+    def _paused(self, wait) -> None:
+        """Wait with the graph-capture lock let go: the engine may capture graphs meanwhile, since this
+        thread issues no CUDA work while it waits."""
+        if not self.holds_capture_lock:
+            wait()
+            return
+        self.port.graph_capture_lock.release()
+        try:
+            wait()
+        finally:
+            self.port.graph_capture_lock.acquire()

@@ -2,7 +2,7 @@
 serving leaves, as long as serving's steps stay within `slo_ratio` of their length without training.
 
 The engine reports every serving step (start, end, prompt tokens, decoding sequences) through its
-`StepSignal`; the trainer reports when its units of work (a layer forward or backward, the step's tail)
+`StepSignal` (a step's sample runs from the previous step's end: the host work between steps counts); the trainer reports when its units of work (a layer forward or backward, the step's tail)
 start and end. A serving step that overlapped no unit is a *baseline* sample of its class (classes:
 powers of two of prompt tokens and of decoding sequences: a decode step of 8 is not compared with a
 prefill of 4,096 tokens); one that overlapped a unit is a *loaded* sample, compared with its class's
@@ -28,6 +28,7 @@ INCREASE, DECREASE = 0.05, 0.7
 BASELINE_MOMENTUM = 0.9       # EWMA of a class's baseline step time
 LOADED_WINDOW = 64            # loaded samples the ratio is taken over
 MIN_LOADED = 4                # loaded samples with a baseline needed before the share moves
+IDLE_GAP_S = 0.02             # a longer gap before a serving step: the engine was idle, not delayed
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class LatencyBudget:
         self.share = initial_share
         self.probe_every_s, self.probe_s = probe_every_s, probe_s
         self.steps: deque[ServingStep] = deque(maxlen=4096)   # appended by the engine thread, read here
+        self._last_end: float | None = None
         self.baseline: dict[tuple[int, int], float] = {}
         self.loaded: deque[tuple[float, float]] = deque(maxlen=LOADED_WINDOW)   # (step s, its baseline s)
         self.fresh = 0                                    # loaded samples since the share last moved
@@ -64,7 +66,13 @@ class LatencyBudget:
 
     # -- reports ---------------------------------------------------------------------
     def serving_step(self, start: float, end: float, prefill_tokens: int, decode_seqs: int) -> None:
-        """A serving step ended (the engine thread: one deque append, nothing else)."""
+        """A serving step ended (the engine thread: an append, nothing else). What a decoding request
+        sees is the time from the previous step's end to this one's, host work between steps included
+        (where a trainer thread holding the GIL delays the engine): that is the sample, unless the
+        engine was idle before the step (then the step alone)."""
+        previous, self._last_end = self._last_end, end
+        if previous is not None and start - previous < IDLE_GAP_S:
+            start = previous
         self.steps.append(ServingStep(start, end, prefill_tokens, decode_seqs))
 
     def unit_begins(self) -> None:
