@@ -9,10 +9,11 @@ free list (`store.free_blocks`: runs of consecutive blocks where it can), like a
 (`common.paging`: position -> slot). The scratch row counts against the budget.
 
 When a reservation needs blocks, the eviction policy (store/pool_eviction.py: value-ordered
-retention) chooses victims; store/pool_tiers.py moves their rows kind by kind to the pinned-CPU tier
-(store/host_tier.py) or drops them. A record's rows of each kind are on the device, on the host or
-gone (`ActivationRecord.tier_of`); a record with nothing left stays (tier "dropped") so the trainer
-knows to recompute; `release` forgets it. `demote` moves kinds on request (check-grad, tests).
+retention) chooses victims; store/pool_tiers.py moves their rows kind by kind to the device's
+retention region (`retention_fraction`: `down` only), the pinned-CPU tier (store/host_tier.py), or
+drops them. A record's rows of each kind are on the device, retained, on the host or gone
+(`ActivationRecord.tier_of`); a record with nothing left stays (tier "dropped") so the trainer knows
+to recompute; `release` forgets it. `demote` moves kinds on request (check-grad, tests).
 Bookkeeping is plain Python under one lock; torch only holds the bytes.
 
 Engine contract: within a step call `reserve`/`extend` for every sequence *before* building any
@@ -36,25 +37,29 @@ from store.pool_eviction import EvictionPolicy, ValueEviction
 from store.pool_layout import (ActivationMissingError, ActivationRecord, DeviceBuffers, PoolLayout,
                                num_slots_for, resolve_positions)
 from store.pool_stats import pool_stats
+from store.pool_retention import retention_region
 from store.pool_tiers import TierMover, TierView
 
 
 class ActivationPool:
     def __init__(self, layout: PoolLayout, budget_bytes: int, block_size: int = 16,
                  cpu_budget_bytes: int = 0, eviction: EvictionPolicy | None = None,
-                 feedback_window_s: float = 0.0):
+                 feedback_window_s: float = 0.0, retention_fraction: float = 0.0):
         """`feedback_window_s` > 0: records unrated that long after capture are the first victims
-        (store/pool_eviction.py); `eviction` replaces the whole policy."""
-        if block_size < 1 or budget_bytes < 0 or cpu_budget_bytes < 0:
-            raise ConfigError(f"activation pool needs block_size >= 1 and budgets >= 0, got "
-                              f"block_size={block_size} budget_bytes={budget_bytes} "
-                              f"cpu_budget_bytes={cpu_budget_bytes}")
+        (store/pool_eviction.py); `eviction` replaces the whole policy. `retention_fraction`: the share
+        of `budget_bytes` kept for the device's retention region (store/pool_retention.py)."""
+        if block_size < 1 or budget_bytes < 0 or cpu_budget_bytes < 0 or not 0.0 <= retention_fraction < 1.0:
+            raise ConfigError(f"activation pool needs block_size >= 1, budgets >= 0 and a retention fraction "
+                              f"in [0, 1), got block_size={block_size} budget_bytes={budget_bytes} "
+                              f"cpu_budget_bytes={cpu_budget_bytes} retention_fraction={retention_fraction}")
         self.layout, self.block_size = layout, block_size
         self.budget_bytes, self.cpu_budget_bytes = budget_bytes, cpu_budget_bytes
-        self.num_slots = num_slots_for(layout, budget_bytes, block_size)
+        retention_bytes = int(budget_bytes * retention_fraction)
+        self.num_slots = num_slots_for(layout, budget_bytes - retention_bytes, block_size)
         self.num_blocks = self.num_slots // block_size
         self.scratch_slot = self.num_slots
-        buffers = DeviceBuffers(layout, self.num_slots + 1)
+        region = retention_region(layout, retention_bytes, block_size, self.num_slots + 1)
+        buffers = DeviceBuffers(layout, self.num_slots + 1, {region.group: region.num_rows} if region else None)
         self._group_buffers, self._buffers = buffers.per_group, buffers.per_kind
         self.direct_buffers = buffers.direct        # kinds -> [layers, slots + 1, width]: written in place
         self._free_blocks = FreeBlocks(self.num_blocks)      # runs of consecutive blocks where possible
@@ -64,7 +69,7 @@ class ActivationPool:
         self._index_cache: dict[Hashable, tuple[int, int, torch.Tensor]] = {}
         self._block_ready: dict[int, torch.cuda.Event] = {}   # block -> its D2H copy is done
         self._lock = threading.RLock()
-        self._tiers = TierMover(self, self._eviction, self._host)
+        self._tiers = TierMover(self, self._eviction, self._host, region)
 
     # -- reservation -----------------------------------------------------------
     def buffer(self, layer: int, kind: str) -> torch.Tensor:
@@ -181,7 +186,8 @@ class ActivationPool:
             record = self._records.pop(key, None)
             if record is None:
                 return False
-            self._free_storage(record, copy_done=None)
+            self._free_blocks_of(record, copy_done=None)
+            self._tiers.release(record)      # its host bytes and retention blocks
             return True
 
     # -- tiers -------------------------------------------------------------------------
@@ -190,10 +196,6 @@ class ActivationPool:
         there or lower stays. Kinds the host tier cannot take are dropped (value-ordered, as eviction)."""
         with self._lock:
             self._tiers.demote(self._require(key), tuple(kinds), to, time.monotonic())
-
-    @property
-    def evictions_to_cpu(self) -> int:
-        return self._tiers.counts["evictions_to_cpu"]
 
     @property
     def drops(self) -> int:
@@ -213,6 +215,8 @@ class ActivationPool:
             self._touch(record)
             if tier == "device":
                 return buffer.index_select(0, self._slot_index(record, start, stop))  # [n, dim]
+            if tier == "retained":
+                return buffer.index_select(0, self._tiers.retained_index(record, start, stop))
             return self._host.fetch(record.cpu_rows[(layer, kind)][start:stop]).wait()   # [n, dim]
 
     def tier_view(self, key: Hashable, start: int, stop: int) -> TierView:
@@ -225,7 +229,8 @@ class ActivationPool:
             tiers = {kind: record.tier_of(kind) for kind in self.layout.dims}
             slots = self._slot_index(record, start, stop) if record.tier == "device" else None   # [n]
             host = {(layer, kind): rows[start:stop] for (layer, kind), rows in (record.cpu_rows or {}).items()}
-            return TierView(tiers, slots, host)
+            retained = self._tiers.retained_index(record, start, stop) if record.retained_blocks else None
+            return TierView(tiers, slots, host, retained)
 
     def fetch(self, rows: torch.Tensor) -> PendingRows:
         """Host-tier rows [n, dim] (from a `tier_view`) -> their copy to the device, started now (a
@@ -256,7 +261,7 @@ class ActivationPool:
         with self._lock:
             used_rows = (self.num_blocks - len(self._free_blocks)) * self.block_size
             return pool_stats(self.layout, self._records.values(), used_rows, self.num_slots, self.block_size,
-                              self._host, self._tiers.counts, self._tiers.demotions)
+                              self._host, self._tiers)
 
     # -- internals ---------------------------------------------------------------------
     def _require(self, key: Hashable) -> ActivationRecord:
@@ -302,11 +307,6 @@ class ActivationPool:
             self._free_blocks.put(block)
         record.blocks = []
         self._index_cache.pop(record.key, None)
-
-    def _free_storage(self, record: ActivationRecord, copy_done) -> None:
-        """Return the record's blocks to the free list and its host bytes to the CPU budget."""
-        self._free_blocks_of(record, copy_done)
-        self._tiers.free_host(record)
 
     def _slot_index(self, record: ActivationRecord, start: int, stop: int) -> torch.Tensor:
         cached = self._index_cache.get(record.key)

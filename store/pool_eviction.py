@@ -6,7 +6,8 @@ records), the pool moves the bytes (store/activation_pool.py: device tier; store
 Value-ordered retention:
 - a record still unrated (unpinned) `feedback_window_s` after its capture is unlikely to be rated: it
   goes first, and is dropped rather than demoted (no D2H traffic for it);
-- otherwise unpinned device records leave least recently used first, to the host tier;
+- otherwise unpinned device records leave least recently used first: their most valuable group to
+  the device's retention region (its own least recently used records moving on), the rest to the host;
 - the host tier keeps what saves the most per byte: it gives up a record's rows group of kinds by
   group in the layout's `demotion_groups` order (lowest FLOPs per byte first, `down` last; q|k|v and
   gate|up go whole, as their GEMMs are injected whole), least recently used records first within a
@@ -28,6 +29,11 @@ class EvictionPolicy(Protocol):
                        exclude: Hashable | None, now: float) -> list[ActivationRecord] | None:
         """Device records whose blocks, freed, cover `blocks_short`; None when no choice does."""
 
+    def retention_victims(self, records: Iterable[ActivationRecord], blocks_short: int,
+                          exclude: Hashable | None, now: float) -> list[ActivationRecord] | None:
+        """Records whose blocks of the device's retention region, freed, cover `blocks_short`; None
+        when no choice does (their retained rows move on to the host)."""
+
     def host_drops(self, records: Iterable[ActivationRecord], incoming: ActivationRecord,
                    incoming_kinds: tuple[str, ...], bytes_short: int, unit_bytes,
                    groups: tuple[tuple[str, ...], ...], now: float) -> list[tuple[ActivationRecord, tuple]]:
@@ -46,14 +52,24 @@ class ValueEviction:
                 and now - record.created > self.feedback_window_s)
 
     def device_victims(self, records, blocks_short, exclude, now):
-        candidates = [r for r in records if r.tier == "device" and r.blocks and not r.pinned and r.key != exclude]
-        candidates.sort(key=lambda r: not self.expired(r, now))        # stable: LRU within each class
+        held = [(r, len(r.blocks)) for r in records if r.tier == "device" and r.blocks]
+        return self._victims(held, blocks_short, exclude, now)
+
+    def retention_victims(self, records, blocks_short, exclude, now):
+        return self._victims([(r, len(r.retained_blocks)) for r in records if r.retained_blocks],
+                             blocks_short, exclude, now)
+
+    def _victims(self, held, blocks_short, exclude, now):
+        """Unpinned records (not `exclude`) of `held` [(record, blocks)], expired first, then least
+        recently used, until their blocks cover `blocks_short`; None when all of them do not."""
+        candidates = [(r, n) for r, n in held if not r.pinned and r.key != exclude]
+        candidates.sort(key=lambda c: not self.expired(c[0], now))      # stable: LRU within each class
         victims, freed = [], 0
-        for record in candidates:
+        for record, blocks in candidates:
             if freed >= blocks_short:
                 break
             victims.append(record)
-            freed += len(record.blocks)
+            freed += blocks
         return victims if freed >= blocks_short else None
 
     def host_drops(self, records, incoming, incoming_kinds, bytes_short, unit_bytes, groups, now):

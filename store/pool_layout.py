@@ -11,7 +11,7 @@ import torch
 from common.errors import ConfigError, InvalidRequestError
 from common.model_shape import head_dim
 
-TIERS = ("device", "cpu", "dropped")
+TIERS = ("device", "retained", "cpu", "dropped")   # best first; "retained": the device's retention region
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")      # the base projections of a decoder layer
 GROUPS = (("q", "k", "v"), ("gate", "up"))   # one GEMM each on CUDA (engine/packing.py): one pool buffer each
 
@@ -111,8 +111,10 @@ class DeviceBuffers:
     """The device tier's tensors of a layout, `num_rows` rows each: per group one
     [layers, num_rows, width] tensor (a step slices each group's rows once), every kind a column slice."""
 
-    def __init__(self, layout: PoolLayout, num_rows: int):
-        stacked = {group: torch.empty(layout.num_layers, num_rows, layout.width(group),
+    def __init__(self, layout: PoolLayout, num_rows: int, extra_rows: dict[tuple[str, ...], int] | None = None):
+        """`extra_rows`: group -> rows after the `num_rows` (store/pool_retention.py)."""
+        extra = extra_rows or {}
+        stacked = {group: torch.empty(layout.num_layers, num_rows + extra.get(group, 0), layout.width(group),
                                       dtype=layout.dtype, device=layout.device) for group in layout.groups}
         columns = {(kind,): part for group, rows in stacked.items()     # (kind,) -> [layers, rows, dim]
                    for kind, part in zip(group, rows.split([layout.dims[k] for k in group], dim=2))}
@@ -130,13 +132,14 @@ class ActivationRecord:
     blocks: list[int] = field(default_factory=list)
     captured: int = 0                        # rows written, contiguous from position 0
     versions: list[int] = field(default_factory=list)   # adapter version per captured row
-    tier: str = "device"                     # the best tier of any kind: device (holds blocks) > cpu > dropped
+    tier: str = "device"                     # the best tier of any kind (TIERS order); device: holds blocks
     pinned: bool = False
     last_used: float = 0.0
     cpu_rows: dict[tuple[int, str], torch.Tensor] | None = None   # (layer, kind) -> [captured, dim]
     capture_stopped: bool = False            # an extend failed: later rows are never reserved
     offset: int = 0                          # sequence position of row 0 (earlier rows came from a prefix cache)
     created: float = 0.0                     # time.monotonic() of the reservation (the feedback window)
+    retained_blocks: list[int] = field(default_factory=list)   # blocks of the device's retention region
     kind_tiers: dict[str, str] = field(default_factory=dict)   # kind -> tier; absent: the record's tier
 
     def tier_of(self, kind: str) -> str:

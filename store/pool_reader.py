@@ -2,8 +2,9 @@
 
 Each record of the batch brings a span of batch rows whose projection outputs the pool captured. Per
 (layer, kinds) projection call a span's rows are injected when every one of those kinds is still held
-(on the device: one gather over the device spans' slots; on the host: copied in when the forward
-reaches that layer, the next layer's copies queued behind, so they overlap this layer's compute);
+(on the device: one gather over the device spans' slots, or from the device's retention region; on
+the host: copied in when the forward reaches that layer, the next layer's copies queued behind, so
+they overlap this layer's compute);
 otherwise, or when the fetch planner chose to recompute that (span, layer, kind), they are multiplied
 with the batch's other fresh rows. Either way the layer computes the same function, exactly.
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-HELD = ("device", "cpu")
+HELD = ("device", "retained", "cpu")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class BatchRows:
         self.views = [pool.tier_view(span.key, 0, span.rows) for span in spans]
         self.num_layers = pool.layout.num_layers
         self.recompute: set[tuple[int, int, str]] = set()          # (span, layer, kind) the planner gave up
-        self.counts: Counter = Counter()                              # "device/q", "cpu/q", "recomputed/q": rows
+        self.counts: Counter = Counter()          # "device/q", "retained/down", "cpu/q", "recomputed/q": rows
         self.plan_summary: dict = {}                                  # the fetch planner's, when one chose
         self._counted: set[tuple[int, tuple[str, ...]]] = set()
         self._indices: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
@@ -151,7 +152,8 @@ class BatchRows:
         if copies is None:
             copies = self._start_copies(i, layer, kinds)
         view = self.views[i]
-        parts = [copies[kind].wait() if kind in copies else self.pool.gather_slots(layer, (kind,), view.slots)
+        slots = lambda kind: view.retained_slots if view.tiers[kind] == "retained" else view.slots
+        parts = [copies[kind].wait() if kind in copies else self.pool.gather_slots(layer, (kind,), slots(kind))
                  for kind in kinds]                                                 # [n, dim] each
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 

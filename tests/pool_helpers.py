@@ -11,10 +11,14 @@ LAYOUT = PoolLayout(num_layers=2, dims={"q": 3, "k": 2, "down": 5}, dtype=torch.
 BPT = LAYOUT.bytes_per_token                   # 2 layers * 10 floats * 4 bytes = 80
 
 
-def make_pool(num_blocks=4, cpu_tokens=0, block_size=BS, **options):
-    """A pool whose device tier holds exactly `num_blocks` blocks (plus the scratch row)."""
-    return ActivationPool(LAYOUT, (num_blocks * block_size + 1) * BPT, block_size=block_size,
-                          cpu_budget_bytes=cpu_tokens * BPT, **options)
+def make_pool(num_blocks=4, cpu_tokens=0, block_size=BS, retained_tokens=0, **options):
+    """A pool whose capture slots are exactly `num_blocks` blocks (plus the scratch row), with a
+    retention region of `retained_tokens` down rows (rounded down to blocks)."""
+    capture_bytes = (num_blocks * block_size + 1) * BPT
+    retained_bytes = retained_tokens * LAYOUT.kind_bytes("down", 1)
+    total = capture_bytes + retained_bytes
+    return ActivationPool(LAYOUT, total, block_size=block_size, cpu_budget_bytes=cpu_tokens * BPT,
+                          retention_fraction=(retained_bytes + 0.5) / total, **options)
 
 
 def capture(pool, key, start, count, version=0, seed=0):
@@ -45,6 +49,12 @@ def check_invariants(pool):
     owned = [b for r in pool._records.values() for b in r.blocks]
     assert len(owned) == len(set(owned))
     assert sorted(owned + list(pool._free_blocks)) == list(range(pool.num_blocks))
+    region = pool._tiers.region
+    retained = [b for r in pool._records.values() for b in r.retained_blocks]
+    free = list(region.free) if region else []
+    assert sorted(retained + free) == list(range(region.num_blocks if region else 0))
+    for r in pool._records.values():
+        assert bool(r.retained_blocks) == bool(r.kinds_on("retained", pool.layout.dims))
     stats = pool.stats()
     assert stats["bytes"]["device"] <= pool.budget_bytes
     assert stats["bytes"]["cpu"] <= pool.cpu_budget_bytes
@@ -59,7 +69,7 @@ def check_invariants(pool):
         layers = range(pool.layout.num_layers)
         assert set(r.cpu_rows or {}) == {(layer, kind) for layer in layers for kind in on_host}
         tiers = [r.tier_of(kind) for kind in pool.layout.dims]
-        assert r.tier == min(tiers, key=["device", "cpu", "dropped"].index)
+        assert r.tier == min(tiers, key=["device", "retained", "cpu", "dropped"].index)
         if r.tier == "device":
             assert len(r.blocks) == -(-r.num_tokens // pool.block_size)
 

@@ -75,7 +75,7 @@ def test_eviction_to_cpu_tier_keeps_exact_data():
     assert_gathers(pool, "a", {k: v[1:4] for k, v in written.items()}, slice(1, 4))
     stats = pool.stats()
     assert stats["evictions_to_cpu"] == 1 and stats["bytes"]["cpu"] == 5 * BPT
-    assert stats["records"] == {"device": 1, "cpu": 1, "dropped": 0}
+    assert stats["records"] == {"device": 1, "retained": 0, "cpu": 1, "dropped": 0}
     assert not pool.extend("a", 7) and pool.slot_mapping("a", 0, 2) == [pool.scratch_slot] * 2
     assert pool.mark_captured("a", 6, 2) == 5
     pool.release("a")
@@ -144,9 +144,11 @@ def test_pinned_never_evicted_and_reserve_none_when_full():
     assert all(pool.get(k).tier == "device" for k in "acd")
 
 
-def test_random_stress_keeps_invariants():
+@pytest.mark.parametrize("retained_tokens", [0, 12])
+def test_random_stress_keeps_invariants(retained_tokens):
     rng = random.Random(1234)
-    pool = make_pool(num_blocks=8, cpu_tokens=20)
+    pool = make_pool(num_blocks=8, cpu_tokens=20, retained_tokens=retained_tokens)
+    assert pool.num_blocks == 8
     data, next_key = {}, 0
     for _ in range(800):
         keys = list(pool._records)
@@ -180,6 +182,8 @@ def test_random_stress_keeps_invariants():
     stats = pool.stats()
     assert stats["evictions_to_cpu"] > 0 and stats["drops"] > 0
     assert stats["records"]["cpu"] + stats["records"]["device"] > 0
+    if retained_tokens:                  # down rows went through the retention region on to the host
+        assert {"device->retained", "retained->cpu"} <= set(stats["demoted_rows"]), stats
 
 
 @pytest.mark.gpu

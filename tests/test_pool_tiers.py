@@ -77,7 +77,7 @@ def test_host_without_room_keeps_the_demoted_records_down_rows_only():
     capture(pool, "a", 0, 4)
     pool.reserve("b", 8)                                     # a leaves the device
     assert TIERS(pool, "a") == ["dropped", "dropped", "cpu"]
-    assert pool.stats()["bytes"]["cpu"] == down_bytes and pool.evictions_to_cpu == 1
+    assert pool.stats()["bytes"]["cpu"] == down_bytes and pool.stats()["evictions_to_cpu"] == 1
     check_invariants(pool)
 
 
@@ -194,3 +194,33 @@ def test_cuda_batch_rows_prefetch_host_rows_exactly():
             assert rows.device.type == "cuda" and torch.equal(rows, expect)
             assert stored_idx.tolist() == list(range(18)) and fresh_idx.tolist() == [18, 19]
     assert pool.stats()["traffic_bytes"]["h2d"] > 0 and not reader._prefetched     # none copied in vain
+
+
+def test_the_retention_region_keeps_down_rows_on_the_device_then_passes_them_to_the_host():
+    """Capture slots for 2 records of 4 rows, a retention region for 2 records' down rows: a record
+    leaving the capture slots keeps its down rows on the device and sends q|k to the host; when the
+    region is full its least recently used record's down rows move on to the host."""
+    pool = ActivationPool(LAYOUT, 1100, block_size=4, cpu_budget_bytes=64 * BPT, retention_fraction=0.3)
+    assert pool.num_blocks == 2 and pool._tiers.region.num_blocks == 2
+    written = {}
+    for key in "abcde":
+        pool.reserve(key, 4)
+        written[key] = capture(pool, key, 0, 4, seed=ord(key))
+        check_invariants(pool)
+    assert TIERS(pool, "a") == ["cpu", "cpu", "cpu"]                   # pushed out of the region by c
+    assert TIERS(pool, "b") == TIERS(pool, "c") == ["cpu", "cpu", "retained"]
+    assert pool.get("b").tier == "retained" and pool.get("d").tier == "device"
+    for key in "abcde":
+        assert_gathers(pool, key, written[key])
+    stats = pool.stats()
+    assert stats["records"] == {"device": 2, "retained": 2, "cpu": 1, "dropped": 0}
+    assert stats["bytes_by_kind"]["retained"] == {"q": 0, "k": 0, "down": 2 * LAYOUT.kind_bytes("down", 4)}
+    assert stats["demoted_rows"]["retained->cpu"] == {"down": 4}
+    reader = BatchRows(pool, [Span("b", 4, 0), Span("d", 4, 4)], 8, torch.device("cpu"))
+    stored_idx, fresh_idx, rows = reader.select(1, ("down",))
+    assert stored_idx.tolist() == list(range(8)) and fresh_idx.tolist() == []
+    assert torch.equal(rows, torch.cat([written["b"][(1, "down")], written["d"][(1, "down")]]))
+    assert reader.counts["retained/down"] == 4 and reader.counts["device/down"] == 4
+    pool.release("b")
+    assert len(pool._tiers.region.free) == 1
+    check_invariants(pool)
