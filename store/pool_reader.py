@@ -50,6 +50,7 @@ class BatchRows:
         self._counted: set[tuple[int, tuple[str, ...]]] = set()
         self._indices: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self._prefetched: dict[tuple[int, int, tuple[str, ...]], dict] = {}   # -> kind -> PendingRows
+        self._run_slots: dict[tuple[int, ...], torch.Tensor] = {}             # run of device spans -> slots
         self._last_layer, self._descending = -1, False   # prefetch only while layers come in ascending order
         self.uniform = uniform
         self._uniform_spans: tuple[int, ...] | None = None
@@ -142,7 +143,10 @@ class BatchRows:
         return all(self.views[i].tiers[kind] == "device" for kind in kinds)
 
     def _device_rows(self, layer: int, kinds: tuple[str, ...], run: tuple[int, ...]) -> torch.Tensor:
-        slots = self.views[run[0]].slots if len(run) == 1 else torch.cat([self.views[i].slots for i in run])
+        slots = self._run_slots.get(run)
+        if slots is None:                  # made once per run of spans, not per layer
+            slots = self.views[run[0]].slots if len(run) == 1 else torch.cat([self.views[i].slots for i in run])
+            self._run_slots[run] = slots                                   # [n]
         return self.pool.gather_slots(layer, kinds, slots)                # [n, sum(dims)]
 
     def _span_rows(self, i: int, layer: int, kinds: tuple[str, ...]) -> torch.Tensor:
