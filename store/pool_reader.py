@@ -49,7 +49,7 @@ class BatchRows:
         self.plan_summary: dict = {}                                  # the fetch planner's, when one chose
         self._counted: set[tuple[int, tuple[str, ...]]] = set()
         self._indices: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
-        self._prefetched: dict[tuple[int, int, tuple[str, ...]], dict] = {}   # -> kind -> PendingRows
+        self._prefetched: dict[tuple[int, int, str], object] = {}   # (span, layer, kind) -> PendingRows
         self._run_slots: dict[tuple[int, ...], torch.Tensor] = {}             # run of device spans -> slots
         self._last_layer, self._descending = -1, False   # prefetch only while layers come in ascending order
         self.uniform = uniform
@@ -151,26 +151,32 @@ class BatchRows:
 
     def _span_rows(self, i: int, layer: int, kinds: tuple[str, ...]) -> torch.Tensor:
         """One span's rows of `kinds` at `layer` [n, sum(dims)], kind by kind from where each is: host
-        copies prefetched by the previous layer's call (else started now) and waited for here."""
-        copies = self._prefetched.pop((i, layer, kinds), None)
-        if copies is None:
-            copies = self._start_copies(i, layer, kinds)
+        copies prefetched (by the previous layer's call, or `prefetch_layer`) else started now, and
+        waited for here."""
+        self._start_copies(i, layer, kinds)
         view = self.views[i]
         slots = lambda kind: view.retained_slots if view.tiers[kind] == "retained" else view.slots
-        parts = [copies[kind].wait() if kind in copies else self.pool.gather_slots(layer, (kind,), slots(kind))
-                 for kind in kinds]                                                 # [n, dim] each
+        parts = [self._prefetched.pop((i, layer, kind)).wait() if view.tiers[kind] == "cpu"
+                 else self.pool.gather_slots(layer, (kind,), slots(kind)) for kind in kinds]   # [n, dim] each
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    def _start_copies(self, i: int, layer: int, kinds: tuple[str, ...]) -> dict:
-        """kind -> the span's host rows of `kind` at `layer` in flight to the device (PendingRows)."""
+    def _start_copies(self, i: int, layer: int, kinds) -> None:
+        """The span's host rows of `kinds` at `layer` in flight to the device, unless they already are."""
         view = self.views[i]
-        return {kind: self.pool.fetch(view.host[(layer, kind)]) for kind in kinds if view.tiers[kind] == "cpu"}
+        for kind in kinds:
+            if view.tiers[kind] == "cpu" and (i, layer, kind) not in self._prefetched:
+                self._prefetched[(i, layer, kind)] = self.pool.fetch(view.host[(layer, kind)])
 
     def _prefetch(self, layer: int, kinds: tuple[str, ...]) -> None:
         """Start the host copies of `layer` now, so they run while this layer computes."""
         for i in self.injected_spans(layer, kinds):
-            if not self._on_device(i, kinds) and (i, layer, kinds) not in self._prefetched:
-                self._prefetched[(i, layer, kinds)] = self._start_copies(i, layer, kinds)
+            self._start_copies(i, layer, kinds)
+
+    def prefetch_layer(self, layer: int = 0) -> None:
+        """Start every host copy `layer` will inject, now: e.g. layer 0 of the next step's batch while
+        the current step's backward runs (the fetch planner's `head_start_s`)."""
+        for kind in self.pool.layout.dims:
+            self._prefetch(layer, (kind,))
 
     def _count(self, layer: int, kinds: tuple[str, ...], chosen: tuple[int, ...]) -> None:
         if (layer, kinds) in self._counted:            # a checkpointed layer asks again in backward

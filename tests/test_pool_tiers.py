@@ -164,6 +164,14 @@ def test_batch_rows_read_every_tier_in_batch_order():
     assert {(u.span, u.kind) for u in host_units} == {(1, "q"), (1, "k"), (1, "down")}
     reader.plan_recompute([u for u in host_units if u.layer == 1])          # the planner gave up layer 1
     assert reader.select(1, ("down",))[0].tolist() == [1, 2, 3, 7, 8, 9, 10]
+    fresh_reader = BatchRows(pool, spans, 13, torch.device("cpu"))
+    before = pool.stats()["traffic_bytes"]["h2d"]
+    fresh_reader.prefetch_layer(0)                 # e.g. behind the previous step's backward
+    copied = pool.stats()["traffic_bytes"]["h2d"] - before
+    assert copied == 2 * BPT // 2                  # the host record's 2 rows, every kind, one layer of two
+    assert torch.equal(fresh_reader.select(0, ("down",))[2][3:5], written["host"][(0, "down")])
+    fresh_reader.select(0, ("q", "k"))
+    assert pool.stats()["traffic_bytes"]["h2d"] - before == copied + 2 * BPT // 2   # + layer 1's, prefetched
     uniform = BatchRows(pool, spans, 13, torch.device("cpu"), uniform=True)   # only wholly held records
     assert uniform.stored_idx.tolist() == [1, 2, 3, 5, 6]
     assert torch.equal(uniform.rows(0, ("down",)), torch.cat([written[k][(0, "down")] for k in ("dev", "host")]))
