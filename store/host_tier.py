@@ -45,6 +45,7 @@ class HostTier:
                 ranges[kind] = flat.view(layout.num_layers, n, layout.dims[kind])     # [layers, n, dim]
         if self._cuda:          # the copies see every row the serving stream wrote before this call
             self._side_stream.wait_stream(torch.cuda.current_stream(layout.device))
+            index.record_stream(self._side_stream)     # the pool may drop its index before the copies ran
         with torch.cuda.stream(self._side_stream) if self._cuda else nullcontext():
             for group in layout.groups:
                 if not any(kind in ranges for kind in group):
