@@ -48,7 +48,7 @@ class BatchRows:
         self.counts: Counter = Counter()          # "device/q", "retained/down", "cpu/q", "recomputed/q": rows
         self.plan_summary: dict = {}                                  # the fetch planner's, when one chose
         self._counted: set[tuple[int, tuple[str, ...]]] = set()
-        self._indices: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        self._indices: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}   # spans -> stored, fresh
         self._prefetched: dict[tuple[int, int, str], object] = {}   # (span, layer, kind) -> PendingRows
         self._run_slots: dict[tuple[int, ...], torch.Tensor] = {}             # run of device spans -> slots
         self._last_layer, self._descending = -1, False   # prefetch only while layers come in ascending order
@@ -93,7 +93,9 @@ class BatchRows:
 
     def rows(self, layer: int, kinds: tuple[str, ...]) -> torch.Tensor:
         """Injected rows of `kinds` at `layer` [S, sum(dims)] in batch order (a copy)."""
-        return self._gather(layer, kinds, self.injected_spans(layer, kinds))
+        chosen = self.injected_spans(layer, kinds)
+        self._count(layer, kinds, chosen)
+        return self._gather(layer, kinds, chosen)
 
     # -- per (layer, kinds) ----------------------------------------------------------------
     def select(self, layer: int, kinds: tuple[str, ...]):
@@ -103,11 +105,11 @@ class BatchRows:
         self._count(layer, kinds, chosen)
         if not chosen:
             return None
-        stored_idx, fresh_idx, _ = self._index(chosen)
+        stored_idx, fresh_idx = self._index(chosen)
         return stored_idx, fresh_idx, self._gather(layer, kinds, chosen)
 
-    def _index(self, chosen: tuple[int, ...]):
-        """(stored_idx [S], fresh_idx [F], device slots of the chosen device spans [D] or None), cached."""
+    def _index(self, chosen: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stored_idx [S], fresh_idx [F]) of the batch when the spans `chosen` are injected, cached."""
         cached = self._indices.get(chosen)
         if cached is None:
             stored = [r for i in chosen for r in range(self.spans[i].batch_start,
@@ -115,7 +117,7 @@ class BatchRows:
             taken = set(stored)
             fresh = [r for r in range(self.num_rows) if r not in taken]
             as_index = lambda rows: torch.tensor(rows, dtype=torch.int64, device=self.device)
-            cached = (as_index(stored), as_index(fresh), None)
+            cached = (as_index(stored), as_index(fresh))
             self._indices[chosen] = cached
         return cached
 
