@@ -154,3 +154,29 @@ def test_the_gate_lets_the_graph_capture_lock_go_while_it_waits():
         gate()                                      # share 0.5: waits as long as the unit took
         assert lock.locked()                        # held again afterwards
     assert seen == [False]
+
+
+def test_the_gate_neither_syncs_nor_waits_while_nothing_is_served():
+    import threading
+    import types
+
+    import torch
+
+    from trainer.background import TrainingGate
+    from engine.step_signal import StepSignal
+
+    clock = Clock()
+    budget = LatencyBudget(1.15, clock=clock, initial_share=0.02, probe_every_s=1e9)
+    serving = [False]
+    port = types.SimpleNamespace(device=torch.device("cpu"), graph_capture_lock=threading.Lock(),
+                                 step_signal=StepSignal(), has_unfinished=lambda: serving[0])
+    waits = []
+    gate = TrainingGate(port, budget, None, stop=types.SimpleNamespace(wait=waits.append))
+    gate.begin()
+    clock.now += 0.01
+    gate()
+    assert waits == []                              # idle: full speed, however small the share
+    serving[0] = True
+    clock.now += 0.01
+    gate()
+    assert waits and waits[0] == pytest.approx(0.01 * (1 - 0.02) / 0.02)

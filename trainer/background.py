@@ -147,12 +147,14 @@ class TrainingGate:
             self.budget.unit_cancelled()
 
     def __call__(self) -> None:
-        """A unit ended: wait as the budget and the prefill yield say, then the next unit begins."""
-        if self.port.device.type == "cuda":   # this unit is done: nothing of training queued behind
+        """A unit ended: wait as the budget and the prefill yield say, then the next unit begins. While
+        nothing is served, no sync and no wait: the host runs ahead of the GPU as in a bare step."""
+        serving = self.port.has_unfinished()
+        if serving and self.port.device.type == "cuda":   # this unit is done: none of it queued behind
             torch.cuda.current_stream(self.port.device).synchronize()
         if self.budget is not None:
             unit_s = self.budget.unit_ends()
-            wait = self.budget.wait_after(unit_s, serving=self.port.has_unfinished())
+            wait = self.budget.wait_after(unit_s, serving=serving)      # 0 while nothing is served
             if wait > 0:
                 self.budget.waited_s += wait
                 self._paused(lambda: self.stop.wait(wait))
