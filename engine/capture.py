@@ -143,3 +143,7 @@ class CaptureManager:
 
     def release(self, seq: Sequence) -> None:
         self.pool.release(record_key(seq))
+
+    def finish(self, seq: Sequence) -> None:
+        """The sequence ended: the pool may forget its record once nothing of it is left."""
+        self.pool.finish(record_key(seq))

@@ -195,6 +195,8 @@ class LLMEngine:
 
     def _finish_bookkeeping(self, seq: Sequence) -> None:
         self._text_states.pop(seq.seq_id, None)
+        if self.capture is not None:
+            self.capture.finish(seq)
         seqs = self.request_seqs.get(seq.request_id, [])
         if all(s.is_finished for s in seqs):
             self.request_seqs.pop(seq.request_id, None)

@@ -70,6 +70,7 @@ class ActivationPool:
         self._block_ready: dict[int, torch.cuda.Event] = {}   # block -> its D2H copy is done
         self._lock = threading.RLock()
         self._tiers = TierMover(self, self._eviction, self._host, region)
+        self._gone: list[ActivationRecord] = []   # dropped since the last purge: forgotten once finished
 
     # -- reservation -----------------------------------------------------------
     def buffer(self, layer: int, kind: str) -> torch.Tensor:
@@ -88,6 +89,7 @@ class ActivationPool:
 
     def reserve(self, key: Hashable, num_tokens: int, offset: int = 0) -> ActivationRecord | None:
         with self._lock:
+            self._purge()
             if key in self._records:
                 raise ConflictError(f"activation record {key!r} already exists")
             if num_tokens < 0:
@@ -180,6 +182,30 @@ class ActivationPool:
     def get(self, key: Hashable) -> ActivationRecord | None:
         with self._lock:
             return self._records.get(key)
+
+    def finish(self, key: Hashable) -> None:
+        """The record's sequence ended (the engine asks nothing more of it). A record with nothing left
+        and no rating to keep it is forgotten then, or when it is dropped later: a server that serves
+        for days keeps no trace of each answer nobody rated (the trainer takes a missing record as
+        evicted, as it takes a dropped one)."""
+        with self._lock:
+            record = self._records.get(key)
+            if record is not None:
+                record.finished = True
+                self._gone.append(record)
+                self._purge()
+
+    def dropped(self, record: ActivationRecord) -> None:
+        """The tier mover dropped the record's last rows (called under the lock, maybe while the pool's
+        records are iterated: it is forgotten at the next purge, not now)."""
+        self._gone.append(record)
+
+    def _purge(self) -> None:
+        gone, self._gone = self._gone, []
+        for record in gone:
+            if record.tier == "dropped" and record.finished and not record.pinned \
+                    and self._records.get(record.key) is record:
+                self.release(record.key)
 
     def release(self, key: Hashable) -> bool:
         with self._lock:

@@ -95,7 +95,7 @@ class PoolLayout:
 
     @property
     def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def bytes_per_layer_row(self) -> int:
@@ -141,6 +141,7 @@ class ActivationRecord:
     created: float = 0.0                     # time.monotonic() of the reservation (the feedback window)
     retained_blocks: list[int] = field(default_factory=list)   # blocks of the device's retention region
     kind_tiers: dict[str, str] = field(default_factory=dict)   # kind -> tier; absent: the record's tier
+    finished: bool = False                   # its sequence ended: the engine asks nothing more of it
 
     def tier_of(self, kind: str) -> str:
         """Where this record's rows of `kind` are: device, cpu or dropped."""

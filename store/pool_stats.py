@@ -13,6 +13,8 @@ def pool_stats(layout, records, used_rows: int, num_slots: int, block_size: int,
     by_kind = {tier: dict.fromkeys(layout.dims, 0) for tier in ("device", "retained", "cpu")}
     for record in records:
         by_tier[record.tier] += 1
+        if record.tier == "dropped":              # nothing held
+            continue
         for kind in layout.dims:
             tier = record.tier_of(kind)     # device: the rows held for it (reserved, written yet or not)
             held = {"device": len(record.blocks) * block_size, "cpu": record.captured,

@@ -170,3 +170,4 @@ class TierMover:
             record.cpu_rows = None
         if record.tier == "dropped" and was != "dropped":
             self.counts["drops"] += 1
+            self.pool.dropped(record)

@@ -160,3 +160,37 @@ def test_config_error_for_too_small_budget():
         PoolLayout(num_layers=0, dims={"q": 4}, dtype=torch.float32)
     pool = ActivationPool(LAYOUT, (2 * BS + 3) * BPT, block_size=BS)
     assert pool.num_slots == 2 * BS                               # rounded down to whole blocks
+
+
+def test_a_finished_record_with_nothing_left_is_forgotten():
+    """Each answer nobody rated leaves no trace once its rows are gone: the pool's records stay bounded
+    however long the server serves (they used to stay forever, tier "dropped")."""
+    from tests.pool_helpers import capture, make_pool
+    pool = make_pool(num_blocks=2)
+    for i in range(50):
+        key = (f"r{i}", 0)
+        assert pool.reserve(key, 4) is not None          # one block each: older records are dropped
+        capture(pool, key, 0, 4)
+        pool.finish(key)
+    assert len(pool._records) <= 3
+    assert pool.stats()["records"]["dropped"] <= 1
+    assert pool.get(("r49", 0)).tier == "device"
+
+
+def test_a_running_or_rated_record_stays_when_dropped():
+    from tests.pool_helpers import capture, make_pool
+    pool = make_pool(num_blocks=2)
+    pool.reserve(("running", 0), 4)
+    pool.reserve(("rated", 0), 4)
+    capture(pool, ("rated", 0), 0, 4)
+    pool.finish(("rated", 0))
+    pool.pin(("rated", 0))
+    pool.demote(("running", 0), ("q", "k", "down"), "dropped")
+    pool.reserve(("next", 0), 4)                          # a purge: the running record is not finished
+    assert pool.get(("running", 0)).tier == "dropped"
+    assert not pool.extend(("running", 0), 8)             # the engine may still ask: no error
+    pool.demote(("rated", 0), ("q", "k", "down"), "dropped")
+    pool.reserve(("other", 0), 0)
+    assert pool.get(("rated", 0)) is not None             # pinned: the trainer releases it
+    pool.finish(("running", 0))
+    assert pool.get(("running", 0)) is None
