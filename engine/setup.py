@@ -137,4 +137,5 @@ def build_activation_pool(config: EngineConfig, parts: EngineParts) -> Activatio
     budget = memory_budget(config.activation_pool_bytes, config.activation_pool_memory_fraction, parts.device,
                            DEFAULT_CPU_POOL_BYTES)
     layout = PoolLayout.for_model(parts.hf_config, parts.dtype, parts.device)
-    return ActivationPool(layout, budget, config.block_size, config.activation_pool_cpu_bytes)
+    return ActivationPool(layout, budget, config.block_size, config.activation_pool_cpu_bytes,
+                          feedback_window_s=config.feedback_window_s)

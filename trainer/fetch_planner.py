@@ -132,3 +132,11 @@ def measure_rates(device: torch.device, dtype: torch.dtype = torch.bfloat16, mib
     copy_s = best(lambda: host.to(device, non_blocking=cuda, copy=True))
     gemm_s = best(lambda: a @ a)
     return Rates(host.numel() / copy_s, 2.0 * gemm ** 3 / gemm_s)
+
+
+def planner_for(pool, device: torch.device) -> FetchPlanner | None:
+    """The trainer's planner: on CUDA with a host tier, rates measured now (start-up); else None (every
+    host row is fetched: on the CPU a "copy" is a read of the same memory)."""
+    if pool is None or device.type != "cuda" or not pool.stats()["capacity_bytes"]["cpu"]:
+        return None
+    return FetchPlanner(measure_rates(device, pool.layout.dtype))

@@ -31,6 +31,7 @@ from trainer.config import TrainerConfig
 from trainer.lora import LoRAConfig
 from trainer.objectives import RunningMean, batch_loss
 from trainer.pacing import StepPacing
+from trainer.fetch_planner import planner_for
 from trainer.keep_up import KeepUp
 from trainer.isolation import Quarantine, RatingWork, rating_work, train_bisecting, watermark
 from trainer.reuse import TrainRecord
@@ -64,6 +65,7 @@ class OnlineTrainer:
         self.totals = Counter()            # tokens by path, outcomes by kind, steps, seconds, cpu_seconds
         self.staleness = Counter()         # trained ratings by versions between serving and training them
         self.keep_up = KeepUp(store)       # the rated backlog and trained tok/s (metrics, status)
+        self.fetch_planner = planner_for(port.activation_pool, port.device)   # which host rows to fetch
         self.read_seq = 0                  # highest feedback seq taken into a step (in memory)
         self.unmarked: list[int] = []      # feedback seqs trained since the last durable checkpoint
         self.quarantine = Quarantine(store, config.max_consecutive_quarantines)   # ratings it cannot train
@@ -270,7 +272,7 @@ class OnlineTrainer:
                                   prompt_lm_weight=self.config.prompt_lm_weight,
                                   prompt_lm_targets=self.prompt_lm_targets,
                                   between_layers=self._gate(), compiled=self.compiled,
-                                  buckets=self.config.token_buckets)
+                                  buckets=self.config.token_buckets, fetch_planner=self.fetch_planner)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         if not (math.isfinite(result.loss) and math.isfinite(float(grad_norm))):
             self.skipped["non_finite"] += 1
@@ -287,6 +289,8 @@ class OnlineTrainer:
         self.totals["steps"] += 1
         self.totals.update({f"tokens_{path}": n for path, n in result.tokens_by_path.items()})
         self.totals.update({f"outcome_{k}": n for k, n in result.outcomes.items()})
+        self.totals.update({f"pool_rows_{k}": n for k, n in result.pool_rows.items()})   # e.g. pool_rows_cpu/down
+        self.totals["served_prompt_rows"] += sum(len(r.prompt_ids) for r in records if r.key is not None)
         self.versions.publish(self.masters)
 
     def _gate(self):
