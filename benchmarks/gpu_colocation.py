@@ -32,7 +32,7 @@ import torch
 
 from benchmarks.colocation_loads import Burn, summarize, use_mode
 from benchmarks.colocation_standalone import standalone
-from benchmarks.colocation_workload import load_workload, params, schedule
+from benchmarks.colocation_workload import RatingQueue, load_workload, params, schedule
 from benchmarks.common import emit, git_commit
 from benchmarks.gpu_serving import DEVICE, make_engine
 from benchmarks.gpu_training import SHAPES
@@ -105,11 +105,19 @@ class Writer:
                                list(seq.logprobs), seq.adapter_version, None, time.time(), seq.finish_reason)
         self.futures.append(self.pool.submit(self._write, rec, rating))
 
+    def rate(self, key: tuple[str, int], rating: int) -> None:
+        """A rating that comes later than its answer (the completion was recorded when it ended)."""
+        self.futures.append(self.pool.submit(self._rate, *key, rating))
+
     def _write(self, rec: CompletionRecord, rating: int | None) -> None:
         self.state.store.record_completions([rec])
-        if rating is not None:                   # what POST /feedback does
-            self.state.store.add_feedback(response_id=rec.response_id, choice_index=rec.choice_index, rating=rating)
-            self.state.trainer.pin_for_feedback(rec.response_id, rec.choice_index)
+        if rating is not None:
+            self._rate(rec.response_id, rec.choice_index, rating)
+
+    def _rate(self, response_id: str, choice_index: int, rating: int) -> None:
+        """What POST /feedback does."""
+        self.state.store.add_feedback(response_id=response_id, choice_index=choice_index, rating=rating)
+        self.state.trainer.pin_for_feedback(response_id, choice_index)
 
     def drain(self) -> None:
         for f in self.futures:
@@ -118,7 +126,7 @@ class Writer:
 
 
 def drive(engine, hooks, sched: list[dict], duration: float, writer: Writer, tag: str, with_feedback: bool,
-          trainer) -> dict:
+          trainer, rating_wait_s: float = 0.0) -> dict:
     """Open loop on this thread until every request has finished; times in s from the start. Each
     prompt's first id is salted per run, so no request hits another's prefix cache (KV state of the
     previous run or a repeat of the same record)."""
@@ -126,10 +134,14 @@ def drive(engine, hooks, sched: list[dict], duration: float, writer: Writer, tag
     ids = [f"{tag}-{i}" for i in range(len(sched))]
     salt, vocab = random.Random(tag), engine.hf_config.vocab_size
     rating = {r: s["rating"] if with_feedback else None for r, s in zip(ids, sched)}
+    delay = {r: s.get("delay") or 0.0 for r, s in zip(ids, sched)}
+    later = RatingQueue()                        # ratings that come after their answer ended
     i, t0, window_totals, next_print, backlog = 0, time.perf_counter(), None, 10.0, None
     steps = []                                   # (start s, end s, prompt tokens, a training step was under way)
     now = 0.0
-    while now < duration or engine.has_unfinished():
+    while now < duration or engine.has_unfinished() or (later and now < duration + rating_wait_s):
+        for key, value in later.due(now):
+            writer.rate(key, value)
         while i < len(sched) and sched[i]["t"] <= now:
             prompt = [salt.randrange(vocab)] + sched[i]["prompt"][1:]
             engine.add_request(ids[i], prompt, params(sched[i]["max_tokens"], sched[i]["capture"]))
@@ -141,7 +153,7 @@ def drive(engine, hooks, sched: list[dict], duration: float, writer: Writer, tag
             window_totals = Counter(trainer.totals)
             backlog = trainer.keep_up.snapshot(trainer.read_seq)     # rated, not yet taken into a step
         if not engine.has_unfinished():
-            nxt = sched[i]["t"] if i < len(sched) else duration
+            nxt = min(t for t in (sched[i]["t"] if i < len(sched) else duration, later.next_due()) if t is not None)
             time.sleep(min(max(nxt - now, 0.0), 0.5))
         else:
             start = time.perf_counter()
@@ -151,14 +163,19 @@ def drive(engine, hooks, sched: list[dict], duration: float, writer: Writer, tag
             for d in deltas:
                 tokens[d.request_id].extend([t] * len(d.token_ids))
                 if d.finished:
-                    writer.finished(d.seq, rating[d.request_id])
+                    value = rating[d.request_id]
+                    if value is not None and delay[d.request_id] > 0:
+                        writer.finished(d.seq, None)
+                        later.push(t + delay[d.request_id], d.seq.record_key, value)
+                    else:
+                        writer.finished(d.seq, value)
         now = time.perf_counter() - t0
         if now >= next_print:
             next_print += 10.0
             print(f"[{tag}] t {now:.0f}s arrived {i} running {len(engine.scheduler.running)} waiting "
                   f"{len(engine.scheduler.waiting)} train steps {trainer.totals['steps']}", flush=True)
     return {"tokens": tokens, "arrivals": {r: s["t"] for r, s in zip(ids, sched)}, "elapsed_s": now, "steps": steps,
-            "rated": sum(v is not None for v in rating.values()),
+            "rated": sum(v is not None for v in rating.values()), "ratings_never_sent": len(later),
             "window_totals": window_totals if window_totals is not None else Counter(trainer.totals),
             "backlog_at_window_end": backlog or trainer.keep_up.snapshot(trainer.read_seq),
             "final_totals": Counter(trainer.totals)}
@@ -222,7 +239,7 @@ def one_load(args, load: float, cap: dict, engine, state, hooks, workload, write
     rate = load * cap["req_s"]
     print(f"capacity {cap['req_s']:.2f} req/s ({cap['out_tok_s']:.0f} out tok/s); open loop at {rate:.2f} req/s "
           f"(load {load})", flush=True)
-    sched = schedule(workload, rate, args.duration, args.seed, args.feedback, args.opt_in)
+    sched = schedule(workload, rate, args.duration, args.seed, args.feedback, args.opt_in, args.rating_delay)
     res = {"rate_req_s": rate, "scheduled_requests": len(sched)}
     runs = [("off", None)] + [(f"on {mode}", mode) for mode in args.modes]
     for tag, mode in runs:
@@ -264,6 +281,21 @@ class GcPauses:
         return out
 
 
+def reuse_flops_share(totals: Counter, layout) -> dict:
+    """Forward-projection FLOPs that reuse skipped (rows injected from the device or host tier, per
+    kind) over those that unlimited prefill capture would have skipped for the same trained records
+    (every prompt row of every layer and kind)."""
+    flops = {kind: 2.0 * layout.input_dims[kind] * dim for kind, dim in layout.dims.items()}
+    rows = {key[len("pool_rows_"):]: n for key, n in totals.items() if key.startswith("pool_rows_")}
+    skipped = {tier: sum(n * flops[k.split("/")[1]] for k, n in rows.items() if k.startswith(tier + "/"))
+               for tier in ("device", "cpu")}
+    ideal = totals["served_prompt_rows"] * layout.num_layers * sum(flops.values())
+    return {"share": (skipped["device"] + skipped["cpu"]) / ideal if ideal else 0.0,
+            "from_device": skipped["device"] / ideal if ideal else 0.0,
+            "from_host": skipped["cpu"] / ideal if ideal else 0.0, "rows": rows,
+            "ideal_tflops": ideal / 1e12}
+
+
 def drain_backlog(state, hooks, timeout: float = 300.0) -> None:
     """Train what earlier runs left pending, with no serving traffic (the trainer at full speed)."""
     trainer, deadline = state.trainer, time.monotonic() + timeout
@@ -287,18 +319,21 @@ def one_run(engine, hooks, sched, args, writer: Writer, tag: str, state, burn=No
     pauses = GcPauses()
     gc.callbacks.append(pauses)
     try:
-        raw = drive(engine, hooks, sched, duration, writer, f"{tag.replace(' ', '-')}-{salt}", on, state.trainer)
+        raw = drive(engine, hooks, sched, duration, writer, f"{tag.replace(' ', '-')}-{salt}", on, state.trainer,
+                    args.rating_wait_s)
     finally:
         gc.callbacks.remove(pauses)
         if burn is not None:
             burn.stop()
             state.trainer.resume()
     out = summarize(raw, duration, before)
-    out["gc_pauses"] = pauses.summary()
+    out.update(gc_pauses=pauses.summary(), ratings_never_sent=raw["ratings_never_sent"])
     if burn is not None:
         out["burn_busy_frac"] = burn.busy_s / raw["elapsed_s"]
     writer.drain()
     if on:
+        drain_backlog(state, hooks)              # the run's late ratings trained too (serving idle)
+        out["reuse_flops_share"] = reuse_flops_share(Counter(state.trainer.totals) - before, engine.activation_pool.layout)
         backlog = raw["backlog_at_window_end"]
         out.update(backlog_at_window_end=backlog,
                    backlog_fits_one_step=backlog["backlog_tokens"] <= args.step_tokens
@@ -329,6 +364,10 @@ def parse_args(argv=None):
     ap.add_argument("--opt-in", action="store_true",
                     help="capture only the requests that will be rated (request `capture`), in `off` and `on`")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rating-delay", default="lognormal:20:120",
+                    help="when a rating comes after its answer ends: none, or lognormal:MEDIAN:P90 (s)")
+    ap.add_argument("--rating-wait-s", type=float, default=180.0,
+                    help="after the arrival window, keep serving nothing and posting ratings this long at most")
     ap.add_argument("--objective", default="kto", help="kto: every +1/-1 rating trains (sft: only +1)")
     ap.add_argument("--modes", type=lambda v: v.split(","), default=["thread", "thread:duty=0.5"],
                     help="`on` runs, each concurrency[:duty=D][:yield=N|none][:sms=F|none][:switch=MS] "

@@ -3,7 +3,8 @@
 #   STAGE=tests       every GPU test
 #   STAGE=colocation  gpu_colocation (8B shape, ShareGPT, 30% rated, 30 GiB pool, 30 s windows) at LOADS,
 #                     seed SEED, the latency budget (`thread`, the default) beside the fixed duty of before
-#                     (`thread:slo=none:duty=0.25:yield=256`) on the same schedule, then the standalone phase
+#                     (`thread:slo=none:duty=0.25:yield=256`) on the same schedule, then the standalone phase;
+#                     ratings come the moment their answer ends unless DELAY=lognormal:20:120 (issue 18's timing)
 # Usage (device machine, carry .bench):  STAGE=colocation SEED=0 LOADS=0.5,0.25 bash benchmarks/run_gpu_issue17.sh
 # Writes $OUT/colocation/*.json (one file per load: gpu_colocation-seed<S>-load<L>.json) and $OUT/*.log.
 set -u
@@ -16,7 +17,7 @@ case "${STAGE:-colocation}" in
   colocation)
     timeout "${RUN_TIMEOUT:-570}" python3 -m benchmarks.gpu_colocation --out "$OUT/colocation" --duration "${DURATION:-30}" \
       --pool-gib 30 --load "${LOADS:-0.5,0.25}" --seed "${SEED:-0}" \
-      --modes "${MODES:-thread,thread:slo=none:duty=0.25:yield=256}" ${EXTRA:-} > "$OUT/colocation.log" 2>&1 \
+      --modes "${MODES:-thread,thread:slo=none:duty=0.25:yield=256}" --rating-delay "${DELAY:-none}" ${EXTRA:-} > "$OUT/colocation.log" 2>&1 \
       || { echo "gpu_colocation failed:"; grep -v '^ ' "$OUT/colocation.log" | tail -25; }
     python3 - "$OUT/colocation/gpu_colocation.json" <<'PY'
 import json, sys

@@ -27,6 +27,7 @@ def test_colocation_tiny_cpu(tmp_path, one_thread):
     whole = gpu_colocation.main(["--shape", "tiny", "--duration", "3", "--capacity-requests", "8", "--min-records", "1",
                                  "--modes", "thread,interleaved:duty=0.5,burn-python:duty=0.5", "--load", "0.5,0.25",
                                  "--standalone-records", "6", "--seed", "3",
+                                 "--rating-delay", "lognormal:0.3:1.0", "--rating-wait-s", "10",
                                  "--sharegpt", str(tmp_path / "sharegpt.json"), "--out", str(tmp_path / "out")])
     assert json.loads((tmp_path / "out" / "gpu_colocation.json").read_text()) == json.loads(json.dumps(whole))
     assert set(whole["loads"]) == {"0.5", "0.25"}
@@ -41,6 +42,9 @@ def test_colocation_tiny_cpu(tmp_path, one_thread):
     assert on["latency_budget"]["slo_ratio"] == 1.15 and on["trained_share_of_standalone"] > 0
     assert on["backlog_at_window_end"]["backlog_ratings"] >= 0 and isinstance(on["backlog_fits_one_step"], bool)
     assert sum(on["staleness"].values()) >= 1 and on["train_cpu_ms_per_step"] > 0
+    share = on["reuse_flops_share"]                             # ratings came 0.3 s (median) after their answers
+    assert 0 <= share["share"] <= 1 and share["ideal_tflops"] > 0 and on["ratings_never_sent"] == 0
+    assert share["share"] == pytest.approx(share["from_device"] + share["from_host"])
     for run in (off, on, interleaved):
         assert run["requests"] == res["scheduled_requests"] > 0
         for m in ("ttft", "tbt"):
@@ -60,6 +64,25 @@ def test_colocation_tiny_cpu(tmp_path, one_thread):
         assert run["trained_tok_s"] == pytest.approx(run["trained_tokens"] / 3)
         assert run["tbt_samples"] == off["tbt_samples"]          # same schedule, same output lengths
         assert all(math.isfinite(v) and v > 0 for v in run["ratio_on_off"].values())
+
+
+def test_rating_delays_follow_the_asked_distribution_and_leave_the_schedule_alone():
+    workload = [([1, 2, 3], 4)] * 5
+    plain = colocation_workload.schedule(workload, 200.0, 20.0, 0, 0.5)
+    late = colocation_workload.schedule(workload, 200.0, 20.0, 0, 0.5, delay="lognormal:20:120")
+    assert [(s["t"], s["rating"]) for s in plain] == [(s["t"], s["rating"]) for s in late]
+    delays = sorted(s["delay"] for s in late if s["rating"] is not None)
+    assert all(s["delay"] is None for s in late if s["rating"] is None)
+    assert len(delays) > 1000
+    assert delays[len(delays) // 2] == pytest.approx(20, rel=0.15)
+    assert delays[int(len(delays) * 0.9)] == pytest.approx(120, rel=0.2)
+    assert all(s["delay"] == 0.0 for s in plain if s["rating"] is not None)
+    with pytest.raises(ValueError):
+        colocation_workload.rating_delay("lognormal:120:20")
+    queue = colocation_workload.RatingQueue()
+    queue.push(2.0, "b", -1)
+    queue.push(1.0, "a", 1)
+    assert queue.next_due() == 1.0 and queue.due(1.5) == [("a", 1)] and len(queue) == 1
 
 
 def test_opt_in_schedule_captures_exactly_the_requests_to_be_rated():
