@@ -35,6 +35,7 @@ from trainer.fetch_planner import planner_for
 from trainer.keep_up import KeepUp
 from trainer.isolation import Quarantine, RatingWork, rating_work, train_bisecting, watermark
 from trainer.reuse import TrainRecord
+from trainer.status import trainer_status
 from trainer.step import StepResult, forward_backward, probe_records, warm_up
 from trainer.user_text import prompt_lm_positions
 from trainer.versions import Versions
@@ -345,27 +346,7 @@ class OnlineTrainer:
                 master.copy_(saved)
 
     def status(self) -> dict:
-        last = self.last
-        return {"enabled": self.config.enabled, "paused": self.paused, "objective": self.config.objective,
-                "adapter_version": self.port.live_version(), "trainer_version": self.version,
-                "steps": self.step_count,
-                "pending_feedback": self.pending_count(), "trained_since_checkpoint": len(self.unmarked),
-                "quarantined_feedback": self.store.count_feedback("quarantined"),
-                "quarantine": {"since_start": dict(self.quarantine.counts),
-                               "recent": [f.to_quarantine_dict() for f in self.store.quarantined(limit=3)]},
-                "kept_versions": self.adapters.versions(), "skipped_steps": dict(self.skipped),
-                "keep_up": self._keep_up(), "staleness": {str(k): n for k, n in sorted(self.staleness.items())},
-                "latency_budget": None if self.thread is None or self.thread.budget is None
-                else self.thread.budget.status(),
-                "last_step": None if last is None else {
-                    "loss": last.loss, "outcomes": dict(last.outcomes), "reused_rows": last.reused_rows,
-                    "computed_rows": last.computed_rows, "response_tokens": last.response_tokens}}
-
-    def _keep_up(self) -> dict | None:
-        try:
-            return self.keep_up.snapshot(self.read_seq)
-        except RuntimeError:               # the store is closed (shutting down)
-            return None
+        return trainer_status(self)
 
     def pending_count(self) -> int:
         """Ratings waiting to be trained (pending, not yet read; a step halted midway may have trained
