@@ -6,6 +6,7 @@ each layer's forward and backward as one torch.compile'd graph (trainer.compiled
 
     python -m benchmarks.gpu_training --out DIR [--sharegpt .bench/sharegpt.json] [--shape 8b|1b|tiny]
         [--only recompute,reuse_prefill_decode,reuse_prefill_decode_compiled] [--skip-hf] [--repeat 5]
+        [--pool-cpu-gib 32: + reuse_host_hedged, reuse_host_naive (every row in the host tier; issue 18)]
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from engine.sampling_params import SamplingParams
 from trainer.adapters import AdapterManager
 from trainer.attention import varlen_applies
 from trainer.compiled_layer import CompiledLayers
+from trainer.fetch_planner import FetchPlanner, measure_rates
 from trainer.lora import LoRAConfig
 from trainer.reuse import TrainRecord
 from trainer.step import forward_backward
@@ -81,7 +83,7 @@ def measure(fn, tokens: int, repeat: int) -> dict:
 
 
 def ours(engine, manager, records, reuse: bool, checkpoint_layers: bool, attention: str = "auto",
-         compiled: CompiledLayers | None = None):
+         compiled: CompiledLayers | None = None, fetch_planner=None):
     """One training step of a mode, as a function; its `grads()` are the LoRA gradients summed over the
     steps it ran ([n] fp32; None before the first)."""
     masters = manager.masters(engine.adapter_version)
@@ -90,7 +92,7 @@ def ours(engine, manager, records, reuse: bool, checkpoint_layers: bool, attenti
     def step():
         return forward_backward(engine.runner.model, records, adapters, pool=engine.activation_pool,
                                 reuse=reuse, checkpoint_layers=checkpoint_layers, attention=attention,
-                                compiled=compiled)
+                                compiled=compiled, fetch_planner=fetch_planner)
     tensors = [t for pair in masters.values() for t in pair]
     step.grads = lambda: None if tensors[0].grad is None else torch.cat([t.grad.float().flatten() for t in tensors])
     return step
@@ -148,8 +150,12 @@ def _padded(chunk: list[dict]):
 def run_ours(args, raw, tokens: int, res: dict) -> None:
     engine = make_engine(SHAPES[args.shape], kv_gib=2, capture="prefill+decode",
                          activation_pool_bytes=int(args.pool_gib * (1 << 30)),
+                         activation_pool_cpu_bytes=int(args.pool_cpu_gib * (1 << 30)),
                          enable_prefix_caching=False)   # each record is captured from position 0
     manager = AdapterManager(engine.runner.model, LoRAConfig(rank=16, alpha=32))
+    hosted = capture(engine, raw, full=True, tag="h") if args.pool_cpu_gib else []
+    for record in hosted:                   # every row of these in the pinned host tier (issue 18)
+        engine.activation_pool.demote(record.key, tuple(engine.activation_pool.layout.dims), "cpu")
     prefill_only = capture(engine, raw, full=False, tag="p")
     full = capture(engine, raw, full=True, tag="f")
     res["pool"] = engine.activation_pool.stats()
@@ -162,6 +168,12 @@ def run_ours(args, raw, tokens: int, res: dict) -> None:
             # the same two main modes with SDPA once per record (what "auto" does where varlen is missing)
             "reuse_prefill_decode_per_record": ours(engine, manager, full, True, False, "per_record"),
             "recompute_per_record": ours(engine, manager, full, False, False, "per_record")}
+    if hosted:                             # hedged: the planner fetches what lands in time; naive: all of it
+        planner = FetchPlanner(measure_rates(engine.device, engine.activation_pool.layout.dtype))
+        res["fetch_rates"] = {"h2d_GB_s": planner.rates.h2d_bytes_per_s / 1e9,
+                              "gemm_TFLOP_s": planner.rates.flops_per_s / 1e12}
+        runs.update({"reuse_host_hedged": ours(engine, manager, hosted, True, False, fetch_planner=planner),
+                     "reuse_host_naive": ours(engine, manager, hosted, True, False)})
     compiled = CompiledLayers()            # each layer's forward + backward as one graph (the warm-up compiles)
     runs.update({f"{name}_compiled": ours(engine, manager, records, reuse, ckpt, compiled=compiled)
                  for name, records, reuse, ckpt in (("reuse_prefill", prefill_only, True, False),
@@ -211,6 +223,9 @@ def main() -> None:
     ap.add_argument("--step-tokens", type=int, default=8192)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--pool-gib", type=float, default=44.0)
+    ap.add_argument("--pool-cpu-gib", type=float, default=0.0,
+                    help="a pinned host tier this large; its records (prompt + response captured, then moved to "
+                         "the host) train as reuse_host_hedged and reuse_host_naive")
     ap.add_argument("--skip-hf", action="store_true", help="our modes only (no HF + PEFT baseline)")
     ap.add_argument("--profile", default=None, help="also print a kernel profile of one step of this mode")
     ap.add_argument("--only", type=lambda v: v.split(","), default=None,
