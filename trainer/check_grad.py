@@ -59,7 +59,8 @@ def perturb(engine: LLMEngine, manager: AdapterManager, gen: torch.Generator) ->
     engine.apply_adapter_offer()                   # a step boundary: live now
 
 
-def serve_records(engine: LLMEngine, seed: int, num: int = 6, shared_prefix: int = 0) -> list[TrainRecord]:
+def serve_records(engine: LLMEngine, seed: int, num: int = 6, shared_prefix: int = 0,
+                  tag: str = "check") -> list[TrainRecord]:
     """Prompts of different lengths, half admitted while the first half decodes; with
     `shared_prefix` tokens in common (a system prompt), later requests hit the prefix cache."""
     rng = random.Random(seed)
@@ -70,7 +71,7 @@ def serve_records(engine: LLMEngine, seed: int, num: int = 6, shared_prefix: int
     seqs = []
     for i, prompt in enumerate(prompts):
         params = SamplingParams(temperature=1.0, seed=seed + i, max_tokens=rng.randrange(3, 12), ignore_eos=True)
-        seqs += engine.add_request(f"check-{i}", prompt, params)
+        seqs += engine.add_request(f"{tag}-{i}", prompt, params)
         if i == num // 2 - 1:
             for _ in range(3):
                 engine.step()
