@@ -79,7 +79,9 @@ async def health(request: Request):
 
 
 async def metrics(request: Request):
-    return Response(request.app.state.alchemist.metrics.render(), media_type=PROMETHEUS_TEXT)
+    """Rendered off the event loop (collectors read the pool, the store and the trainer: milliseconds)."""
+    text = await asyncio.to_thread(request.app.state.alchemist.metrics.render)
+    return Response(text, media_type=PROMETHEUS_TEXT)
 
 
 def _error(status: int, message: str, err_type: str, param: str | None = None,

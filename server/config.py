@@ -27,7 +27,7 @@ class ServerConfig:
     retention_days: float | None = DEFAULT_RETENTION_DAYS  # None: keep completions forever
     max_waiting: int = 1024                              # requests waiting to be scheduled before 429
     max_prompt_tokens: int | None = None                 # None: the model context decides
-    metrics_auth: bool = False                           # True: /metrics, /health, /dashboard/data need a key
+    metrics_auth: bool = False                           # True: /metrics, /health, /dashboard and its data need a key
     dashboard_interval_s: float = 2.0                    # /dashboard: one history point every this often
     dashboard_history_s: float = 900.0                   # /dashboard: points kept (in memory) for this long
     docs: bool = True                                    # False: no /docs, /redoc, /openapi.json
