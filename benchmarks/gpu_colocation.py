@@ -288,11 +288,11 @@ def reuse_flops_share(totals: Counter, layout) -> dict:
     flops = {kind: 2.0 * layout.input_dims[kind] * dim for kind, dim in layout.dims.items()}
     rows = {key[len("pool_rows_"):]: n for key, n in totals.items() if key.startswith("pool_rows_")}
     skipped = {tier: sum(n * flops[k.split("/")[1]] for k, n in rows.items() if k.startswith(tier + "/"))
-               for tier in ("device", "cpu")}
+               for tier in ("device", "retained", "cpu")}
     ideal = totals["served_prompt_rows"] * layout.num_layers * sum(flops.values())
-    return {"share": (skipped["device"] + skipped["cpu"]) / ideal if ideal else 0.0,
-            "from_device": skipped["device"] / ideal if ideal else 0.0,
-            "from_host": skipped["cpu"] / ideal if ideal else 0.0, "rows": rows,
+    share = lambda x: x / ideal if ideal else 0.0
+    return {"share": share(sum(skipped.values())), "from_device": share(skipped["device"]),
+            "from_retained": share(skipped["retained"]), "from_host": share(skipped["cpu"]), "rows": rows,
             "ideal_tflops": ideal / 1e12}
 
 

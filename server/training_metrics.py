@@ -15,6 +15,7 @@ import math
 from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from server.pool_metrics import pool_families
 from trainer.isolation import QUARANTINE_REASONS
 from trainer.keep_up import KeepUp
 
@@ -76,6 +77,7 @@ class TrainingCollector:
         sizes = pool.stats()["bytes"] if pool is not None else {}
         yield _gauge("alchemist_activation_pool_bytes", "Bytes of captured activations held, by tier.",
                      name, [((t,), sizes.get(t, 0)) for t in POOL_TIERS], ["tier"])
+        yield from pool_families(pool, trainer, name)
 
 
 KEEP_UP_GAUGES = (

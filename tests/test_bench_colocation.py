@@ -44,7 +44,7 @@ def test_colocation_tiny_cpu(tmp_path, one_thread):
     assert sum(on["staleness"].values()) >= 1 and on["train_cpu_ms_per_step"] > 0
     share = on["reuse_flops_share"]                             # ratings came 0.3 s (median) after their answers
     assert 0 <= share["share"] <= 1 and share["ideal_tflops"] > 0 and on["ratings_never_sent"] == 0
-    assert share["share"] == pytest.approx(share["from_device"] + share["from_host"])
+    assert share["share"] == pytest.approx(share["from_device"] + share["from_retained"] + share["from_host"])
     for run in (off, on, interleaved):
         assert run["requests"] == res["scheduled_requests"] > 0
         for m in ("ttft", "tbt"):

@@ -369,3 +369,20 @@ def test_a_restarted_server_serves_the_resumed_version_before_its_first_request(
         assert again.trainer.version == 1 and again.adapter_version == 1      # engine thread not started
     finally:
         again.close()
+
+
+def test_pool_tier_metrics_per_kind(server, user, admin):
+    """Issue 18: the pool's bytes per tier and kind, demotions, copy traffic and where trained rows came
+    from are on /metrics with every kind of the model."""
+    from prometheus_client.parser import text_string_to_metric_families
+    chat(user)
+    families = {f.name: f for f in text_string_to_metric_families(admin.get("/metrics").text)}
+    kinds = set(server.state.llm.activation_pool.layout.dims)
+    held = families["alchemist_activation_pool_kind_bytes"].samples
+    assert {(s.labels["tier"], s.labels["kind"]) for s in held} == {(t, k) for t in ("device", "retained", "cpu")
+                                                                    for k in kinds}
+    assert sum(s.value for s in held if s.labels["tier"] == "device") > 0          # the chat was captured
+    rows = families["alchemist_train_pool_rows"].samples
+    assert {s.labels["source"] for s in rows} == {"device", "retained", "cpu", "recomputed"}
+    assert {s.labels["direction"] for s in families["alchemist_activation_pool_copy_bytes"].samples} == {"d2h", "h2d"}
+    assert "alchemist_activation_pool_demoted_rows" in families
