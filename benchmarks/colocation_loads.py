@@ -158,3 +158,17 @@ def engine_steps(steps: list[tuple[float, float, int, bool]]) -> dict:
         "slowest_iterations": [{"t_s": steps[i + 1][0], "ms": (steps[i + 1][1] - steps[i][1]) * 1e3,
                                 "gap_ms": gaps[i], "prompt_tokens": steps[i + 1][2], "training": steps[i + 1][3]}
                                for i in slowest]}
+
+
+def drain_backlog(state, hooks, timeout: float = 300.0) -> None:
+    """Train every pending rating with no serving traffic (the trainer at full speed), until no step is
+    under way and the last version is live."""
+    trainer, deadline = state.trainer, time.monotonic() + timeout
+    while trainer.pending_count() > 0 and state.train_error is None and time.monotonic() < deadline:
+        for hook in hooks:
+            hook()
+        time.sleep(0.01)
+    with trainer.lock:                           # a step under way has ended
+        pass
+    for hook in hooks:                           # the last version goes live
+        hook()

@@ -17,6 +17,7 @@ from collections import Counter
 
 import torch
 
+from benchmarks.colocation_loads import drain_backlog
 from benchmarks.colocation_workload import params
 from trainer.reuse import TrainRecord
 from trainer.step import forward_backward
@@ -78,13 +79,8 @@ def standalone(args, engine, state, hooks, workload, writer) -> dict:
     writer.drain()
     t = time.perf_counter()
     trainer.resume()
-    deadline = t + 600
-    while time.perf_counter() < deadline and trainer.pending_count() > 0 and state.train_error is None:
-        for hook in hooks:
-            hook()
-        time.sleep(0.005)
-    with trainer.lock:                                          # the last step has ended
-        wall = time.perf_counter() - t
+    drain_backlog(state, hooks, timeout=600)                    # until the last step has ended
+    wall = time.perf_counter() - t
     done = Counter(trainer.totals) - before
     trained = done["tokens_reuse"] + done["tokens_recompute"]
     inside = done["seconds"]

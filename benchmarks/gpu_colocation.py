@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.colocation_loads import Burn, summarize, use_mode
+from benchmarks.colocation_loads import Burn, drain_backlog, summarize, use_mode
 from benchmarks.colocation_standalone import standalone
 from benchmarks.colocation_workload import RatingQueue, load_workload, params, schedule
 from benchmarks.common import emit, git_commit
@@ -187,17 +187,9 @@ def warm_up_training(state, hooks, engine, workload, writer: Writer) -> None:
     for seqs in engine.generate([p for p, _ in workload[:4]], [params(m) for _, m in workload[:4]]):
         writer.finished(seqs[0], 1)
     writer.drain()
-    trainer, deadline = state.trainer, time.monotonic() + 600
+    trainer = state.trainer
     steps = trainer.totals["steps"]
-    while state.train_error is None and time.monotonic() < deadline and (
-            trainer.totals["steps"] <= steps or state.store.pending_feedback(trainer.read_seq, 1)):
-        for hook in hooks:
-            hook()
-        time.sleep(0.001)
-    with trainer.lock:                           # a step the thread took last has ended
-        pass
-    for hook in hooks:                           # the last version goes live
-        hook()
+    drain_backlog(state, hooks, timeout=600)
     if state.train_error or trainer.totals["steps"] <= steps:
         raise RuntimeError(f"warm-up training failed: {state.train_error}")
 
@@ -296,19 +288,6 @@ def reuse_flops_share(totals: Counter, layout) -> dict:
             "ideal_tflops": ideal / 1e12}
 
 
-def drain_backlog(state, hooks, timeout: float = 300.0) -> None:
-    """Train what earlier runs left pending, with no serving traffic (the trainer at full speed)."""
-    trainer, deadline = state.trainer, time.monotonic() + timeout
-    while trainer.pending_count() > 0 and state.train_error is None and time.monotonic() < deadline:
-        for hook in hooks:
-            hook()
-        time.sleep(0.01)
-    with trainer.lock:                           # a step under way has ended
-        pass
-    for hook in hooks:
-        hook()
-
-
 def one_run(engine, hooks, sched, args, writer: Writer, tag: str, state, burn=None, salt: str = "") -> dict:
     duration = args.duration
     before, staleness = Counter(state.trainer.totals), Counter(state.trainer.staleness)
@@ -332,6 +311,7 @@ def one_run(engine, hooks, sched, args, writer: Writer, tag: str, state, burn=No
         out["burn_busy_frac"] = burn.busy_s / raw["elapsed_s"]
     writer.drain()
     if on:
+        untrained = len(state.store.pending_feedback(state.trainer.read_seq, 1 << 30))   # when serving ended
         drain_backlog(state, hooks)              # the run's late ratings trained too (serving idle)
         out["reuse_flops_share"] = reuse_flops_share(Counter(state.trainer.totals) - before, engine.activation_pool.layout)
         backlog = raw["backlog_at_window_end"]
@@ -340,7 +320,7 @@ def one_run(engine, hooks, sched, args, writer: Writer, tag: str, state, burn=No
                    and backlog["backlog_ratings"] <= state.trainer.config.max_records_per_step,
                    staleness={str(k): n for k, n in sorted((state.trainer.staleness - staleness).items())},
                    latency_budget=state.trainer.status()["latency_budget"],
-                   untrained_feedback=len(state.store.pending_feedback(state.trainer.read_seq, 1 << 30)),
+                   untrained_feedback=untrained,
                    train_error=state.train_error, adapter_version=state.trainer.version,
                    pool=engine.activation_pool.stats(), pool_capacity_tokens=engine.activation_pool.num_slots,
                    trainer_sms=state.trainer.thread.sms if state.trainer.thread is not None else None)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import math
 
 from prometheus_client import Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily
 
+from server.metric_families import counter as _counter, gauge as _gauge
 from server.pool_metrics import pool_families
 from trainer.isolation import QUARANTINE_REASONS
 from trainer.keep_up import KeepUp
@@ -130,18 +131,3 @@ def _stored(state, status: str) -> int:
         return state.store.count_feedback(status)
     except RuntimeError:                    # the store is closed (shutting down)
         return 0
-
-
-def _family(cls, metric: str, doc: str, name: list, samples, labels=()):
-    family = cls(metric, doc, labels=["model_name", *labels])
-    for values, value in samples:
-        family.add_metric(name + list(values), float(value))
-    return family
-
-
-def _counter(metric, doc, name, samples, labels=()):
-    return _family(CounterMetricFamily, metric, doc, name, samples, labels)
-
-
-def _gauge(metric, doc, name, samples, labels=()):
-    return _family(GaugeMetricFamily, metric, doc, name, samples, labels)

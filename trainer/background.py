@@ -156,7 +156,6 @@ class TrainingGate:
             unit_s = self.budget.unit_ends()
             wait = self.budget.wait_after(unit_s, serving=serving)      # 0 while nothing is served
             if wait > 0:
-                self.budget.waited_s += wait
                 self._paused(lambda: self.stop.wait(wait))
         if self.prefill_tokens is not None:
             self._paused(lambda: self.port.step_signal.wait_below(self.prefill_tokens))

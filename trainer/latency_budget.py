@@ -62,7 +62,7 @@ class LatencyBudget:
         self.units: deque[tuple[float, float]] = deque(maxlen=256)               # recent (start, end)
         self.unit_start: float | None = None
         self.last_probe = clock()
-        self.waited_s = 0.0
+        self.waited_s = 0.0                                # the waits it asked for, in total
 
     # -- reports ---------------------------------------------------------------------
     def serving_step(self, start: float, end: float, prefill_tokens: int, decode_seqs: int) -> None:
@@ -105,11 +105,13 @@ class LatencyBudget:
         if not serving:
             return 0.0
         self._adjust()
+        wait = unit_s * (1 - self.share) / self.share
         now = self.clock()
         if now - self.last_probe >= self.probe_every_s:
             self.last_probe = now
-            return max(self.probe_s, unit_s * (1 - self.share) / self.share)
-        return unit_s * (1 - self.share) / self.share
+            wait = max(self.probe_s, wait)
+        self.waited_s += wait
+        return wait
 
     def _adjust(self) -> None:
         """Move the share on new evidence only: loaded samples taken since it last moved."""
