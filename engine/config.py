@@ -8,6 +8,7 @@ from pathlib import Path
 from common.errors import ConfigError
 
 CAPTURE_MODES = ("none", "prefill", "prefill+decode")   # which rows are recorded (engine/capture.py)
+LORA_KERNELS = ("torch", "triton", "folded")   # how serving adds LoRA (engine/packing.py, engine/kernels/lora.py)
 
 
 def alchemist_home() -> Path:
@@ -42,6 +43,10 @@ class EngineConfig:
     # a captured record still unrated this long after serving is evicted first, dropped (0 = no window)
     feedback_window_s: float = 300.0
     seed: int = 0
+    # how serving adds a projection group's LoRA: "torch" = two GEMMs (x @ A^T, then addmm with the
+    # block-diagonal B); "triton" = one shrink and one in-place expand launch per group (CUDA, bf16);
+    # "folded" = A's rows appended to the base weight, so one GEMM yields [y | x @ A^T], then the expand
+    lora_kernel: str = "torch"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -71,6 +76,9 @@ class EngineConfig:
             raise ConfigError("activation_pool_memory_fraction must be in (0, 0.9)")
         if self.feedback_window_s < 0:
             raise ConfigError(f"feedback_window_s={self.feedback_window_s}: use seconds >= 0 (0 = no window)")
+        if self.lora_kernel not in LORA_KERNELS:
+            raise ConfigError(f"lora_kernel={self.lora_kernel!r}: use one of {LORA_KERNELS} (torch: today's "
+                              "two GEMMs; triton: fused kernels; folded: shrink folded into the base GEMM)")
         if self.load_format not in ("safetensors", "random"):
             raise ConfigError(f"load_format={self.load_format!r}: use safetensors or random")
 

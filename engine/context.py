@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention, store_kv
-from engine.packing import add_lora, linear_into, lora_added, packed_lora, packed_weights
+from engine.packing import LoRAGroup, add_lora, linear_into, lora_added, lora_group, packed_lora, packed_weights
 from engine.rows import copy_rows_
 
 
@@ -113,6 +114,9 @@ class ServingContext(ForwardContext):
     capture: CaptureMetadata | None = None
 
     def project(self, layer, kinds, modules, x):
+        group = lora_group(modules) if type(modules[0]) is not nn.Linear else None
+        if group is not None:                         # lora_kernel triton / folded
+            return self._project_fused(layer, kinds, group, x)
         bases = tuple(base_module(m) for m in modules)
         sizes = [b.out_features for b in bases]
         capture = self.capture
@@ -131,6 +135,26 @@ class ServingContext(ForwardContext):
             a_all, b_all, scaling = lora
             return lora_added(packed, x, a_all, b_all, scaling).split(sizes, dim=-1)
         return tuple(add_lora(m, x, out) for m, out in zip(modules, outs))
+
+    def _project_fused(self, layer: int, kinds: tuple[str, ...], group: LoRAGroup,
+                       x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One base GEMM for the group (folded: [y | s] with s = x @ A^T), the capture of y's base rows,
+        then the fused expand: in place into y unless y's rows are still read (pool rows, side-stream
+        copies), then into a new tensor."""
+        sizes = [m.base.out_features for m in group.modules]
+        capture = self.capture
+        dest = capture.destination(layer, kinds, x) if capture is not None else None   # [T, out]
+        s = None
+        if group.folded is not None and dest is None:
+            full = F.linear(x, *group.folded)                            # full: [T, out + R]
+            y, s = full[:, :group.slices.out_features], full[:, group.slices.out_features:]   # s: [T, R]
+        else:
+            y = linear_into(x, *group.base(), dest)                      # y: [T, out]
+        if capture is not None and dest is None:
+            capture.write(layer, kinds, y if len(sizes) > 1 else None, y.split(sizes, dim=-1))
+        in_place = dest is None and (capture is None or capture.side_stream is None)
+        y = group.add(y, x, s, y if in_place else None)
+        return y.split(sizes, dim=-1) if len(sizes) > 1 else (y,)
 
     def attention(self, layer, q, k, v, scale):
         k_cache, v_cache = self.kv_caches[layer]

@@ -11,6 +11,7 @@ from engine.capture import CaptureManager
 from engine.config import EngineConfig
 from common.errors import ConfigError, InvalidRequestError
 from engine.model_runner import ModelRunner
+from engine.packing import refresh_folded_lora, set_lora_kernel
 from engine.output_processor import SeqDelta, SequenceTextState
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
@@ -61,6 +62,7 @@ class LLMEngine:
             cuda_graph_max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs),
             max_blocks_per_seq=-(-self.max_model_len // config.block_size),
             decode_capture_pool=self.activation_pool if self.capture and self.capture.captures_decode else None)
+        set_lora_kernel(parts.model, config.lora_kernel)   # adapters applied later take it too
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
         self._text_states: dict[int, SequenceTextState] = {}
@@ -83,6 +85,7 @@ class LLMEngine:
             return None
         with self.runner.stream_context():       # ordered with the serving kernels
             self.adapter.apply(offer)
+            refresh_folded_lora(self.runner.model)       # lora_kernel=folded: A's copy in the base weight
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             seq.adapter_went_live(offer.version)
         return offer.version
