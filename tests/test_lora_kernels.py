@@ -94,6 +94,16 @@ def test_engine_config_rejects_an_unknown_lora_kernel():
     assert EngineConfig().lora_kernel == "torch"
 
 
+def test_server_config_file_rejects_an_unknown_lora_kernel(tmp_path):
+    from server.config import ServerConfig
+    path = tmp_path / "c.json"
+    path.write_text('{"engine": {"lora_kernel": "fast"}}')
+    with pytest.raises(ConfigError, match="lora_kernel='fast'"):
+        ServerConfig.load(path)
+    path.write_text('{"engine": {"lora_kernel": "folded"}}')
+    assert ServerConfig.load(path).engine.lora_kernel == "folded"
+
+
 def served(model: str, kernel: str, capture: str = "prefill"):
     """Tokens, logprobs and pool of an engine with adapters (bases and adapters packed as on CUDA)
     under `kernel`, after a new version went live (version 2: folded copies A into the weight)."""

@@ -27,6 +27,8 @@ except ImportError:                      # no Triton (CPU wheels): the reference
     lora_triton = None
 
 TRITON_DTYPES = (torch.bfloat16, torch.float16)
+# read once, as Triton reads it when it decorates the kernels (a check per call costs prefill host time)
+INTERPRET = lora_triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,7 @@ def uses_triton(x: torch.Tensor) -> bool:
     """Whether the kernels run for tensors like x (else the torch reference)."""
     if lora_triton is None:
         return False
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return True
-    return x.is_cuda and x.dtype in TRITON_DTYPES
+    return INTERPRET or (x.is_cuda and x.dtype in TRITON_DTYPES)
 
 
 def lora_shrink_reference(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
