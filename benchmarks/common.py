@@ -99,6 +99,20 @@ def matmul_tflops(n: int = 8192, iters: int = 10) -> float:
     return 2 * n ** 3 * iters / (time.perf_counter() - t) / 1e12
 
 
+def blocking_sync() -> None:
+    """Make the host sleep, not spin, while it waits for the GPU (the primary context's
+    CU_CTX_SCHED_BLOCKING_SYNC), so a thread's CPU time counts its own work only. Call it before
+    anything starts CUDA; a no-op without a CUDA driver."""
+    import ctypes
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return
+    device = ctypes.c_int()
+    if driver.cuInit(0) == 0 and driver.cuDeviceGet(ctypes.byref(device), 0) == 0:
+        driver.cuDevicePrimaryCtxSetFlags(device, 4)             # 4: CU_CTX_SCHED_BLOCKING_SYNC
+
+
 def timed(fn, warmup: int = 1, repeat: int = 5):
     """Median wall time of `fn()` (synchronized) after warm-up; returns (median seconds, last result)."""
     result = None

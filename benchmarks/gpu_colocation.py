@@ -51,7 +51,8 @@ def build(args, tmp: Path):
     training = TrainerConfig(objective=args.objective, step_tokens=args.step_tokens,
                              checkpoint_every=args.checkpoint_every, min_records_per_step=args.min_records,
                              max_wait_s=args.max_wait_s, compile_layers=args.compile_layers,
-                             token_buckets=args.token_buckets)
+                             token_buckets=args.token_buckets, cuda_graphs=args.cuda_graphs,
+                             reuse=not args.no_reuse)
     async_engine = AsyncEngine(engine)         # never started: this thread is the engine thread
     store = FeedbackStore(tmp / "alchemist.db")
     try:
@@ -363,6 +364,9 @@ def parse_args(argv=None):
                     help="training.compile_layers: each training layer one compiled graph (compiled at start-up)")
     ap.add_argument("--token-buckets", type=lambda v: [int(x) for x in v.split(",")], default=None,
                     help="training.token_buckets, e.g. 512,1024,2048")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="training.cuda_graphs: the training layers as CUDA graphs per token bucket (captured at start-up)")
+    ap.add_argument("--no-reuse", action="store_true", help="training.reuse false: every step recomputes")
     ap.add_argument("--no-gc-freeze", action="store_true", help="do not gc.freeze() after start-up")
     ap.add_argument("--kv-gib", type=float, default=None)
     ap.add_argument("--pool-gib", type=float, default=None, help="activation pool (default: the engine's)")

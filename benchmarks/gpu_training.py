@@ -17,12 +17,13 @@ import time
 
 import torch
 
-from benchmarks.common import LLAMA_1B, LLAMA_8B, emit, git_commit, timed
+from benchmarks.common import LLAMA_1B, LLAMA_8B, blocking_sync, emit, git_commit, timed
 from benchmarks.gpu_serving import DEVICE, make_engine
 from engine.sampling_params import SamplingParams
 from trainer.adapters import AdapterManager
 from trainer.attention import varlen_applies
 from trainer.compiled_layer import CompiledLayers
+from trainer.graphed_layers import GraphedLayers
 from trainer.fetch_planner import FetchPlanner, measure_rates
 from trainer.lora import LoRAConfig
 from trainer.reuse import TrainRecord
@@ -73,26 +74,29 @@ def measure(fn, tokens: int, repeat: int) -> dict:
     base = torch.cuda.memory_allocated() if cuda else 0
     try:
         first, _ = timed(fn, warmup=0, repeat=1)       # the warm-up step: compiles what it needs
+        cpu = time.thread_time()
         secs, _ = timed(fn, warmup=0, repeat=repeat)
+        cpu = (time.thread_time() - cpu) / repeat
     except torch.OutOfMemoryError as err:
         return {"error": f"out of memory: {str(err)[:200]}"}
     except Exception as err:                     # e.g. a compiled mode that does not compile here: say so
         return {"error": f"{type(err).__name__}: {str(err)[:300]}"}
     peak = (torch.cuda.max_memory_allocated() - base) if cuda else 0
-    return {"step_s": secs, "tok_s": tokens / secs, "peak_extra_GiB": peak / 2 ** 30, "first_step_s": first}
+    return {"step_s": secs, "tok_s": tokens / secs, "peak_extra_GiB": peak / 2 ** 30, "first_step_s": first,
+            "host_cpu_s": cpu}
 
 
 def ours(engine, manager, records, reuse: bool, checkpoint_layers: bool, attention: str = "auto",
-         compiled: CompiledLayers | None = None, fetch_planner=None):
+         compiled: CompiledLayers | GraphedLayers | None = None, fetch_planner=None, buckets=None, masters=None):
     """One training step of a mode, as a function; its `grads()` are the LoRA gradients summed over the
     steps it ran ([n] fp32; None before the first)."""
-    masters = manager.masters(engine.adapter_version)
+    masters = masters if masters is not None else manager.masters(engine.adapter_version)
     adapters = manager.training_adapters(masters)
 
     def step():
         return forward_backward(engine.runner.model, records, adapters, pool=engine.activation_pool,
                                 reuse=reuse, checkpoint_layers=checkpoint_layers, attention=attention,
-                                compiled=compiled, fetch_planner=fetch_planner)
+                                compiled=compiled, fetch_planner=fetch_planner, buckets=buckets)
     tensors = [t for pair in masters.values() for t in pair]
     step.grads = lambda: None if tensors[0].grad is None else torch.cat([t.grad.float().flatten() for t in tensors])
     return step
@@ -180,6 +184,8 @@ def run_ours(args, raw, tokens: int, res: dict) -> None:
                                                     ("reuse_prefill_decode", full, True, False),
                                                     ("reuse_prefill_decode_ckpt", full, True, True),
                                                     ("recompute", full, False, False))})
+    if not args.only or "recompute_graphed" in args.only:
+        runs["recompute_graphed"] = graphed_recompute(engine, manager, full, res)
     reference = runs["recompute"]
     if args.only:
         runs = {name: fn for name, fn in runs.items() if name in args.only}
@@ -190,6 +196,23 @@ def run_ours(args, raw, tokens: int, res: dict) -> None:
         if name == args.profile:
             profile(fn)
     gradient_agreement(runs, res, reference)
+
+
+def graphed_recompute(engine, manager, records: list[TrainRecord], res: dict):
+    """Recompute through the training layers' CUDA graphs (trainer/graphed_layers.py), captured here for
+    one bucket that holds the step (a multiple of 256 tokens); the capture's time and memory in `res`."""
+    tokens = sum(r.num_inputs for r in records)
+    bucket = -(-tokens // 256) * 256
+    masters = manager.masters(engine.adapter_version)
+    graphs = GraphedLayers(engine.runner.model, manager.training_adapters(masters), [bucket], len(records) + 1,
+                           capture=engine.device.type == "cuda")
+    t = time.perf_counter()
+    graphs.capture_all(engine.hf_config.hidden_size, torch.bfloat16)
+    res["graphs"] = {"bucket": bucket, "capture_s": time.perf_counter() - t,
+                     "memory_GiB": graphs.memory_bytes.get(bucket, 0) / 2 ** 30}
+    step = ours(engine, manager, records, False, False, compiled=graphs, buckets=[bucket], masters=masters)
+    step.graphs = graphs
+    return step
 
 
 def profile(fn) -> None:
@@ -226,15 +249,20 @@ def main() -> None:
     ap.add_argument("--pool-cpu-gib", type=float, default=0.0,
                     help="a pinned host tier this large; its records (prompt + response captured, then moved to "
                          "the host) train as reuse_host_hedged and reuse_host_naive")
+    ap.add_argument("--blocking-sync", action="store_true",
+                    help="the host sleeps while it waits for the GPU, so host_cpu_s is the step's own host work")
     ap.add_argument("--skip-hf", action="store_true", help="our modes only (no HF + PEFT baseline)")
     ap.add_argument("--profile", default=None, help="also print a kernel profile of one step of this mode")
     ap.add_argument("--only", type=lambda v: v.split(","), default=None,
                     help="run only these of our modes (comma-separated names, e.g. recompute,recompute_compiled)")
     args = ap.parse_args()
+    if args.blocking_sync:
+        blocking_sync()
     raw = pick_records(args.sharegpt, args.step_tokens)
     p = sum(len(r["prompt"]) for r in raw)
     r = sum(len(x["response"]) for x in raw)
     res = {"commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "shape": args.shape, "records": len(raw),
+           "args": vars(args),
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "prompt_tokens": p, "response_tokens": r, "ideal_reuse_prefill": 2 * (p + r) / (p + 2 * r)}
     tokens = p + r

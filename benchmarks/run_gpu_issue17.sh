@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Issue 17 on the H200, one device call per stage (each fits the 600 s per-call limit).
 #   STAGE=tests       every GPU test
+#   STAGE=graphs      the graphed training layers' GPU tests, then gpu_training (8B, 2048-token step, host
+#                     sleeping while it waits) eager recompute beside the graphed recompute, then the other
+#                     GPU tests in the time left; writes $OUT/training/gpu_training.json
 #   STAGE=colocation  gpu_colocation (8B shape, ShareGPT, 30% rated, 30 GiB pool, 30 s windows) at LOADS,
 #                     seed SEED, the latency budget (`thread`, the default) beside the fixed duty of before
 #                     (`thread:slo=none:duty=0.25:yield=256`) on the same schedule, then the standalone phase;
@@ -11,6 +14,14 @@ set -u
 source benchmarks/device_env.sh
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader
 case "${STAGE:-colocation}" in
+  graphs)
+    timeout 240 python3 -m pytest -q -rs --tb=short -p no:logging -m gpu tests/test_gpu_graphed.py 2>&1 | tail -15
+    timeout "${TRAIN_TIMEOUT:-240}" python3 -m benchmarks.gpu_training --out "$OUT/training" --step-tokens 2048 \
+      --skip-hf --blocking-sync --only "${ONLY:-recompute,recompute_graphed,reuse_prefill_decode}" > "$OUT/gpu_training.log" 2>&1 \
+      || { echo "gpu_training failed:"; tail -25 "$OUT/gpu_training.log"; }
+    grep -E '^(recompute|reuse|graphs)' "$OUT/gpu_training.log"
+    timeout "${TEST_TIMEOUT:-60}" python3 -m pytest -q -rs --tb=short -p no:logging -m gpu \
+      --continue-on-collection-errors tests --ignore=tests/test_gpu_graphed.py 2>&1 | grep -v DEBUG | tail -25 ;;
   tests)
     timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -rs --tb=short -p no:logging -m gpu \
       --continue-on-collection-errors tests 2>&1 | grep -v DEBUG | tail -40 ;;

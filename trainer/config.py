@@ -60,6 +60,13 @@ class TrainerConfig:
     # pad each step's batch to the smallest of these token counts that holds it (trainer/buckets.py): a
     # few fixed shapes that graphs replay; None: no padding. The largest must be >= step_tokens
     token_buckets: list[int] | None = None
+    # thread mode on CUDA: each training layer's forward and backward as CUDA graphs, one set per token
+    # bucket (token_buckets, or [step_tokens] when unset), captured at start-up (trainer/graphed_layers.py);
+    # a step replays them when it injects no pool rows. Their memory: /v1/training/status "graphs"
+    cuda_graphs: bool = False
+    # reuse captured activations in training steps; false: recompute every row (with cuda_graphs, every
+    # step then replays graphs). Which is faster at a model size: BENCHMARKS.md "Training on one H200"
+    reuse: bool = True
     checkpoint_every: int = 10          # steps; also on shutdown
     # a rating whose step fails alone (after bisecting the failing step; trainer/isolation.py) while a
     # 12-token probe step succeeds is quarantined and training goes on; this many quarantined in a row,
@@ -105,6 +112,9 @@ class TrainerConfig:
         if self.max_consecutive_quarantines is not None and self.max_consecutive_quarantines < 1:
             raise ConfigError("training.max_consecutive_quarantines must be >= 1 (or null: never pause for them)")
         check_buckets(self.token_buckets, self.step_tokens)
+        if self.cuda_graphs and self.compile_layers:
+            raise ConfigError("training.cuda_graphs and training.compile_layers are two ways to run the training "
+                              "layers: set one of them to false")
         if self.checkpoint_every < 1 or self.max_staleness < 0:
             raise ConfigError("training.checkpoint_every must be >= 1 and max_staleness >= 0")
         if not self.run_name or "/" in self.run_name or self.run_name.startswith("."):
@@ -116,6 +126,12 @@ class TrainerConfig:
         if threaded and self.tbt_slo_ratio is not None:
             return 1.0                  # the latency budget paces the thread
         return DEFAULT_DUTY_THREAD if threaded else DEFAULT_DUTY_INTERLEAVED
+
+    def step_buckets(self) -> list[int] | None:
+        """The token counts a step is padded to: token_buckets, or [step_tokens] for cuda_graphs."""
+        if self.token_buckets is None and self.cuda_graphs:
+            return [self.step_tokens]
+        return self.token_buckets
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainerConfig":

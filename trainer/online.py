@@ -32,6 +32,7 @@ from trainer.lora import LoRAConfig
 from trainer.objectives import RunningMean, batch_loss
 from trainer.pacing import StepPacing
 from trainer.fetch_planner import planner_for
+from trainer.graphed_layers import check_graphs, graphed_layers
 from trainer.keep_up import KeepUp
 from trainer.isolation import Quarantine, RatingWork, rating_work, train_bisecting, watermark
 from trainer.reuse import TrainRecord
@@ -48,6 +49,7 @@ class OnlineTrainer:
                  on_step=None):
         self.config, self.port, self.store = config, port, store
         self.compiled = compiled_layers(config, port.device)        # raises first: no side effects yet
+        check_graphs(config, port.device)
         self.run_dir, self.base_model = Path(run_dir), base_model
         self.on_step = on_step or (lambda seconds: None)           # a step trained, in this many seconds
         self.lora = LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha, targets=tuple(config.lora_targets))
@@ -84,6 +86,10 @@ class OnlineTrainer:
             self._load(*loaded)
         warm_up(port.model, self._adapter_map(), port.hf_config.vocab_size, port.device,
                 port.activation_pool, self.compiled)
+        self.graphs = graphed_layers(config, port.model, self._adapter_map(), port.device)
+        if self.graphs is not None:          # captured now, before serving; steps replay them
+            self.graphs.capture_all(port.hf_config.hidden_size, next(port.model.parameters()).dtype)
+            self.compiled = self.graphs
         self.optimizer.zero_grad(set_to_none=True)
         if port.device.type == "cuda":     # adapters made on this thread's stream: ready before serving's
             torch.cuda.synchronize(port.device)
@@ -268,12 +274,13 @@ class OnlineTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         before = [p.detach().clone() for p in params] if self.config.max_update_norm else None
         result = forward_backward(self.port.model, records, self._adapter_map(),
-                                  pool=self.port.activation_pool, reuse=True, trainer_version=self.version,
+                                  pool=self.port.activation_pool, reuse=self.config.reuse,
+                                  trainer_version=self.version,
                                   max_staleness=self.config.max_staleness, loss_fn=self._loss,
                                   prompt_lm_weight=self.config.prompt_lm_weight,
                                   prompt_lm_targets=self.prompt_lm_targets,
                                   between_layers=self._gate(), compiled=self.compiled,
-                                  buckets=self.config.token_buckets, fetch_planner=self.fetch_planner)
+                                  buckets=self.config.step_buckets(), fetch_planner=self.fetch_planner)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         if not (math.isfinite(result.loss) and math.isfinite(float(grad_norm))):
             self.skipped["non_finite"] += 1

@@ -191,7 +191,8 @@ class TrainingContext(ProjectingContext):
     def cu_device(self, device: torch.device) -> torch.Tensor:
         """cu_seqlens as int32 on `device` [B + 1]: made once per step, used by every layer."""
         if self._cu_device is None:
-            self._cu_device = torch.tensor(self.cu_seqlens, dtype=torch.int32, device=device)
+            bounds = torch.tensor(self.cu_seqlens, dtype=torch.int32)      # pinned: no wait for the device
+            self._cu_device = bounds.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else bounds
         return self._cu_device
 
     def attention(self, layer, q, k, v, scale):

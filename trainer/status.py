@@ -15,6 +15,7 @@ def trainer_status(trainer) -> dict:
             "kept_versions": trainer.adapters.versions(), "skipped_steps": dict(trainer.skipped),
             "keep_up": keep_up(trainer), "staleness": {str(k): n for k, n in sorted(trainer.staleness.items())},
             "latency_budget": None if thread is None or thread.budget is None else thread.budget.status(),
+            "graphs": None if trainer.graphs is None else trainer.graphs.status(),
             "last_step": None if last is None else {
                 "loss": last.loss, "outcomes": dict(last.outcomes), "reused_rows": last.reused_rows,
                 "computed_rows": last.computed_rows, "response_tokens": last.response_tokens}}

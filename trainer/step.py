@@ -126,6 +126,15 @@ def _warm_up_injected(model, adapters: dict, pool, compiled, ids: list[int]) -> 
         pool.release(key)
 
 
+def to_device(device: torch.device, *lists: list[int]) -> list[torch.Tensor]:
+    """The int lists as int64 tensors on `device` in one copy (on CUDA from pinned memory, without
+    waiting for the device: a step's only host syncs are at its end, reading the loss and grad norm)."""
+    flat = torch.tensor([v for values in lists for v in values], dtype=torch.long)
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    return list(flat.split([len(values) for values in lists]))
+
+
 def nll_loss(logprobs: list[torch.Tensor], records: list[TrainRecord]) -> torch.Tensor:
     """Mean negative log-likelihood over all response tokens (the check-grad objective)."""
     return -torch.cat(logprobs).mean()
@@ -161,7 +170,7 @@ def forward_backward(model, records: list[TrainRecord], adapters: dict, *, pool=
         ids += r.input_ids
         positions += range(r.num_inputs)
         logit_rows += range(cu[-1] + len(r.prompt_ids) - 1, cu[-1] + r.num_inputs)   # rows predicting the response
-        targets.append(torch.tensor(r.response_ids, device=device))
+        targets += r.response_ids
         if prompt_lm_weight > 0:
             where = prompt_lm_targets(r.prompt_ids)                              # prompt indices >= 1
             prompt_rows += [cu[-1] + j - 1 for j in where]                       # the rows predicting them
@@ -173,10 +182,10 @@ def forward_backward(model, records: list[TrainRecord], adapters: dict, *, pool=
         positions += [0] * padding
         cu.append(cu[-1] + padding)
     ctx = TrainingContext(cu, adapters, injection, checkpoint_layers, between_layers, attention, compiled)
-    all_targets = torch.cat(targets + [torch.tensor(prompt_targets, dtype=torch.long, device=device)])
+    ids_t, positions_t, rows, all_targets = to_device(device, ids, positions, logit_rows + prompt_rows,
+                                                      targets + prompt_targets)
     with torch.enable_grad():
-        hidden = model(torch.tensor(ids, device=device), torch.tensor(positions, device=device), ctx)   # [T, h]
-        rows = torch.tensor(logit_rows + prompt_rows, device=device)
+        hidden = model(ids_t, positions_t, ctx)                                                      # [T, h]
         logits = model.compute_logits(hidden[rows]).float()                                         # [N, V]
         logp_all = logits.log_softmax(-1).gather(1, all_targets[:, None]).squeeze(1)                 # [N]
         response_logp, prompt_logp = logp_all.split([len(logit_rows), len(prompt_rows)])
