@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from common.errors import ConfigError
 from engine.config import EngineConfig
-from engine.kernels.lora import lora_add, lora_expand, lora_reference, make_slices, uses_triton
+from engine.kernels.lora import lora_add, lora_expand, lora_reference, lora_shrink, make_slices, uses_triton
 from engine.packing import lora_added, lora_group, set_lora_kernel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,7 +157,8 @@ def interpreter_checks() -> None:
     """Run under TRITON_INTERPRET=1 (a subprocess): the Triton kernels against the reference, B's
     off-diagonal blocks NaN (never read), in place and not, one split and several (T small, in large)."""
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
-        for t, in_features, outs in ((7, 96, [40, 20, 24]), (1, 1024, [64, 64]), (70, 64, [48])):
+        for t, in_features, outs in ((7, 96, [40, 20, 24]), (1, 1024, [64, 64]), (70, 64, [48]),
+                                     (20, 8192, [32, 16])):    # 2 and 16 splits (2 loads of 8 partials)
             a, b, slices = factors(in_features, outs, 16, dtype)
             x, y = inputs(t, in_features, sum(outs), dtype)
             want = lora_reference(y, x, a, b, 1.5, slices)
@@ -165,6 +166,7 @@ def interpreter_checks() -> None:
                 b[start:end, :rank_start] = float("nan")
                 b[start:end, rank_start + rank:] = float("nan")
             got = lora_add(y, x, a, b, 1.5, slices)
+            assert lora_shrink(x, a).shape[0] == max(1, in_features // 512)         # [splits, T, R]
             in_place = y.clone()
             lora_add(in_place, x, a, b, 1.5, slices, out=in_place)
             scale = want.abs().max().item()

@@ -57,7 +57,7 @@ def _shrink_kernel(X, A, S, T, K, R, k_per_split, stride_xt, stride_ar, stride_s
 def _expand_kernel(Y, S, B, O, TABLE, T, N, splits, alpha,
                    stride_yt, stride_ss, stride_st, stride_bn, stride_ot,
                    NUM_SLICES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_R: tl.constexpr, UPCAST: tl.constexpr):
+                   BLOCK_R: tl.constexpr, SPLIT_BLOCK: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -65,6 +65,8 @@ def _expand_kernel(Y, S, B, O, TABLE, T, N, splits, alpha,
     r = tl.arange(0, BLOCK_R)
     m_ok = m < T
     n_ok = n < N
+    tile = m_ok[:, None] & n_ok[None, :]
+    y = tl.load(Y + m[:, None] * stride_yt + n[None, :], mask=tile, other=0.0)   # y: [BM, BN], early
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)                 # acc: [BM, BN]
     for i in tl.static_range(NUM_SLICES):
         out_start = tl.load(TABLE + 4 * i)
@@ -74,9 +76,12 @@ def _expand_kernel(Y, S, B, O, TABLE, T, N, splits, alpha,
         cols = rank_start + r
         r_ok = r < rank
         s = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)               # s: [BM, BR]
-        for p in range(0, splits):
-            s += tl.load(S + p * stride_ss + m[:, None] * stride_st + cols[None, :],
-                         mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+        for p0 in range(0, splits, SPLIT_BLOCK):                          # SPLIT_BLOCK partials a load
+            p = p0 + tl.arange(0, SPLIT_BLOCK)
+            part = tl.load(S + p[:, None, None] * stride_ss + m[None, :, None] * stride_st + cols[None, None, :],
+                           mask=(p < splits)[:, None, None] & m_ok[None, :, None] & r_ok[None, None, :],
+                           other=0.0)                                     # part: [SB, BM, BR]
+            s += tl.sum(part.to(tl.float32), axis=0)
         in_slice = n_ok & (n >= out_start) & (n < out_end)
         b = tl.load(B + n[None, :] * stride_bn + cols[:, None],
                     mask=r_ok[:, None] & in_slice[None, :], other=0.0)    # b: [BR, BN] = B_i^T tile
@@ -84,9 +89,8 @@ def _expand_kernel(Y, S, B, O, TABLE, T, N, splits, alpha,
         if UPCAST:
             s, b = s.to(tl.float32), b.to(tl.float32)
         acc += tl.dot(s, b)
-    tile = m_ok[:, None] & n_ok[None, :]
-    y = tl.load(Y + m[:, None] * stride_yt + n[None, :], mask=tile, other=0.0).to(tl.float32)
-    tl.store(O + m[:, None] * stride_ot + n[None, :], (y + alpha * acc).to(O.dtype.element_ty), mask=tile)
+    out = y.to(tl.float32) + alpha * acc
+    tl.store(O + m[:, None] * stride_ot + n[None, :], out.to(O.dtype.element_ty), mask=tile)
 
 
 def _block_r(rank: int) -> int:
@@ -100,7 +104,7 @@ def shrink(x: torch.Tensor, a: torch.Tensor, sms: int = 132) -> torch.Tensor:
     block_m = 16 if t <= 16 else 64
     block_k = 128 if t <= 16 else 64
     m_tiles = triton.cdiv(t, block_m)
-    chunk = 256 if t <= 16 else 512                                       # `in` per program at most
+    chunk = 512                                                           # `in` per program at least
     splits = max(1, min(triton.cdiv(k, chunk), sms // m_tiles))
     k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
     splits = triton.cdiv(k, k_per_split)
@@ -121,9 +125,10 @@ def expand(y: torch.Tensor, s: torch.Tensor, b: torch.Tensor, alpha: float, tabl
     block_m = 16 if t <= 16 else 64
     block_n = 64 if t <= 16 else 128
     grid = (triton.cdiv(t, block_m), triton.cdiv(n, block_n))
+    split_block = max(2, min(triton.next_power_of_2(s.shape[0]), 32 if block_m == 16 else 8))
     _expand_kernel[grid](
         y, s, b, out, table, t, n, s.shape[0], float(alpha),
         y.stride(0), s.stride(0), s.stride(1), b.stride(0), out.stride(0),
-        NUM_SLICES=num_slices, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(max_rank), UPCAST=UPCAST,
-        num_warps=4)
+        NUM_SLICES=num_slices, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(max_rank),
+        SPLIT_BLOCK=split_block, UPCAST=UPCAST, num_warps=4)
     return out
