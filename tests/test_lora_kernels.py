@@ -26,24 +26,30 @@ SHAPES_8B = {"qkv": (4096, [4096, 1024, 1024]), "gate_up": (4096, [14336, 14336]
              "o": (4096, [4096]), "down": (14336, [4096])}
 
 
-def factors(in_features, outs, rank, dtype, device="cpu", seed=0, integers=False):
-    """x-free group factors: A [R, in], block-diagonal B [out, R] (zeros off the blocks), slices."""
+def drawer(seed: int, integers: bool):
+    """Random tensors of a shape: normal, or small integers (float64: every sum exact)."""
     gen = torch.Generator().manual_seed(seed)
-    draw = (lambda *s: torch.randint(-3, 4, s, generator=gen).double()) if integers else \
-        (lambda *s: torch.randn(*s, generator=gen))
+    if integers:
+        return lambda *shape: torch.randint(-3, 4, shape, generator=gen).double()
+    return lambda *shape: torch.randn(*shape, generator=gen)
+
+
+def factors(in_features, outs, rank, dtype, device="cpu", seed=0, integers=False):
+    """A group's A [R, in], block-diagonal B [out, R] (zeros off the blocks) and slices."""
+    draw = drawer(seed, integers)
     slices = make_slices(outs, [rank] * len(outs), device)
     a = (draw(rank * len(outs), in_features) / (1 if integers else in_features ** 0.5)).to(device, dtype)
     b = torch.zeros(sum(outs), rank * len(outs), dtype=dtype, device=device)
     for out_start, out_end, rank_start, r in slices.table.tolist():
-        b[out_start:out_end, rank_start:rank_start + r] = (draw(out_end - out_start, r) * (1 if integers else 0.1)).to(device, dtype)
+        block = draw(out_end - out_start, r) * (1 if integers else 0.1)
+        b[out_start:out_end, rank_start:rank_start + r] = block.to(device, dtype)
     return a, b, slices
 
 
 def inputs(t, in_features, out, dtype, device="cpu", seed=1, integers=False):
-    gen = torch.Generator().manual_seed(seed)
-    draw = (lambda *s: torch.randint(-3, 4, s, generator=gen).double()) if integers else \
-        (lambda *s: torch.randn(*s, generator=gen))
-    return draw(t, in_features).to(device, dtype), draw(t, out).to(device, dtype)        # x: [T, in], y: [T, out]
+    """x [T, in] and a base output y [T, out]."""
+    draw = drawer(seed, integers)
+    return draw(t, in_features).to(device, dtype), draw(t, out).to(device, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

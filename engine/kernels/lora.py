@@ -35,7 +35,7 @@ INTERPRET = lora_triton is not None and os.environ.get("TRITON_INTERPRET") == "1
 class LoRASlices:
     """Where each projection of a group sits: output columns [out_start, out_end) add
     s[:, rank_start:rank_start + rank] @ B[those columns, the same rank columns]^T."""
-    table: torch.Tensor               # [S, 4] int32 on the factors' device: out_start, out_end, rank_start, rank
+    table: torch.Tensor               # [S, 4] int32 (factors' device): out_start, out_end, rank_start, rank
     count: int                        # S
     max_rank: int
     out_features: int                 # sum of the projections' outputs

@@ -26,7 +26,7 @@ import triton.language as tl
 UPCAST = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "k_per_split"])          # one compile for every T (prefill chunks)
 def _shrink_kernel(X, A, S, T, K, R, k_per_split, stride_xt, stride_ar, stride_ss, stride_st,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                    UPCAST: tl.constexpr):
@@ -53,7 +53,7 @@ def _shrink_kernel(X, A, S, T, K, R, k_per_split, stride_xt, stride_ar, stride_s
              acc.to(S.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "splits"])
 def _expand_kernel(Y, S, B, O, TABLE, T, N, splits, alpha,
                    stride_yt, stride_ss, stride_st, stride_bn, stride_ot,
                    NUM_SLICES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -74,11 +74,14 @@ def _expand_kernel(Y, S, B, O, TABLE, T, N, splits, alpha,
         rank_start = tl.load(TABLE + 4 * i + 2)
         rank = tl.load(TABLE + 4 * i + 3)
         cols = rank_start + r
-        r_ok = r < rank
+        tile_n = pid_n * BLOCK_N + r * 0                                 # [BR]: the tile's first column
+        hit = (tile_n < out_end) & (tile_n + BLOCK_N > out_start)          # the slice meets the tile
+        r_ok = (r < rank) & hit                                           # else no reads for it
         s = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)               # s: [BM, BR]
         for p0 in range(0, splits, SPLIT_BLOCK):                          # SPLIT_BLOCK partials a load
             p = p0 + tl.arange(0, SPLIT_BLOCK)
-            part = tl.load(S + p[:, None, None] * stride_ss + m[None, :, None] * stride_st + cols[None, None, :],
+            offsets = p[:, None, None] * stride_ss + m[None, :, None] * stride_st + cols[None, None, :]
+            part = tl.load(S + offsets,
                            mask=(p < splits)[:, None, None] & m_ok[None, :, None] & r_ok[None, None, :],
                            other=0.0)                                     # part: [SB, BM, BR]
             s += tl.sum(part.to(tl.float32), axis=0)
