@@ -110,9 +110,10 @@ def test_server_config_file_rejects_an_unknown_lora_kernel(tmp_path):
     assert ServerConfig.load(path).engine.lora_kernel == "folded"
 
 
-def served(model: str, kernel: str, capture: str = "prefill"):
+def served(model: str, kernel: str, capture: str = "prefill", lengths=(5, 23, 40)):
     """Tokens, logprobs and pool of an engine with adapters (bases and adapters packed as on CUDA)
-    under `kernel`, after a new version went live (version 2: folded copies A into the weight)."""
+    under `kernel`, after a new version went live (version 2: folded copies A into the weight);
+    prompts of `lengths` served together (steps that mix them record scattered rows)."""
     from tests.helpers import pack_bases
     from trainer.check_grad import adapted_engine, perturb
     from engine.sampling_params import SamplingParams
@@ -122,8 +123,27 @@ def served(model: str, kernel: str, capture: str = "prefill"):
     pack_bases(engine.runner.model)                              # as apply_lora does over packed bases
     perturb(engine, manager, gen)                                # version 2
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, detokenize=False, logprobs=0)
-    prompts = [[(7 * i + 3 * j) % 200 + 3 for j in range(n)] for i, n in enumerate((5, 23, 40))]
+    prompts = [[(7 * i + 3 * j) % 200 + 3 for j in range(n)] for i, n in enumerate(lengths)]
     return engine, [s[0] for s in engine.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("kernel", ["triton", "folded"])
+def test_rows_written_straight_into_the_pool_stay_base_rows(kernel):
+    """One prompt alone: its prompt step's projections write the pool rows directly (one run of
+    slots); the expand must then write a new tensor, never those rows."""
+    from store.pool_layout import KINDS
+    torch_engine, (want,) = served("tiny-llama", "torch", lengths=(20,))
+    engine, (got,) = served("tiny-llama", kernel, lengths=(20,))
+    assert engine.capture.steps["one_run"] > 0
+    assert got.output_token_ids == want.output_token_ids
+    for layer in range(2):
+        for kind in KINDS:
+            rows, base = engine.activation_pool.gather(got.record_key, layer, kind), \
+                torch_engine.activation_pool.gather(want.record_key, layer, kind)
+            if kernel == "triton" and not uses_triton(rows):
+                assert torch.equal(rows, base)
+            else:
+                torch.testing.assert_close(rows, base, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2"])
@@ -178,7 +198,34 @@ def interpreter_checks() -> None:
             scale = want.abs().max().item()
             torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale)
             assert torch.equal(in_place, got)
+    folded_interpreted()
+    engines_interpreted()
     print("interpreter checks passed")
+
+
+def folded_interpreted() -> None:
+    """The expand over the folded GEMM's strided views (y, s rows of out + R)."""
+    a, b, slices = factors(64, [48, 16, 16], 16, torch.float32)
+    weight = torch.randn(80, 64, generator=torch.Generator().manual_seed(5))
+    x, _ = inputs(9, 64, 80, torch.float32)
+    today = lora_added(F.linear(x, weight), x, a, b, 0.5)
+    torch.testing.assert_close(folded(x, weight, a, b, 0.5, slices), today, rtol=1e-5, atol=1e-5)
+
+
+def engines_interpreted() -> None:
+    """Whole engines with the Triton kernels (interpreted): torch's tokens and captured base rows."""
+    from store.pool_layout import KINDS
+    (torch_engine, torch_seqs), (engine, seqs) = served("tiny-llama", "torch"), served("tiny-llama", "triton")
+    for a, b in zip(torch_seqs, seqs):
+        assert a.output_token_ids == b.output_token_ids
+        assert max(abs(p - q) for p, q in zip(a.logprobs, b.logprobs)) < 1e-4
+        for layer in range(2):               # base rows (the adapter's delta would be far off 1e-4)
+            for kind in KINDS:
+                torch.testing.assert_close(engine.activation_pool.gather(b.record_key, layer, kind),
+                                           torch_engine.activation_pool.gather(a.record_key, layer, kind),
+                                           rtol=1e-4, atol=1e-4)
+        assert torch.equal(engine.activation_pool.gather(b.record_key, 0, "q"),   # before any adapter
+                           torch_engine.activation_pool.gather(a.record_key, 0, "q"))
 
 
 def test_triton_kernels_through_the_interpreter():
