@@ -17,6 +17,7 @@ the GPU's fp32 accumulation differs.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -100,17 +101,30 @@ def _block_r(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-def shrink(x: torch.Tensor, a: torch.Tensor, sms: int = 132) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132                                                        # the interpreter: an H200's
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_splits(t: int, k: int, block_m: int, block_k: int, sms: int) -> tuple[int, int]:
+    """(splits, `in` per split) of the shrink: enough programs to fill the SMs, at least 512 of `in`
+    each; few for many rows (T > 16), as each expand program sums its rows' partials again."""
+    m_tiles = triton.cdiv(t, block_m)
+    splits = max(1, min(triton.cdiv(k, 512), sms // m_tiles, 32 if t <= 16 else 4))
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    return triton.cdiv(k, k_per_split), k_per_split
+
+
+def shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """x [T, in] @ a [R, in]^T -> s [splits, T, R] (fp32 partials when splits > 1, else x's dtype)."""
     t, k = x.shape
     r = a.shape[0]
     block_m = 16 if t <= 16 else 64
     block_k = 128 if t <= 16 else 64
     m_tiles = triton.cdiv(t, block_m)
-    chunk = 512                                                           # `in` per program at least
-    splits = max(1, min(triton.cdiv(k, chunk), sms // m_tiles))
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
-    splits = triton.cdiv(k, k_per_split)
+    splits, k_per_split = num_splits(t, k, block_m, block_k, _multiprocessors(x.device))
     dtype = torch.float32 if splits > 1 else x.dtype
     s = torch.empty(splits, t, r, dtype=dtype, device=x.device)           # s: [splits, T, R]
     _shrink_kernel[(m_tiles, splits)](
