@@ -303,7 +303,8 @@ def test_cuda_graph_replay_sees_a_new_version_copied_into_the_factors(kernel):
 @pytest.mark.parametrize("stream", ["serving", "side"])
 def test_gpu_engine_serves_the_same_tokens_under_each_kernel(stream):
     """bf16 engines on CUDA (decode graphs, packed groups, capture in place and on a side stream):
-    triton and folded give torch's tokens and the same captured base rows."""
+    triton and folded give torch's first tokens (later ones may part on a bf16 near-tie) and capture
+    base rows: layer 0's q|k|v (whose input no adapter touched yet) bit for bit, the rest within bf16."""
     from benchmarks.common import build_engine, llama_config
     from engine.sampling_params import SamplingParams
     from store.pool_layout import KINDS
@@ -324,15 +325,21 @@ def test_gpu_engine_serves_the_same_tokens_under_each_kernel(stream):
         manager = AdapterManager(engine.runner.model, LoRAConfig(rank=16, alpha=32), generator=gen)
         masters = manager.masters(0)
         with torch.no_grad():
-            for _, b in masters.values():
+            for a, b in masters.values():                       # A too: folded must copy it in
+                a.add_(torch.randn(a.shape, generator=gen).to(a.device) * 0.05)
                 b.add_(torch.randn(b.shape, generator=gen).to(b.device) * 0.05)
         engine.offer_adapter(manager.stage(masters, 1))
         engine.apply_adapter_offer()
-        outs.append([s[0].output_token_ids for s in engine.generate(prompts, params)])
+        outs.append([s[0].output_token_ids[0] for s in engine.generate(prompts, params)])
         pools.append(engine.activation_pool)
     assert outs[0] == outs[1] == outs[2]
     for pool in pools[1:]:
+        assert sorted(pool._records) == sorted(pools[0]._records)
         for key in pools[0]._records:
-            for kind in KINDS:
-                torch.testing.assert_close(pool.gather(key, 0, kind), pools[0].gather(key, 0, kind),
-                                           rtol=0, atol=0)
+            for layer in range(2):
+                for kind in KINDS:
+                    got, want = pool.gather(key, layer, kind).float(), pools[0].gather(key, layer, kind).float()
+                    if layer == 0 and kind in ("q", "k", "v"):
+                        assert torch.equal(got, want)
+                    else:
+                        assert (got - want).norm() <= 2e-2 * want.norm()
