@@ -72,3 +72,28 @@ def test_a_trainer_with_cuda_graphs_trains_through_them(tmp_path):
     status = trainer.status()["graphs"]
     assert status["replayed_steps"] == 2 and status["captured"] == 2 and not status["eager_steps"]
     assert trainer.version == 2 and trainer.last_error is None
+
+
+def test_the_trainer_thread_replays_graphs_beside_serving(tmp_path):
+    """Thread mode (the server's on CUDA): graph replays on the trainer's low-priority stream while the
+    engine serves through its decode graphs; both make progress."""
+    import time
+    engine, store, rng = cuda_engine("bfloat16"), FeedbackStore(tmp_path / "f.db"), random.Random(0)
+    torch.cuda.set_stream(engine.runner.stream)           # this thread plays the engine thread
+    trainer = OnlineTrainer(TrainerConfig(lora_rank=4, lora_alpha=8.0, lr=1e-2, min_records_per_step=1,
+                                          cuda_graphs=True, reuse=False, step_tokens=1024,
+                                          token_buckets=[512, 1024]),
+                            engine.training_port(), store, tmp_path / "run")
+    trainer.start()
+    try:
+        deadline, served = time.monotonic() + 90, 0
+        while trainer.totals["steps"] < 3 and time.monotonic() < deadline:
+            for rec in serve(engine, store, rng, 3, engine.apply_adapter_offer):
+                store.add_feedback(response_id=rec.response_id, choice_index=rec.choice_index, rating=1)
+                trainer.pin_for_feedback(rec.response_id, rec.choice_index)
+                served += 1
+        assert trainer.totals["steps"] >= 3 and trainer.last_error is None, (trainer.totals, trainer.last_error)
+        assert trainer.status()["graphs"]["replayed_steps"] >= 3
+    finally:
+        trainer.stop()
+        torch.cuda.set_stream(torch.cuda.default_stream())

@@ -115,7 +115,11 @@ class GraphedLayers:
         for i, fn in enumerate(self.functions[t]):
             x = torch.randn(t, hidden_size, device=self.device, dtype=dtype) * 0.02   # [T, h]
             x.requires_grad_(i > 0)            # the first layer's input (the embeddings) needs no grad
-            args.append((x, self.positions[t], self.cu[t], *fn.factors))
+            # the masters' aliases (same memory, other leaves): the captured autograd graph keeps its leaves'
+            # gradient accumulators alive, with the stream of their creation; the masters' own are made by
+            # each step on the trainer's stream
+            aliases = [f.detach().requires_grad_(True) for f in fn.factors]
+            args.append((x, self.positions[t], self.cu[t], *aliases))
         return tuple(args)
 
     def why_not(self, ctx, x: torch.Tensor) -> str | None:
