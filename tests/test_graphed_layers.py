@@ -84,3 +84,14 @@ def test_graphs_are_configured_with_what_they_need():
     assert TrainerConfig(cuda_graphs=True, step_tokens=512).step_buckets() == [512]
     assert TrainerConfig(cuda_graphs=True, token_buckets=[256, 2048]).step_buckets() == [256, 2048]
     assert TrainerConfig().step_buckets() is None
+
+
+def test_the_trainers_graphs_are_captured_on_a_stream_of_their_own():
+    """Graphs captured on one stream share its cuBLAS workspace: the trainer's must not share the
+    engine's decode graphs' (torch's default capture stream) or replaying both at once races on it."""
+    from trainer.graphed_layers import own_capture_stream
+    graph = torch.cuda.graphs.graph
+    saved, mine = graph.default_capture_stream, object()
+    with own_capture_stream(mine):
+        assert graph.default_capture_stream is mine
+    assert graph.default_capture_stream is saved

@@ -12,7 +12,8 @@ early). Records then differ from step to step only in data, never in shape.
 A step replays graphs only when its batch is exactly a bucket (trainer/buckets.py pads it), has at most
 `max_segments` segments, and injects no pool rows (which rows are injected differs per step: those
 steps run eager, counted in `fallbacks`). The graphs' activations for backward stay allocated between
-steps: `memory_bytes` reports them per bucket.
+steps: `memory_bytes` reports them per bucket. They are captured on a stream of their own
+(`own_capture_stream`), so their GEMMs do not share a cuBLAS workspace with the engine's decode graphs.
 
 Gradients: the graphed backward returns the masters' gradients in static buffers, and autograd stores
 them as the masters' .grad without a copy. That is right as long as each step starts from
@@ -21,6 +22,7 @@ them as the masters' .grad without a copy. That is right as long as each step st
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -69,6 +71,22 @@ class LayerFunction:
         return self.layer(x, positions, self.rotary, ctx)
 
 
+@contextmanager
+def own_capture_stream(stream):
+    """Captures in this block run on `stream` instead of torch's one default capture stream. cuBLAS
+    workspaces are kept per (handle, stream) and a captured GEMM bakes its workspace's address into the
+    graph, so graphs captured on the same stream share one workspace: the trainer's graphs replaying
+    beside the engine's decode graphs (both captured on the default stream by the same thread) would
+    race on it (pytorch/pytorch#193402 describes the sharing)."""
+    graph = torch.cuda.graphs.graph
+    saved = graph.default_capture_stream
+    graph.default_capture_stream = stream
+    try:
+        yield
+    finally:
+        graph.default_capture_stream = saved
+
+
 class GraphedLayers:
     """One per trainer: the captured graphs of every bucket, kept across steps. `capture=False` (the CPU,
     tests) runs the same static-shape functions eagerly: the bookkeeping without the graphs."""
@@ -88,6 +106,7 @@ class GraphedLayers:
         pin = capture and self.device.type == "cuda"
         self.cu_staging = {t: torch.empty(max_segments + 1, dtype=torch.int32, pin_memory=pin) for t in self.buckets}
         self.graphs: dict[int, list] = {}
+        self.capture_stream = torch.cuda.Stream(self.device) if capture else None
         self.memory_bytes: dict[int, int] = {}
         self.captures = 0                  # graph sets captured (one per bucket, at start-up only)
         self.replays = 0                   # steps that replayed graphs
@@ -102,8 +121,9 @@ class GraphedLayers:
                 self.graphs[t] = self.functions[t]
                 continue
             before = torch.cuda.memory_allocated(self.device)
-            self.graphs[t] = list(torch.cuda.make_graphed_callables(
-                tuple(self.functions[t]), self._sample_args(t, hidden_size, dtype), num_warmup_iters=2))
+            with own_capture_stream(self.capture_stream):
+                self.graphs[t] = list(torch.cuda.make_graphed_callables(
+                    tuple(self.functions[t]), self._sample_args(t, hidden_size, dtype), num_warmup_iters=2))
             torch.cuda.synchronize(self.device)
             self.memory_bytes[t] = torch.cuda.memory_allocated(self.device) - before
             self.captures += 1
