@@ -47,6 +47,9 @@ class EngineConfig:
     # block-diagonal B); "triton" = one shrink and one in-place expand launch per group (CUDA, bf16);
     # "folded" = A's rows appended to the base weight, so one GEMM yields [y | x @ A^T], then the expand
     lora_kernel: str = "torch"
+    # prepare step N+1 on the host while step N runs on the device; outputs come one step later
+    # (engine/overlap.py). Off until measured on the GPU.
+    overlap_scheduling: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -79,6 +82,11 @@ class EngineConfig:
         if self.lora_kernel not in LORA_KERNELS:
             raise ConfigError(f"lora_kernel={self.lora_kernel!r}: use one of {LORA_KERNELS} (torch: today's "
                               "two GEMMs; triton: fused kernels; folded: shrink folded into the base GEMM)")
+        if not isinstance(self.overlap_scheduling, bool):
+            raise ConfigError(f"overlap_scheduling={self.overlap_scheduling!r}: use true or false")
+        if self.overlap_scheduling and self.capture == "prefill+decode":
+            raise ConfigError("overlap_scheduling with capture=prefill+decode: every step records decode rows, "
+                              "so no step could overlap; use capture=prefill (or none), or overlap_scheduling=false")
         if self.load_format not in ("safetensors", "random"):
             raise ConfigError(f"load_format={self.load_format!r}: use safetensors or random")
 

@@ -13,6 +13,7 @@ from common.errors import ConfigError, InvalidRequestError
 from engine.model_runner import ModelRunner
 from engine.packing import refresh_folded_lora, set_lora_kernel
 from engine.output_processor import SeqDelta, SequenceTextState
+from engine.overlap import OverlappedStepper
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
@@ -67,6 +68,8 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self._text_states: dict[int, SequenceTextState] = {}
         self.request_seqs: dict[str, list[Sequence]] = {}
+        # overlapped scheduling: the step in flight and how steps overlap (None: synchronous steps)
+        self.overlap = OverlappedStepper(self) if config.overlap_scheduling else None
 
     # -- the live adapter ------------------------------------------------------
     @property
@@ -150,6 +153,7 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> list[Sequence]:
         aborted = self.scheduler.abort(request_id)
         for seq in aborted:
+            seq.drop_unresolved()                 # overlapped scheduling: its token in flight is dropped
             self._text_states.pop(seq.seq_id, None)
             if self.capture is not None:
                 self.capture.release(seq)
@@ -157,12 +161,14 @@ class LLMEngine:
         return aborted
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or (self.overlap is not None and self.overlap.inflight is not None)
 
     # -- stepping --------------------------------------------------------------
     def step(self) -> list[SeqDelta]:
         self.apply_adapter_offer()
         with self.runner.stream_context():        # pool evictions, forward and sampling on the serving stream
+            if self.overlap is not None:
+                return self.overlap.step()
             batch = self.scheduler.schedule()
             if batch.is_empty:
                 return []

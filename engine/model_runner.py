@@ -11,6 +11,7 @@ from common.paging import paged_slots
 from engine.attention import AttentionMetadata
 from engine.context import CaptureMetadata, ServingContext, to_device
 from engine.cuda_graph import DecodeGraphs
+from engine.inflight import InFlightStep, fill_unresolved_inputs, to_host_async
 from engine.sampler import SamplingMetadata, sample
 from engine.scheduler import SampleResult, ScheduledBatch
 from engine.sequence import Sequence
@@ -44,6 +45,7 @@ class ModelRunner:
         # held while decode graphs are captured; a trainer thread holds it for each step, so no other
         # thread's CUDA calls invalidate a capture
         self.graph_capture_lock = threading.Lock()
+        self.num_host_syncs = 0                   # overlapped steps read (ModelRunner.wait), for tests
         if self.stream is not None:
             torch.cuda.synchronize(device)        # weights and caches made on the default stream are ready
 
@@ -135,37 +137,79 @@ class ModelRunner:
         """One step's forward and sampling; `capture`: the rows it records (CaptureManager.begin)."""
         input_ids, positions, ctx, logits_idx = self.prepare(batch, capture)
         sampling_seqs = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
+        logits = self._forward(input_ids, positions, ctx, logits_idx)
+        if not sampling_seqs:
+            return [None] * len(batch.seqs)
+        ids, logprobs, top = sample(logits, self.sampling_metadata(sampling_seqs))
+        host = self._pack(ids, logprobs, top).cpu().tolist()       # the step's one sync
+        samples = [batch.samples(i) for i in range(len(batch.seqs))]
+        return self._unpack(batch.seqs, samples, host, None if top is None else top.indices.shape[1])
+
+    def _forward(self, input_ids, positions, ctx: ServingContext, logits_idx: list[int]) -> torch.Tensor:
+        """input_ids, positions: [T] -> logits [S, V] of the sampled rows (a decode graph where one fits)."""
         if self.use_cuda_graphs and ctx.attn.is_decode and self.graphs is None:
             with self.graph_capture_lock:
                 self.graphs = DecodeGraphs(self, self.cuda_graph_max_batch, self.decode_capture_pool)
         if self.graphs is not None and self.graphs.can_run(ctx):
-            logits = self.graphs.run(input_ids, positions, ctx)
-        else:
-            hidden = self.model(input_ids, positions, ctx)                       # [T, h]
-            if ctx.capture is not None:
-                ctx.capture.join()
-            idx = self._to_device(logits_idx, torch.int64)     # pinned, no host sync before the LM head
-            logits = self.model.compute_logits(hidden.index_select(0, idx))      # [S, V]
-        if not sampling_seqs:
-            return [None] * len(batch.seqs)
-        ids, logprobs, top = sample(logits, self.sampling_metadata(sampling_seqs))
-        return self._results(batch, ids, logprobs, top)
+            return self.graphs.run(input_ids, positions, ctx)
+        hidden = self.model(input_ids, positions, ctx)                       # [T, h]
+        if ctx.capture is not None:
+            ctx.capture.join()
+        idx = self._to_device(logits_idx, torch.int64)     # pinned, no host sync before the LM head
+        return self.model.compute_logits(hidden.index_select(0, idx))      # [S, V]
 
-    def _results(self, batch: ScheduledBatch, ids, logprobs, top) -> list[SampleResult | None]:
+    @staticmethod
+    def _pack(ids, logprobs, top) -> torch.Tensor:
+        """ids, logprobs [S] (+ top ids / logprobs [S, k]) -> one [2 (+ 2k), S] float64 tensor to read."""
         packed = [ids.double(), logprobs.double()]
         if top is not None:
             packed += [top.indices.double().T, top.values.double().T]
-        host = torch.cat([p.reshape(-1, ids.shape[0]) for p in packed]).cpu().tolist()  # the step's one sync
+        return torch.cat([p.reshape(-1, ids.shape[0]) for p in packed])
+
+    @staticmethod
+    def _unpack(seqs: list[Sequence], samples: list[bool], host: list[list[float]], kmax: int | None
+                ) -> list[SampleResult | None]:
         results: list[SampleResult | None] = []
         j = 0
-        for i, seq in enumerate(batch.seqs):
-            if not batch.samples(i):
+        for seq, sampled in zip(seqs, samples):
+            if not sampled:
                 results.append(None)
                 continue
             top_list = None
-            if top is not None and seq.params.logprobs:
-                k, kmax = seq.params.logprobs, top.indices.shape[1]
+            if kmax is not None and seq.params.logprobs:
+                k = seq.params.logprobs
                 top_list = [(int(host[2 + r][j]), host[2 + kmax + r][j]) for r in range(k)]
             results.append(SampleResult(int(host[0][j]), host[1][j], top_list))
             j += 1
         return results
+
+    # -- overlapped scheduling (engine/overlap.py) -----------------------------------
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, capture: CaptureMetadata | None, prev: InFlightStep | None
+               ) -> InFlightStep:
+        """Queue the forward and sampling of `batch` and the copy of its samples to the host; no host
+        sync. Decode rows whose input is `prev`'s sample (not yet read) take it on the device."""
+        input_ids, positions, ctx, logits_idx = self.prepare(batch, capture)           # [T], [T]
+        if prev is not None and prev.ids is not None:
+            fill_unresolved_inputs(input_ids, batch, prev)
+        step = InFlightStep(batch, [batch.samples(i) for i in range(len(batch.seqs))])
+        logits = self._forward(input_ids, positions, ctx, logits_idx)                  # [S, V]
+        step.graphs = self.graphs
+        packed = None
+        seqs = [s for s, sampled in zip(batch.seqs, step.samples) if sampled]
+        if seqs:
+            step.ids, logprobs, top = sample(logits, self.sampling_metadata(seqs))     # [S], [S]
+            step.rows = {s.seq_id: j for j, s in enumerate(seqs)}
+            step.top_k = None if top is None else top.indices.shape[1]
+            packed = self._pack(step.ids, logprobs, top)                             # [R, S]
+        step.host, step.event = to_host_async(packed, self.device)
+        return step
+
+    def wait(self, step: InFlightStep) -> list[SampleResult | None]:
+        """The step's one host sync: its samples, read; its kernels have all run."""
+        if step.event is not None:
+            step.event.synchronize()
+        self.num_host_syncs += 1
+        if step.host is None:
+            return [None] * len(step.batch.seqs)
+        return self._unpack(step.batch.seqs, step.samples, step.host.tolist(), step.top_k)

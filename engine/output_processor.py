@@ -65,9 +65,12 @@ class SequenceTextState:
         self.emitted = 0
         self.num_tokens_seen = 0
 
-    def advance(self, sequence_finished: bool) -> tuple[str, str | None]:
-        """Consume new tokens; returns (text to emit, matched stop string or None)."""
+    def advance(self, sequence_finished: bool, num_output_tokens: int | None = None) -> tuple[str, str | None]:
+        """Consume new tokens (the first `num_output_tokens` outputs: those on the host; default all);
+        returns (text to emit, matched stop string or None)."""
         out_ids = self.seq.output_token_ids
+        if num_output_tokens is not None:
+            out_ids = out_ids[:num_output_tokens]
         self.num_tokens_seen = len(out_ids)
         if self.detok is None:
             return "", None

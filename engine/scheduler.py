@@ -90,6 +90,7 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+        seq.uncommitted_from = None
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -107,6 +108,8 @@ class Scheduler:
                 break
             if seq.status != SequenceStatus.RUNNING:       # preempted earlier in this loop
                 continue
+            if seq.has_unresolved and self._ends_by_length(seq, seq.num_tokens):
+                continue                      # its token in flight is its last (overlapped scheduling)
             num_new = min(seq.num_uncomputed_tokens, budget)
             if self._reserve_running(seq, num_new, batch):
                 batch.add(seq, num_new)
@@ -157,7 +160,7 @@ class Scheduler:
         parent = seq.prefix_parent
         if parent is None or not self.block_manager.enable_prefix_caching:
             return False
-        if parent.is_finished or parent.num_computed_tokens >= parent.num_prompt_tokens:
+        if parent.is_finished or parent.num_committed_tokens >= parent.num_prompt_tokens:
             seq.prefix_parent = None          # parent's prompt blocks are in the prefix cache now
             return False
         return True
@@ -177,14 +180,23 @@ class Scheduler:
             seq.append_token(result.token_id, result.logprob, result.top)
             self._check_finished(seq, result.token_id)
 
-    def _check_finished(self, seq: Sequence, token_id: int) -> None:
+    def _check_finished(self, seq: Sequence, token_id: int, num_tokens: int | None = None) -> None:
+        """Finish `seq` if `token_id`, its token number `num_tokens` (default: its newest), ends it."""
         params = seq.params
         if not params.ignore_eos and token_id in self.eos_token_ids:
             self.finish(seq, "stop")
         elif token_id in params.stop_token_ids:
             seq.stop_reason = token_id
             self.finish(seq, "stop")
-        elif params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+        elif self._ends_by_length(seq, seq.num_tokens if num_tokens is None else num_tokens):
             self.finish(seq, "length")
-        elif seq.num_tokens >= self.config.max_model_len:
-            self.finish(seq, "length")
+
+    def check_finished(self, seq: Sequence, token_id: int, num_tokens: int) -> None:
+        """Overlapped scheduling: `token_id` resolved a step late, at token number `num_tokens`."""
+        self._check_finished(seq, token_id, num_tokens)
+
+    def _ends_by_length(self, seq: Sequence, num_tokens: int) -> bool:
+        max_tokens = seq.params.max_tokens
+        if max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens:
+            return True
+        return num_tokens >= self.config.max_model_len

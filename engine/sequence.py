@@ -7,6 +7,9 @@ from enum import Enum, auto
 
 from engine.sampling_params import SamplingParams
 
+# a sampled token still on the device (overlapped scheduling): its step ran, its id is read next step
+PLACEHOLDER = -1
+
 
 class SequenceStatus(Enum):
     WAITING = auto()
@@ -43,6 +46,9 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
+        # overlapped scheduling: num_computed_tokens before the first step whose full blocks are not yet
+        # in the prefix cache (their tokens were not all on the host); None = all committed
+        self.uncommitted_from: int | None = None
         self.num_cached_tokens = 0              # prompt tokens found in the prefix cache at admission
         self.logprobs: list[float] = []         # serving-time logprob of each output token
         self.top_logprobs: list[TokenLogprob] = []
@@ -74,6 +80,16 @@ class Sequence:
         return self.num_tokens - self.num_computed_tokens
 
     @property
+    def num_committed_tokens(self) -> int:
+        """Computed tokens whose full blocks are registered in the prefix cache."""
+        return self.num_computed_tokens if self.uncommitted_from is None else self.uncommitted_from
+
+    @property
+    def has_unresolved(self) -> bool:
+        """Whether the newest token is a PLACEHOLDER (sampled by the step in flight, not yet read)."""
+        return self.token_ids[-1] == PLACEHOLDER
+
+    @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
@@ -98,6 +114,18 @@ class Sequence:
         self.logprobs.append(logprob)
         if self.params.logprobs is not None:
             self.top_logprobs.append(TokenLogprob(token_id, logprob, top or []))
+
+    def resolve_token(self, pos: int, token_id: int, logprob: float, top: list[tuple[int, float]] | None) -> None:
+        """The PLACEHOLDER at `pos` is `token_id` (overlapped scheduling; tokens resolve in order)."""
+        self.token_ids[pos] = token_id
+        self.logprobs.append(logprob)
+        if self.params.logprobs is not None:
+            self.top_logprobs.append(TokenLogprob(token_id, logprob, top or []))
+
+    def drop_unresolved(self) -> None:
+        """Forget a token sampled after the sequence ended (finished one step late, or aborted)."""
+        while self.token_ids and self.token_ids[-1] == PLACEHOLDER:
+            self.token_ids.pop()
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, req={self.request_id!r}, idx={self.index}, "
