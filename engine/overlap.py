@@ -28,6 +28,8 @@ class OverlappedStepper:
     def __init__(self, engine):
         self.engine = engine                 # engine.llm_engine.LLMEngine
         self.inflight: InFlightStep | None = None
+        self._signal_open = False            # step_signal.begin without its end yet
+
 
     def step(self) -> list[SeqDelta]:
         """Called by LLMEngine.step on the serving stream; deltas of the step(s) read in this call."""
@@ -36,9 +38,21 @@ class OverlappedStepper:
         launched = self._launch(batch) if not batch.is_empty else None
         deltas += self._read()                       # step N-1, while step N runs
         self.inflight = launched
-        if launched is not None and launched.capture is not None:
-            deltas += self._read()                   # capture: a synchronous step
+        if launched is None or launched.capture is not None:
+            deltas += self._read()                   # capture: a synchronous step (or none launched)
+            self._signal(None)
         return deltas
+
+    def _signal(self, batch: ScheduledBatch | None) -> None:
+        """The step signal (a trainer thread yields to prompt tokens) spans from a step's launch to the
+        next launch, or to its read when nothing follows it."""
+        signal = self.engine.step_signal
+        if self._signal_open:
+            signal.end()
+        self._signal_open = batch is not None
+        if batch is not None:
+            signal.begin(sum(n for n in batch.num_new_tokens if n > 1),
+                         sum(1 for n in batch.num_new_tokens if n == 1))
 
     def _sync_before_schedule(self) -> bool:
         """Penalties count every token of each row of a batch that has one: none may be in flight."""
@@ -50,13 +64,13 @@ class OverlappedStepper:
 
     def _launch(self, batch: ScheduledBatch) -> InFlightStep:
         e = self.engine
-        e.step_signal.begin(sum(n for n in batch.num_new_tokens if n > 1),
-                            sum(1 for n in batch.num_new_tokens if n == 1))
-        try:                                          # the signal covers the host's launch of the step
+        self._signal(batch)
+        try:
             capture = e.capture.begin(batch) if e.capture is not None else None
             step = e.runner.launch(batch, capture, self.inflight)
-        finally:
-            e.step_signal.end()
+        except BaseException:
+            self._signal(None)
+            raise
         step.capture = capture
         for seq, n, sampled in zip(batch.seqs, batch.num_new_tokens, step.samples):
             if seq.uncommitted_from is None:

@@ -249,6 +249,8 @@ def test_at_most_one_host_sync_per_step(tiny, monkeypatch):
             reads.append(name)
             return _original(self, *args, **kwargs)
         monkeypatch.setattr(torch.Tensor, name, counted)
+    observed = []
+    engine.step_signal.observe(lambda *args: observed.append(args))
     steps = 0
     while engine.has_unfinished():
         reads.clear()
@@ -257,6 +259,8 @@ def test_at_most_one_host_sync_per_step(tiny, monkeypatch):
         assert engine.runner.num_host_syncs - syncs <= 1 and len(reads) <= 1, reads
         steps += 1
     assert steps > 5
+    assert len(observed) == engine.runner.num_host_syncs          # one step signal per step launched
+    assert engine.step_signal.prefill_tokens == 0
 
 
 def test_bad_configs_are_rejected():
@@ -266,3 +270,41 @@ def test_bad_configs_are_rejected():
         EngineConfig(overlap_scheduling="yes")
     assert EngineConfig(overlap_scheduling=True, capture="prefill").overlap_scheduling
     assert EngineConfig.from_dict({"overlap_scheduling": True}).overlap_scheduling
+
+
+def test_async_engine_streams_the_same_outputs(tiny):
+    """The engine thread steps an overlapped engine: every request streams what a synchronous engine
+    gives it, and a request cancelled mid-stream leaves no sequence or block behind."""
+    import asyncio
+    from engine.async_engine import AsyncEngine
+    requests = [(f"q{i}", prompt(80 + i, 4 + 3 * i), SamplingParams(temperature=0.0 if i % 2 else 0.9,
+                                                                      seed=i, max_tokens=6 + i))
+                for i in range(4)]
+    ref = drive(build(tiny, False), {0: requests})
+
+    async def collect(engine, rid, p, params, cancel_after=None):
+        ids = []
+        async for delta in engine.generate(rid, p, params):
+            ids += delta.token_ids
+            if cancel_after is not None and len(ids) >= cancel_after:
+                break
+        return ids
+
+    async def main():
+        engine = AsyncEngine(build(tiny, True))
+        engine.start()
+        try:
+            long = SamplingParams(temperature=0.0, max_tokens=40)
+            outs = await asyncio.gather(*[collect(engine, *r) for r in requests],
+                                        collect(engine, "cancelled", prompt(90, 5), long, cancel_after=3))
+            for _ in range(200):
+                if not engine.engine.has_unfinished():
+                    break
+                await asyncio.sleep(0.01)
+            return outs, engine.engine
+        finally:
+            engine.shutdown()
+    outs, llm = asyncio.run(main())
+    assert outs[:4] == [ref[(rid, 0)]["ids"] for rid, _, _ in requests]
+    assert len(outs[4]) == 3 and not llm.has_unfinished()
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
