@@ -30,7 +30,6 @@ class OverlappedStepper:
         self.inflight: InFlightStep | None = None
         self._signal_open = False            # step_signal.begin without its end yet
 
-
     def step(self) -> list[SeqDelta]:
         """Called by LLMEngine.step on the serving stream; deltas of the step(s) read in this call."""
         deltas = self._read() if self._sync_before_schedule() else []

@@ -127,13 +127,26 @@ def test_mixed_arrivals_greedy_and_seeded(tiny, filled):
     assert on.runner.num_host_syncs > 0 and sum(filled) > 20      # decode inputs taken on the device
 
 
+def same_but_float32_logprobs(a: dict, b: dict) -> bool:
+    """Everything equal but logprobs, which are equal to 1e-5 (a float32 batch of other rows rounds
+    differently)."""
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key]["logprobs"] == pytest.approx(b[key]["logprobs"], abs=1e-5)
+        assert [t for t, _, _ in a[key]["lps"]] == [t for t, _, _ in b[key]["lps"]]
+        assert [lp for _, lp, _ in a[key]["lps"]] == pytest.approx([lp for _, lp, _ in b[key]["lps"]], abs=1e-5)
+        for (_, _, x), (_, _, y) in zip(a[key]["lps"], b[key]["lps"]):
+            assert [i for i, _ in x] == [i for i, _ in y]
+            assert [v for _, v in x] == pytest.approx([v for _, v in y], abs=1e-5)
+        rest = {k: v for k, v in a[key].items() if k not in ("logprobs", "lps")}
+        assert rest == {k: v for k, v in b[key].items() if k not in ("logprobs", "lps")}
+    return True
+
+
 def test_float32_tokens_identical_logprobs_close(tiny):
     off = drive(build(tiny, False, dtype="float32"), mixed_arrivals())
     on = drive(build(tiny, True, dtype="float32"), mixed_arrivals())
-    assert off.keys() == on.keys()
-    for key in off:
-        assert off[key]["ids"] == on[key]["ids"] and off[key]["finish"] == on[key]["finish"]
-        assert off[key]["logprobs"] == pytest.approx(on[key]["logprobs"], abs=1e-5)
+    assert same_but_float32_logprobs(off, on)
 
 
 def test_eos_stop_token_and_stop_string_finishes(tiny, monkeypatch):
@@ -308,3 +321,22 @@ def test_async_engine_streams_the_same_outputs(tiny):
     assert outs[:4] == [ref[(rid, 0)]["ids"] for rid, _, _ in requests]
     assert len(outs[4]) == 3 and not llm.has_unfinished()
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_smollm2_texts_and_stop_strings(tmp_path):
+    """The real SmolLM2 and its tokenizer (fp32, capture=prefill): the same texts, tokens and finishes,
+    with a stop string cut from the synchronous answer, arrivals during decode and preemption."""
+    from tests.helpers import SMOL_PROMPTS, chat_ids, smollm2, smollm2_engine
+    _, tok, _ = smollm2()
+    prompts = [chat_ids(tok, text) for text in SMOL_PROMPTS[:6]]
+    greedy = dict(temperature=0.0, max_tokens=20)
+    first = drive(smollm2_engine(num_kv_blocks=12), {0: [("s", prompts[1], SamplingParams(**greedy))]})
+    stop = first[("s", 0)]["text"][6:10]
+    arrivals = {0: [(f"r{i}", p, SamplingParams(**greedy)) for i, p in enumerate(prompts[:3])],
+                3: [("stop", prompts[1], SamplingParams(stop=[stop], **greedy))]
+                + [(f"r{i}", p, SamplingParams(temperature=0.8, seed=i, max_tokens=20))
+                   for i, p in enumerate(prompts[3:], start=3)]}
+    off, on = smollm2_engine(num_kv_blocks=12), smollm2_engine(num_kv_blocks=12, overlap_scheduling=True)
+    a, b = drive(off, arrivals), drive(on, arrivals)
+    assert same_but_float32_logprobs(a, b) and a[("stop", 0)]["stop"] == stop
+    assert on.stats().num_preemptions > 0
