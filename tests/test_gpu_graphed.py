@@ -97,3 +97,39 @@ def test_the_trainer_thread_replays_graphs_beside_serving(tmp_path):
     finally:
         trainer.stop()
         torch.cuda.set_stream(torch.cuda.default_stream())
+
+
+def test_graphs_on_their_own_stream_replay_beside_decode_like_graphs():
+    """Two graphs replayed at once on two streams, as the trainer's and the engine's decode graphs are:
+    a decode-shaped GEMM (few rows, long K: cuBLAS picks split-K kernels that use its workspace)
+    captured on torch's default capture stream, a training-shaped one captured inside
+    own_capture_stream. Each replay's result must equal its own reference: a shared workspace races."""
+    from trainer.graphed_layers import own_capture_stream
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    w_down = torch.randn(4096, 14336, device=dev, dtype=torch.bfloat16) * 0.01
+    w_up = torch.randn(14336, 4096, device=dev, dtype=torch.bfloat16) * 0.01
+    x_dec = torch.randn(8, 14336, device=dev, dtype=torch.bfloat16)       # x: [8, 14336]
+    x_train = torch.randn(2048, 4096, device=dev, dtype=torch.bfloat16)   # x: [2048, 4096]
+    for _ in range(2):                                                     # warm up outside capture
+        x_dec @ w_down.t(), x_train @ w_up.t()
+    torch.cuda.synchronize()
+    decode_graph, train_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(decode_graph):
+        y_dec = x_dec @ w_down.t()                                        # [8, 4096]
+    with own_capture_stream(torch.cuda.Stream()):
+        with torch.cuda.graph(train_graph):
+            y_train = x_train @ w_up.t()                                  # [2048, 14336]
+    decode_graph.replay()
+    train_graph.replay()
+    torch.cuda.synchronize()
+    want_dec, want_train = y_dec.clone(), y_train.clone()                  # each alone: the reference
+    serving, training = torch.cuda.Stream(priority=-1), torch.cuda.Stream()
+    for _ in range(200):
+        with torch.cuda.stream(training):
+            train_graph.replay()
+        with torch.cuda.stream(serving):
+            for _ in range(4):
+                decode_graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y_dec, want_dec) and torch.equal(y_train, want_train)
