@@ -160,15 +160,32 @@ def test_ratings_of_a_step_that_failed_are_trained_after_resume(tmp_path, monkey
 
 
 def test_non_finite_step_is_skipped_and_nothing_published(tmp_path, monkeypatch):
+    """Nothing of a non-finite step is applied; its ratings are bisected, and each whose step is
+    non-finite alone (while the probe step is finite) is quarantined as non_finite, not marked trained."""
     rig = Rig(tmp_path)
     rig.rate(rig.serve(2))
     monkeypatch.setattr(rig.trainer, "_loss", lambda logprobs, records: logprobs[0].sum() * float("nan"))
     before, masters = rig.serving(), rig.masters()
     rig.step()
-    assert rig.trainer.skipped["non_finite"] == 1 and rig.trainer.totals["steps"] == 0
+    assert rig.trainer.skipped["non_finite"] == 3 and rig.trainer.totals["steps"] == 0   # both, then each
     assert rig.trainer.version == 0 and rig.engine.adapter_version == 0 and rig.published == []
     assert same(before, rig.serving()) and same(masters, rig.masters())
     assert rig.trainer.adapters.versions() == [0]
+    assert rig.trainer.quarantine.counts == {"non_finite": 2} and not rig.trainer.unmarked
+    assert rig.trainer.last_error is None and not rig.trainer.paused
+
+
+def test_non_finite_adapters_pause_training_instead_of_quarantining(tmp_path):
+    """If even the probe step is non-finite (the adapters themselves went bad), the fault is the
+    trainer's: training pauses and the ratings stay pending."""
+    rig = Rig(tmp_path)
+    rig.rate(rig.serve(2))
+    with torch.no_grad():
+        for a, _ in rig.trainer.masters.values():
+            a.fill_(float("nan"))
+    rig.step()
+    assert rig.trainer.paused and "NonFiniteStep" in rig.trainer.last_error
+    assert not rig.trainer.quarantine.counts and rig.store.pending_feedback(rig.trainer.read_seq, 4)
 
 
 def test_max_update_norm_caps_the_update(tmp_path):

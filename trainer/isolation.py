@@ -22,10 +22,15 @@ from trainer.admission import check_trainable
 from trainer.reuse import TrainRecord, better_response_record
 
 log = logging.getLogger("alchemist.trainer")
-TOO_LONG, OOM, ERROR = "too_long", "oom", "error"
+TOO_LONG, OOM, NON_FINITE, ERROR = "too_long", "oom", "non_finite", "error"
 # too_long: over the context or step budget (a rating stored before /feedback checked it);
-# oom: a step of this rating alone ran out of device memory; error: any other exception in its step
-QUARANTINE_REASONS = (TOO_LONG, OOM, ERROR)
+# oom: a step of this rating alone ran out of device memory; non_finite: its step alone gave a
+# non-finite loss or gradient; error: any other exception in its step
+QUARANTINE_REASONS = (TOO_LONG, OOM, NON_FINITE, ERROR)
+
+
+class NonFiniteStep(RuntimeError):
+    """A step's loss or gradient norm was not finite: nothing was applied (bisected like a failure)."""
 
 
 class TrainingHalted(RuntimeError):
@@ -70,6 +75,8 @@ def rating_work(feedback: Feedback, completion: CompletionRecord, tokenizer, max
 
 
 def failure_reason(err: BaseException) -> str:
+    if isinstance(err, NonFiniteStep):
+        return NON_FINITE
     return OOM if isinstance(err, torch.OutOfMemoryError) else ERROR
 
 

@@ -34,7 +34,7 @@ from trainer.pacing import StepPacing
 from trainer.fetch_planner import planner_for
 from trainer.graphed_layers import check_graphs, graphed_layers
 from trainer.keep_up import KeepUp
-from trainer.isolation import Quarantine, RatingWork, rating_work, train_bisecting, watermark
+from trainer.isolation import NonFiniteStep, Quarantine, RatingWork, rating_work, train_bisecting, watermark
 from trainer.reuse import TrainRecord
 from trainer.status import trainer_status
 from trainer.step import StepResult, forward_backward, probe_records, warm_up
@@ -245,9 +245,9 @@ class OnlineTrainer:
         """Whether a 12-token step (forward and backward, no update) runs: if it does, a rating whose
         step fails alone is at fault; if not, the trainer is."""
         try:
-            forward_backward(self.port.model, probe_records(self.port.hf_config.vocab_size), self._adapter_map(),
-                             reuse=False, compiled=self.compiled)
-            return True
+            result = forward_backward(self.port.model, probe_records(self.port.hf_config.vocab_size),
+                                      self._adapter_map(), reuse=False, compiled=self.compiled)
+            return math.isfinite(result.loss)      # non-finite adapters: the trainer's fault
         except Exception:
             log.warning("trainer: the probe step failed too", exc_info=True)
             return False
@@ -284,9 +284,8 @@ class OnlineTrainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         if not (math.isfinite(result.loss) and math.isfinite(float(grad_norm))):
             self.skipped["non_finite"] += 1
-            self.optimizer.zero_grad(set_to_none=True)
-            log.warning("trainer: non-finite loss or gradient; step skipped, nothing published")
-            return
+            self.optimizer.zero_grad(set_to_none=True)     # nothing applied, nothing published
+            raise NonFiniteStep(f"non-finite step: loss {result.loss}, gradient norm {float(grad_norm)}")
         self.optimizer.step()
         if before is not None:
             self._cap_update(params, before)
