@@ -123,6 +123,7 @@ class OverlappedStepper:
             e.scheduler.finish(seq, "stop")
         if seq.is_finished:
             seq.drop_unresolved()            # a token of a step launched after it ended
+            seq.trim_adapter_versions(num_output)   # a version live after its last token
         new_logprobs = seq.top_logprobs[-len(new_ids):] if seq.params.logprobs is not None else []
         delta = SeqDelta(seq.request_id, seq.index, new_ids, text, new_logprobs,
                          seq.finish_reason, seq.stop_reason, seq)

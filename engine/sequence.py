@@ -123,9 +123,19 @@ class Sequence:
             self.top_logprobs.append(TokenLogprob(token_id, logprob, top or []))
 
     def drop_unresolved(self) -> None:
-        """Forget a token sampled after the sequence ended (finished one step late, or aborted)."""
-        while self.token_ids and self.token_ids[-1] == PLACEHOLDER:
+        """Forget a token sampled after the sequence ended (finished one step late, or aborted), and a
+        version that went live for tokens after its last."""
+        if self.token_ids[-1] != PLACEHOLDER:
+            return
+        while self.token_ids[-1] == PLACEHOLDER:
             self.token_ids.pop()
+        self.trim_adapter_versions(self.num_output_tokens + 1)
+
+    def trim_adapter_versions(self, end: int) -> None:
+        """Drop the versions that went live from output token `end` on (overlapped scheduling: the
+        sequence had ended a step before anyone knew)."""
+        while len(self.adapter_versions) > 1 and self.adapter_versions[-1][0] >= end:
+            self.adapter_versions.pop()
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, req={self.request_id!r}, idx={self.index}, "

@@ -241,12 +241,17 @@ def test_adapter_version_goes_live_mid_decode(tiny):
                               torch.randn(b.shape, generator=gen) / b.shape[1] ** 0.5)
                        for name, (a, b) in engine._manager.masters().items()}
             engine.offer_adapter(engine._manager.stage(masters, version=1))
+    ref = drive(build(tiny, False), {0: [("t", prompt(74, 6), SamplingParams(temperature=0.0, max_tokens=8))]})
+    last = ref[("t", 0)]["ids"][3]              # t's 4th token, sampled by the step before the switch
+    assert last not in ref[("t", 0)]["ids"][:3]
     arrivals = {0: [("v", prompt(70, 5), SamplingParams(temperature=0.0, max_tokens=10)),
-                    ("w", prompt(71, 8), SamplingParams(temperature=0.8, seed=2, max_tokens=10))],
+                    ("w", prompt(71, 8), SamplingParams(temperature=0.8, seed=2, max_tokens=10)),
+                    ("t", prompt(74, 6), SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[last]))],
                 6: [("u", prompt(72, 6), SamplingParams(temperature=0.0, max_tokens=4))]}
     out, _, _ = run_both(tiny, arrivals, on_step=offer, enable_prefix_caching=False)
     assert out[("v", 0)]["versions"][-1][1] == 1 and len(out[("v", 0)]["versions"]) == 2
     assert out[("u", 0)]["versions"] == [(0, 1)]
+    assert out[("t", 0)]["versions"] == [(0, 0)] and len(out[("t", 0)]["ids"]) == 4
 
 
 def test_at_most_one_host_sync_per_step(tiny, monkeypatch):
