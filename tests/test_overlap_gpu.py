@@ -4,6 +4,8 @@ engine's tokens (greedy and seeded), across arrivals, chunked prefill, ends foun
 abort, preemption and capture=prefill; and a decode step reads the device once."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -52,9 +54,16 @@ def test_cuda_decode_step_reads_once(tiny):
         engine.step()                           # prompts, graph capture
     torch.cuda.synchronize()
     syncs = engine.runner.num_host_syncs
-    for _ in range(10):
-        engine.step()
+    torch.cuda.set_sync_debug_mode("warn")      # warns at each synchronizing CUDA call
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(10):
+                engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     assert engine.runner.num_host_syncs - syncs == 10
+    assert len(caught) <= 10, [str(w.message)[:200] for w in caught[:5]]
     while engine.has_unfinished():
         engine.step()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
