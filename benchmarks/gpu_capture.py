@@ -37,14 +37,18 @@ from engine.sampling_params import SamplingParams
 # "prefill:copy" copies every step's rows (never lets the projections write the pool in place),
 # "none:control" is a second engine without capture (the A/A noise floor); ":lora" variants serve with
 # LoRA r16 on every projection (as while training), a group's adapters packed into two GEMMs, and
-# ":lora-separate" with two GEMMs per projection (the serving path before packing)
+# ":lora-separate" with two GEMMs per projection (the serving path before packing); ":lora-triton" and
+# ":lora-folded" serve the packed adapters with that engine.lora_kernel (engine/kernels/lora.py)
 MODES = ("none", "prefill", "prefill:side", "prefill:copy", "prefill+decode", "none:control",
-         "none:lora", "none:lora-separate", "prefill:lora")
+         "none:lora", "none:lora-separate", "prefill:lora", "none:lora-triton", "none:lora-folded",
+         "prefill:lora-folded")
+LORA_KERNEL_OF = {"lora": "torch", "lora-triton": "triton", "lora-folded": "folded"}
 
 
 def engine_options(mode: str) -> dict:
     capture, _, variant = mode.partition(":")
-    return dict(capture=capture, capture_stream="side" if variant == "side" else "serving")
+    return dict(capture=capture, capture_stream="side" if variant == "side" else "serving",
+                lora_kernel=LORA_KERNEL_OF.get(variant, "torch"))
 
 
 def add_lora(engine, mode: str) -> None:
@@ -155,6 +159,12 @@ def summarize(engines: dict, modes: list[str], samples: dict, ttft_steps: dict) 
                                "ttft_gpu": res[m]["ttft_gpu_ms"] / res["none"]["ttft_gpu_ms"] if gpu_timed else None,
                                "ttft_gpu_paired": paired("ttft_gpu") if gpu_timed else None,
                                "decode_step": res[m]["decode_step_ms"] / res["none"]["decode_step_ms"]}
+    overhead = {LORA_KERNEL_OF[m.partition(":")[2]]: {"ttft": res[f"{m}_vs_none"]["ttft"],
+                                                       "decode_step": res[f"{m}_vs_none"]["decode_step"]}
+                for m in modes if m.startswith("none:lora") and m != "none:lora-separate"}
+    if overhead:                        # LoRA on / off per engine.lora_kernel; `lora_overhead`: the default's
+        res["lora_overhead_by_kernel"] = overhead
+        res["lora_overhead"] = overhead.get("torch", next(iter(overhead.values())))
     if {"none:lora", "none:lora-separate"} <= set(modes):      # packed adapters against separate ones
         packed, separate = res["none:lora"], res["none:lora-separate"]
         res["lora_packed_vs_separate"] = {key: packed[f"{key}_ms"] / separate[f"{key}_ms"]
