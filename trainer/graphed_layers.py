@@ -15,6 +15,12 @@ steps run eager, counted in `fallbacks`). The graphs' activations for backward s
 steps: `memory_bytes` reports them per bucket. They are captured on a stream of their own
 (`own_capture_stream`), so their GEMMs do not share a cuBLAS workspace with the engine's decode graphs.
 
+Host syncs left in a graphed step, and why: none inside it (the step's ints reach the device in one
+pinned copy, the bounds through a pinned staging buffer); at its end, reading the loss and the gradient
+norm (whether to apply the step: trainer/online.py `_optimize`); beside serving, the trainer thread's
+gate waits for each layer's work before the next (trainer/background.py: at most one layer queued
+beside a serving step), and `_finish` waits before pool rows are released.
+
 Gradients: the graphed backward returns the masters' gradients in static buffers, and autograd stores
 them as the masters' .grad without a copy. That is right as long as each step starts from
 `zero_grad(set_to_none=True)` and reads the grads before the next replay (OnlineTrainer._optimize does).
