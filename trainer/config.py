@@ -60,7 +60,7 @@ class TrainerConfig:
     # pad each step's batch to the smallest of these token counts that holds it (trainer/buckets.py): a
     # few fixed shapes that graphs replay; None: no padding. The largest must be >= step_tokens
     token_buckets: list[int] | None = None
-    # thread mode on CUDA: each training layer's forward and backward as CUDA graphs, one set per token
+    # CUDA only: each training layer's forward and backward as CUDA graphs, one set per token
     # bucket (token_buckets, or [step_tokens] when unset), captured at start-up (trainer/graphed_layers.py);
     # a step replays them when it injects no pool rows. Their memory: /v1/training/status "graphs"
     cuda_graphs: bool = False
