@@ -16,7 +16,7 @@ steps: `memory_bytes` reports them per bucket. They are captured on a stream of 
 (`own_capture_stream`), so their GEMMs do not share a cuBLAS workspace with the engine's decode graphs.
 
 Host syncs left in a graphed step, and why: none inside it (the step's ints reach the device in one
-pinned copy, the bounds through a pinned staging buffer); at its end, reading the loss and the gradient
+pinned copy, the bounds in another); at its end, reading the loss and the gradient
 norm (whether to apply the step: trainer/online.py `_optimize`); beside serving, the trainer thread's
 gate waits for each layer's work before the next (trainer/background.py: at most one layer queued
 beside a serving step), and `_finish` waits before pool rows are released.
@@ -109,8 +109,6 @@ class GraphedLayers:
                           for t in self.buckets}
         self.positions = {t: torch.zeros(t, dtype=torch.long, device=self.device) for t in self.buckets}
         self.cu = {t: torch.full((max_segments + 1,), t, dtype=torch.int32, device=self.device) for t in self.buckets}
-        pin = capture and self.device.type == "cuda"
-        self.cu_staging = {t: torch.empty(max_segments + 1, dtype=torch.int32, pin_memory=pin) for t in self.buckets}
         self.graphs: dict[int, list] = {}
         self.capture_stream = torch.cuda.Stream(self.device) if capture else None
         self.memory_bytes: dict[int, int] = {}
@@ -181,9 +179,11 @@ class GraphedLayers:
 
     def _bind(self, ctx, t: int, positions: torch.Tensor) -> None:
         """Fill the bucket's static positions and segment bounds for this step (no host sync)."""
-        bounds = list(ctx.cu_seqlens) + [t] * (self.max_segments + 1 - len(ctx.cu_seqlens))
-        self.cu_staging[t].copy_(torch.tensor(bounds, dtype=torch.int32))
-        self.cu[t].copy_(self.cu_staging[t], non_blocking=True)
+        bounds = torch.tensor(list(ctx.cu_seqlens) + [t] * (self.max_segments + 1 - len(ctx.cu_seqlens)),
+                              dtype=torch.int32)                          # [S + 1]
+        if self.device.type == "cuda":       # pinned (torch's host allocator keeps it until the copy ran)
+            bounds = bounds.pin_memory()
+        self.cu[t].copy_(bounds, non_blocking=True)
         self.positions[t].copy_(positions)
         for fn in self.functions[t]:
             fn.cu_list = list(ctx.cu_seqlens)
