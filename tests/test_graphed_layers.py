@@ -95,3 +95,21 @@ def test_the_trainers_graphs_are_captured_on_a_stream_of_their_own():
     with own_capture_stream(mine):
         assert graph.default_capture_stream is mine
     assert graph.default_capture_stream is saved
+
+
+def test_graphed_steps_after_an_eager_one_bind_their_own_bounds():
+    """A step too long for every bucket runs eager between graphed ones; the next graphed step fills
+    the bucket's positions and bounds again and still equals its eager twin."""
+    gen = torch.Generator().manual_seed(2)
+    engine, manager = adapted_engine("tiny-llama", "prefill", 2, gen)
+    masters = Masters(engine, manager)
+    records = serve_records(engine, 2)
+    small = sum(r.num_inputs for r in records[:2])
+    buckets = [small + 3]
+    graphs = _graphs(engine, masters, buckets)
+    _step(engine, masters, records[:2], False, buckets, graphs)
+    _step(engine, masters, records, False, buckets, graphs)            # longer than the bucket: eager
+    graphed, g_graphed = _step(engine, masters, records[1:2], False, buckets, graphs)
+    eager, g_eager = _step(engine, masters, records[1:2], False, None)
+    assert graphs.replays == 2 and graphs.fallbacks == {"not_a_bucket": 1}
+    assert float((g_graphed - g_eager).norm() / g_eager.norm()) <= 1e-6
