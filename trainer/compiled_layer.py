@@ -62,6 +62,20 @@ class LayerContext(ProjectingContext):
         return per_record(q, k, v, self.cu_seqlens, scale)
 
 
+def layer_projections(layer: nn.Module) -> dict[str, nn.Module]:
+    """A decoder layer's projection modules by kind (`q` ... `down`), found by their HF names."""
+    return {name.rsplit(".", 1)[-1][:-len("_proj")]: module
+            for name, module in layer.named_modules() if name.endswith("_proj")}
+
+
+def layer_calls(layer: nn.Module, projections: dict[str, nn.Module]) -> list[tuple[str, ...]]:
+    """The kinds of each projection call the layer makes, as ProjectingContext.project asks (a packed
+    group, or one kind)."""
+    return [kinds for group in PROJECTION_CALLS
+            for kinds in ([group] if packed_weights(tuple(base_module(projections[k]) for k in group))
+                          else [(kind,) for kind in group])]
+
+
 def _run(layer: nn.Module, x, positions, rotary, ctx: LayerContext) -> torch.Tensor:
     return layer(x, positions, rotary, ctx)
 
@@ -76,11 +90,8 @@ class CompiledLayers:
         """(x, positions, rotary) -> the layer's output through the compiled graph, for `ctx` (a
         trainer.reuse.TrainingContext). Pool rows are gathered when it runs, so a checkpointed layer
         gathers them again in backward instead of keeping them."""
-        projections = {name.rsplit(".", 1)[-1][:-len("_proj")]: module
-                       for name, module in layer.named_modules() if name.endswith("_proj")}
-        calls = [kinds for group in PROJECTION_CALLS              # as ProjectingContext.project asks
-                 for kinds in ([group] if packed_weights(tuple(base_module(projections[k]) for k in group))
-                               else [(kind,) for kind in group])]
+        projections = layer_projections(layer)
+        calls = layer_calls(layer, projections)
         lora = {kinds: [ctx.adapters.get(projections[kind]) for kind in kinds] for kinds in calls}
         index = next(m.layer_idx for m in layer.modules() if hasattr(m, "layer_idx"))
 

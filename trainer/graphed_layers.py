@@ -34,23 +34,9 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
-from engine.context import base_module
-from engine.packing import packed_weights
+from engine.context import to_device
 from trainer.attention import varlen_function
-from trainer.compiled_layer import PROJECTION_CALLS, LayerContext
-
-
-def _projections(layer: nn.Module) -> dict[str, nn.Module]:
-    return {name.rsplit(".", 1)[-1][:-len("_proj")]: module
-            for name, module in layer.named_modules() if name.endswith("_proj")}
-
-
-def layer_calls(layer: nn.Module) -> list[tuple[str, ...]]:
-    """The kinds of each projection call the layer makes (a packed group, or one kind)."""
-    projections = _projections(layer)
-    return [kinds for group in PROJECTION_CALLS
-            for kinds in ([group] if packed_weights(tuple(base_module(projections[k]) for k in group))
-                          else [(kind,) for kind in group])]
+from trainer.compiled_layer import LayerContext, layer_calls, layer_projections
 
 
 class LayerFunction:
@@ -61,8 +47,8 @@ class LayerFunction:
 
     def __init__(self, layer: nn.Module, rotary: nn.Module, adapters: dict, longest: int):
         self.layer, self.rotary, self.longest = layer, rotary, longest
-        projections = _projections(layer)
-        self.calls = layer_calls(layer)
+        projections = layer_projections(layer)
+        self.calls = layer_calls(layer, projections)
         self.slots = [(kinds, [adapters.get(projections[k]) for k in kinds]) for kinds in self.calls]
         self.factors = [t for _, found in self.slots for ad in found if ad is not None for t in ad[:2]]
         self.cu_list: list[int] = []
@@ -179,11 +165,8 @@ class GraphedLayers:
 
     def _bind(self, ctx, t: int, positions: torch.Tensor) -> None:
         """Fill the bucket's static positions and segment bounds for this step (no host sync)."""
-        bounds = torch.tensor(list(ctx.cu_seqlens) + [t] * (self.max_segments + 1 - len(ctx.cu_seqlens)),
-                              dtype=torch.int32)                          # [S + 1]
-        if self.device.type == "cuda":       # pinned (torch's host allocator keeps it until the copy ran)
-            bounds = bounds.pin_memory()
-        self.cu[t].copy_(bounds, non_blocking=True)
+        bounds = list(ctx.cu_seqlens) + [t] * (self.max_segments + 1 - len(ctx.cu_seqlens))
+        self.cu[t].copy_(to_device(bounds, torch.int32, self.device))       # [S + 1]
         self.positions[t].copy_(positions)
         for fn in self.functions[t]:
             fn.cu_list = list(ctx.cu_seqlens)

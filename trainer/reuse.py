@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from engine.context import ForwardContext, base_module
+from engine.context import ForwardContext, base_module, to_device
 from common.errors import ConfigError
 from engine.packing import packed_weights
 from engine.rows import copy_rows_
@@ -191,8 +191,7 @@ class TrainingContext(ProjectingContext):
     def cu_device(self, device: torch.device) -> torch.Tensor:
         """cu_seqlens as int32 on `device` [B + 1]: made once per step, used by every layer."""
         if self._cu_device is None:
-            bounds = torch.tensor(self.cu_seqlens, dtype=torch.int32)      # pinned: no wait for the device
-            self._cu_device = bounds.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else bounds
+            self._cu_device = to_device(self.cu_seqlens, torch.int32, device)     # no wait for the device
         return self._cu_device
 
     def attention(self, layer, q, k, v, scale):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.context import to_device
 from store.pool_reader import BatchRows, Span
 from trainer.attention import disable_varlen
 from trainer.buckets import padding_for
@@ -126,12 +127,10 @@ def _warm_up_injected(model, adapters: dict, pool, compiled, ids: list[int]) -> 
         pool.release(key)
 
 
-def to_device(device: torch.device, *lists: list[int]) -> list[torch.Tensor]:
-    """The int lists as int64 tensors on `device` in one copy (on CUDA from pinned memory, without
-    waiting for the device: a step's only host syncs are at its end, reading the loss and grad norm)."""
-    flat = torch.tensor([v for values in lists for v in values], dtype=torch.long)
-    if device.type == "cuda":
-        flat = flat.pin_memory().to(device, non_blocking=True)
+def ints_to_device(device: torch.device, *lists: list[int]) -> list[torch.Tensor]:
+    """The int lists as int64 tensors on `device` in one copy (engine.context.to_device: pinned, no wait
+    for the device; a step's only host syncs are at its end, reading the loss and grad norm)."""
+    flat = to_device([v for values in lists for v in values], torch.long, device)
     return list(flat.split([len(values) for values in lists]))
 
 
@@ -182,8 +181,8 @@ def forward_backward(model, records: list[TrainRecord], adapters: dict, *, pool=
         positions += [0] * padding
         cu.append(cu[-1] + padding)
     ctx = TrainingContext(cu, adapters, injection, checkpoint_layers, between_layers, attention, compiled)
-    ids_t, positions_t, rows, all_targets = to_device(device, ids, positions, logit_rows + prompt_rows,
-                                                      targets + prompt_targets)
+    ids_t, positions_t, rows, all_targets = ints_to_device(device, ids, positions, logit_rows + prompt_rows,
+                                                           targets + prompt_targets)
     with torch.enable_grad():
         hidden = model(ids_t, positions_t, ctx)                                                      # [T, h]
         logits = model.compute_logits(hidden[rows]).float()                                         # [N, V]
